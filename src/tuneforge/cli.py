@@ -1,0 +1,318 @@
+"""The ``tuneforge`` command. Thin: parse, build a config, call the API. Logs go to stderr, results to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import RunConfig, load_config
+
+log = logging.getLogger("tuneforge")
+
+
+# -- flag parsing: every RunConfig field is a flag, method/objective options route by prefix ----------------
+
+
+def parse_value(text: str) -> Any:
+    """``16`` → 16, ``1e-4`` → 0.0001, ``true`` → True, ``q_proj,v_proj`` → list, else the string."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if "," in text and not text.startswith(("[", "{")):
+        return [parse_value(part) for part in text.split(",") if part]
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (bool, list, dict)) or value is None else text
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, Any]:
+    """``--key value`` / ``--key=value`` / bare ``--flag`` (true) pairs, in order."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--"):
+            raise SystemExit(f"tuneforge: unexpected argument {token!r} (options look like --key value)")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+                value, i = tokens[i + 1], i + 1
+            else:
+                value = "true"
+        out[key.replace("-", "_")] = parse_value(value)
+        i += 1
+    return out
+
+
+def config_from_args(config_path: str | None, extra: list[str]) -> RunConfig:
+    overrides = parse_overrides(extra)
+    if config_path is None and overrides.get("data") is None:
+        from .trainer import DEMO_DIR
+
+        config_path = str(DEMO_DIR / "demo.yaml")  # no config and no data: the bundled demonstration run
+    return load_config(config_path, overrides)
+
+
+# -- commands ------------------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str] = ()) -> int:
+    from .trainer import train
+
+    config = config_from_args(args.config, extra)
+    log.info("model=%s method=%s objective=%s output=%s", config.model, config.method, config.objective,
+             config.output)
+    result = train(config)
+    m = result.metrics
+    print(f"trained {result.steps} steps -> {result.output}")
+    print(f"trainable parameters: {m['trainable_params']:,} of {m['total_params']:,} "
+          f"({100 * m['trainable_params'] / m['total_params']:.3f}%)")
+    if "loss" in m:
+        print(f"final train loss: {m['loss']:.4f}" + (f", eval loss: {m['eval_loss']:.4f}" if "eval_loss" in m else ""))
+    if "exact_match_after" in m:
+        before = m.get("exact_match_before")
+        line = f"held-out exact match: after {m['exact_match_after']:.1%}"
+        if before is not None:
+            line = f"held-out exact match: before {before:.1%} -> after {m['exact_match_after']:.1%}"
+        print(line)
+    for key, value in (result.handle.summary() if result.handle else {}).items():
+        print(f"{key}: {json.dumps(value) if not isinstance(value, str) else value}")
+    return 0
+
+
+def load_for_inference(model_name: str, adapter: str | None, device: str | None = None):
+    from .data.template import ensure_chat_template
+    from .methods import load_adapter, method_for_adapter
+    from .models import load_model
+
+    kwargs: dict[str, Any] = {}
+    if adapter:
+        meta = Path(adapter) / "tuneforge_adapter.json"
+        if meta.is_file():
+            info = json.loads(meta.read_text())
+            kwargs = method_for_adapter(adapter).model_load_kwargs(info.get("options", {}))
+    model, tokenizer = load_model(model_name, device=device, **kwargs)
+    ensure_chat_template(tokenizer)
+    handle = load_adapter(model, adapter) if adapter else None
+    model.eval()
+    return model, tokenizer, handle
+
+
+def default_model(adapter: str | None, model: str | None) -> str:
+    """--model, else the base recorded in the adapter's config, else the embedded default."""
+    from .models import DEFAULT_MODEL
+
+    if model:
+        return model
+    if adapter:
+        for name in ("tuneforge.yaml", "adapter_config.json"):
+            path = Path(adapter) / name
+            if path.is_file():
+                data = yaml.safe_load(path.read_text())
+                base = data.get("model") or data.get("base_model_name_or_path")
+                if base:
+                    return base
+    return DEFAULT_MODEL
+
+
+def cmd_generate(args: argparse.Namespace, extra: list[str] = ()) -> int:
+    from .data.formats import load_examples
+    from .evaluate import split_prompt_answer
+    from .generate import generate
+
+    model, tokenizer, _ = load_for_inference(default_model(args.adapter, args.model), args.adapter, args.device)
+    options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, batch_size=args.batch_size)
+    if args.prompt is not None:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}]
+        print(generate(model, tokenizer, [messages], **options)[0])
+        return 0
+    if not (args.data and args.output):
+        raise SystemExit("tuneforge generate: give --prompt TEXT, or --data IN.jsonl with --output OUT.jsonl")
+    examples = load_examples(args.data, args.data_format)
+    prompts = []
+    for ex in examples:
+        if ex.kind == "chat":
+            prompts.append(split_prompt_answer(ex)[0] if ex.messages[-1]["role"] == "assistant" else ex.messages)
+        elif ex.kind in ("prompt", "preference"):
+            prompts.append(ex.messages)
+        else:
+            raise SystemExit(f"{ex.source}: a {ex.kind!r} record has no prompt to answer")
+    predictions = generate(model, tokenizer, prompts, **options)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.output, "w") as f:
+        for ex, pred in zip(examples, predictions):
+            f.write(json.dumps({**ex.fields, "prediction": pred}, ensure_ascii=False) + "\n")
+    log.info("wrote %d predictions to %s", len(predictions), args.output)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, extra: list[str] = ()) -> int:
+    from .data.formats import load_examples
+    from .evaluate import evaluate
+
+    model, tokenizer, _ = load_for_inference(default_model(args.adapter, args.model), args.adapter, args.device)
+    examples = load_examples(args.data, args.data_format)
+    result = evaluate(model, tokenizer, examples, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                      generate_answers=not args.no_generate)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace, extra: list[str] = ()) -> int:
+    from .merge import merge_adapter
+
+    report = merge_adapter(args.adapter, args.output, model_name=args.model, device=args.device)
+    for key, value in report.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def cmd_data_preview(args: argparse.Namespace, extra: list[str] = ()) -> int:
+    from .data.preview import preview
+
+    print(preview(args.data, model_name=args.model, index=args.index, data_format=args.data_format,
+                  objective=args.objective, chat_template=args.chat_template, color=not args.no_color and
+                  sys.stdout.isatty()))
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace, extra: list[str] = ()) -> int:
+    from .methods.report import methods_table
+
+    print(methods_table(args.model, parse_overrides(list(extra))))
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune causal language models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model (no arguments: the bundled LoRA SFT demo)",
+                           description="Any config key is also a flag (--learning-rate 1e-4); method options "
+                           "by prefix (--lora-r 16, --prefix-num-virtual-tokens 20); objective options too "
+                           "(--dpo-beta 0.1). Flags override the YAML file.\n\nConfig keys:\n" + _config_help(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("config", nargs="?", help="a YAML run config")
+    train.set_defaults(func=cmd_train, passthrough=True)
+
+    gen = sub.add_parser("generate", help="generate answers with a base model (+ adapter)")
+    _inference_args(gen)
+    gen.add_argument("--prompt", help="one prompt; the answer alone goes to stdout")
+    gen.add_argument("--system", help="an optional system message for --prompt")
+    gen.add_argument("--data", help="JSONL/JSON/CSV/Parquet of prompts (chat, alpaca or prompt records)")
+    gen.add_argument("--output", help="JSONL: every input record plus 'prediction'")
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=0.7)
+    gen.add_argument("--top-p", type=float, default=0.9)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--batch-size", type=int, default=8)
+    gen.set_defaults(func=cmd_generate, max_new_tokens=128)
+
+    ev = sub.add_parser("eval", help="perplexity on answers and exact match of generated answers")
+    _inference_args(ev)
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--limit", type=int)
+    ev.add_argument("--no-generate", action="store_true", help="perplexity only")
+    ev.add_argument("--json", action="store_true", help="machine-readable output")
+    ev.set_defaults(func=cmd_eval, max_new_tokens=32)
+
+    merge = sub.add_parser("merge", help="fold a LoRA-family adapter into the base: a plain HF model directory")
+    merge.add_argument("adapter", help="the run / adapter directory")
+    merge.add_argument("--output", required=True)
+    merge.add_argument("--model", help="base model (default: the one the adapter was trained on)")
+    merge.add_argument("--device")
+    merge.set_defaults(func=cmd_merge)
+
+    data = sub.add_parser("data", help="inspect data")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prev = data_sub.add_parser("preview", help="show one rendered example with its supervised tokens marked")
+    prev.add_argument("data")
+    prev.add_argument("--model", default=None, help="whose tokenizer / chat template (default: embedded)")
+    prev.add_argument("--index", type=int, default=0)
+    prev.add_argument("--data-format", default="auto")
+    prev.add_argument("--objective", default=None, help="sft or pretrain (default: from the data)")
+    prev.add_argument("--chat-template", default=None)
+    prev.add_argument("--no-color", action="store_true")
+    prev.set_defaults(func=cmd_data_preview)
+
+    methods = sub.add_parser("methods", help="list every method with its trainable parameters on a model; "
+                             "method options as flags (--lora-r 16)")
+    methods.add_argument("--model", default=None)
+    methods.set_defaults(func=cmd_methods, passthrough=True)
+
+    for extension in _extensions():
+        extension(sub)
+    return parser
+
+
+def _extensions():
+    """Subcommands that live beside their feature (prompting, alignment)."""
+    found = []
+    for module, attr in (("tuneforge.prompting.cli", "add_subcommands"),
+                         ("tuneforge.objectives.cli_alignment", "add_subcommands")):
+        try:
+            mod = __import__(module, fromlist=[attr])
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        found.append(getattr(mod, attr))
+    return found
+
+
+def _inference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="base model (default: the adapter's base, else the embedded model)")
+    p.add_argument("--adapter", help="an adapter / run directory to apply")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--data-format", default="auto")
+    p.add_argument("--device")
+
+
+def _config_help() -> str:
+    lines = []
+    for name, f in RunConfig.model_fields.items():
+        lines.append(f"  --{name.replace('_', '-'):<24} {f.description}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if extra and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return (args.func(args, extra) if getattr(args, "passthrough", False) else args.func(args)) or 0
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+        if args.verbose:
+            raise
+        print(f"tuneforge: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

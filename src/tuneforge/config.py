@@ -1,0 +1,162 @@
+"""The run config: model, method, objective, data, training — from YAML, overridden by flags.
+
+Every key can be written in the YAML file or given as a flag (``learning_rate: 1e-4`` or
+``--learning-rate 1e-4``); flags win. Method options live under ``method_options`` (``lora_r`` in YAML is also
+accepted as ``--lora-r`` and lands in ``method_options.r``). Unknown keys are errors that name the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .models import DEFAULT_MODEL
+
+
+class RunConfig(BaseModel):
+    """Everything a training run needs. Each field says what it does; defaults suit the embedded demo."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # -- what to train ----------------------------------------------------------------------------
+    model: str = Field(DEFAULT_MODEL, description="Embedded name, local HF directory, .gguf file or hub id.")
+    method: str = Field("lora", description="How the model changes: full, lora, qlora, adalora, adapter, "
+                        "prompt_tuning, p_tuning, prefix_tuning, p_tuning_v2.")
+    method_options: dict[str, Any] = Field(default_factory=dict, description="The method's config fields, e.g. "
+                                           "{r: 16, lora_alpha: 32}; see `tuneforge methods`.")
+    objective: str = Field("sft", description="What is optimised: sft, pretrain, reward, dpo, ppo.")
+    objective_options: dict[str, Any] = Field(default_factory=dict, description="The objective's options, e.g. "
+                                              "{beta: 0.1} for DPO or {train_on_prompt: true} for SFT.")
+    trust_remote_code: bool = Field(False, description="Run model code shipped with a hub model (off: safety).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bf16 on a GPU that supports it, float32 on CPU.")
+    device: str | None = Field(None, description="cpu, cuda, cuda:1 ...; default: cuda if available.")
+
+    # -- data ---------------------------------------------------------------------------------------
+    data: str | None = Field(None, description="Training data file (jsonl/json/csv/parquet) or hub id; default: "
+                             "the bundled demonstration task.")
+    eval_data: str | None = Field(None, description="Held-out data; default: the demo's eval split, or "
+                                  "eval_split of `data`.")
+    data_format: str = Field("auto", description="auto, alpaca, messages, sharegpt, text, preference, prompt.")
+    eval_split: float = Field(0.0, description="Fraction of `data` held out for evaluation when eval_data is unset.")
+    chat_template: str | None = Field(None, description="Force a fallback template (chatml, alpaca, plain); "
+                                      "default: the tokenizer's own, chatml if it has none.")
+    max_length: int = Field(512, description="Tokens per example (per block for pretraining).")
+    max_length_policy: Literal["drop", "truncate", "error"] = Field(
+        "drop", description="What to do with longer examples; always counted and reported.")
+
+    # -- optimisation ---------------------------------------------------------------------------------
+    epochs: float = Field(1.0, description="Passes over the data; max_steps, when set, wins.")
+    max_steps: int | None = Field(None, description="Optimiser steps to run (overrides epochs).")
+    batch_size: int = Field(8, description="Examples per optimiser step (micro_batch_size x accumulation).")
+    micro_batch_size: int | None = Field(None, description="Examples per forward pass; default batch_size. "
+                                         "Gradients accumulate over batch_size / micro_batch_size passes.")
+    learning_rate: float = Field(2e-4, description="Peak LR. LoRA-style methods like ~1e-4..5e-4; full FT ~1e-5.")
+    weight_decay: float = Field(0.0, description="AdamW decoupled weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    warmup_steps: int | None = Field(None, description="Linear warm-up steps; default: warmup_ratio of the run.")
+    warmup_ratio: float = Field(0.05, description="Warm-up as a fraction of all steps (when warmup_steps unset).")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
+    max_grad_norm: float | None = Field(1.0, description="Clip the gradient norm; null disables clipping.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, "
+                                         "~30% more time.")
+    seed: int = Field(0, description="Seeds data order, dropout and initialisation.")
+
+    # -- evaluation, logging, checkpoints ------------------------------------------------------------
+    output: str = Field("runs/demo", description="Run directory: adapter, config, metrics, checkpoints.")
+    eval_every: int | None = Field(None, description="Evaluate the loss on eval data every N steps (and at end).")
+    eval_generate: bool = Field(True, description="At the start and end, generate answers for the eval data and "
+                                "report exact match (SFT on chat data).")
+    eval_max_new_tokens: int = Field(32, description="Generation budget for the exact-match evaluation.")
+    eval_limit: int | None = Field(None, description="Use at most this many eval records for exact match.")
+    log_every: int = Field(1, description="Write metrics.jsonl every N steps.")
+    save_every: int | None = Field(None, description="Checkpoint every N steps (atomic; resumable).")
+    keep_checkpoints: int = Field(2, description="How many step checkpoints to keep.")
+    resume: bool = Field(False, description="Continue from the newest checkpoint in `output`.")
+    overwrite: bool = Field(False, description="Allow training into an output directory that holds a finished run.")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+    @field_validator("method", "objective")
+    @classmethod
+    def _canonical(cls, value: str) -> str:
+        return value.strip().lower().replace("-", "_")
+
+    @property
+    def micro_batch(self) -> int:
+        return self.micro_batch_size or self.batch_size
+
+    @property
+    def accumulation_steps(self) -> int:
+        if self.batch_size % self.micro_batch:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch}")
+        return self.batch_size // self.micro_batch
+
+
+# Flag prefixes that route into method_options, e.g. --lora-r 16 -> method_options.r = 16.
+METHOD_OPTION_PREFIXES = ("lora_", "qlora_", "adalora_", "adapter_", "prompt_", "prefix_", "p_tuning_", "full_")
+OBJECTIVE_OPTION_PREFIXES = ("sft_", "dpo_", "ppo_", "reward_", "pretrain_")
+# Options whose own names start with a prefix (PEFT's names are kept as they are).
+NATIVE_PREFIXED = {"lora_alpha", "lora_dropout", "prompt_tuning_init", "prompt_tuning_init_text", "prefix_projection"}
+
+
+def route_key(key: str, value: Any, out: dict[str, Any]) -> None:
+    """Put ``key=value`` where it belongs: a RunConfig field, a method option or an objective option."""
+    key = key.replace("-", "_")
+    if key in RunConfig.model_fields:
+        out[key] = value
+        return
+    if key in NATIVE_PREFIXED:
+        out.setdefault("method_options", {})[key] = value
+        return
+    for prefix in METHOD_OPTION_PREFIXES:
+        if key.startswith(prefix):
+            out.setdefault("method_options", {})[key[len(prefix):]] = value
+            return
+    for prefix in OBJECTIVE_OPTION_PREFIXES:
+        if key.startswith(prefix):
+            out.setdefault("objective_options", {})[key[len(prefix):]] = value
+            return
+    raise ConfigError(f"unknown config key {key!r}")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML config (optional) and apply ``overrides`` (flags) on top; errors name the file and key."""
+    values: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys")
+        for key, value in data.items():
+            try:
+                route_key(key, value, values)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and key in ("method_options", "objective_options"):
+            values.setdefault(key, {}).update(value)
+        else:
+            route_key(key, value, values)
+    try:
+        return RunConfig(**values)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"{source}: {problems}") from None
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

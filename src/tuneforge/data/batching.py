@@ -1,0 +1,109 @@
+"""Batches out: length limits (counted, never silent), packing of raw text, padding."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from .formats import DataError
+from .template import IGNORE_INDEX, Tokenized
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LengthReport:
+    """What ``apply_max_length`` did, so callers can print it."""
+
+    total: int = 0
+    too_long: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    longest: int = 0
+    sources: list[str] = field(default_factory=list)  # the first few over-long records
+
+    def message(self, max_length: int) -> str:
+        if not self.too_long:
+            return f"{self.total} examples, all within max_length={max_length} (longest {self.longest} tokens)"
+        where = ", ".join(self.sources[:3]) + (" ..." if len(self.sources) > 3 else "")
+        return (f"{self.too_long} of {self.total} examples are longer than max_length={max_length} (longest "
+                f"{self.longest}): {self.truncated} truncated, {self.dropped} dropped; e.g. {where}")
+
+
+def apply_max_length(examples: list[Tokenized], max_length: int, policy: str = "drop") -> tuple[list[Tokenized],
+                                                                                                LengthReport]:
+    """Enforce ``max_length``: ``drop`` over-long examples, ``truncate`` them, or ``error`` on the first one.
+
+    A truncated example that loses every supervised token is dropped (training on it would teach nothing)
+    and counted as dropped.
+    """
+    if policy not in ("drop", "truncate", "error"):
+        raise ValueError(f"max-length policy must be drop, truncate or error, got {policy!r}")
+    report = LengthReport(total=len(examples))
+    kept = []
+    for ex in examples:
+        n = len(ex.input_ids)
+        report.longest = max(report.longest, n)
+        if n <= max_length:
+            kept.append(ex)
+            continue
+        report.too_long += 1
+        report.sources.append(f"{ex.source} ({n} tokens)")
+        if policy == "error":
+            raise DataError(f"{ex.source}: {n} tokens is longer than max_length={max_length}")
+        cut = Tokenized(ex.input_ids[:max_length], ex.labels[:max_length], ex.source)
+        if policy == "truncate" and cut.num_supervised > 0:
+            report.truncated += 1
+            kept.append(cut)
+        else:
+            report.dropped += 1
+    if report.too_long:
+        log.warning(report.message(max_length))
+    if not kept:
+        raise DataError(f"no example fits max_length={max_length}: {report.message(max_length)}")
+    return kept, report
+
+
+def pack_blocks(token_lists: list[list[int]], block_size: int, source: str = "") -> tuple[list[Tokenized], int]:
+    """Concatenate documents (each already closed by EOS) and cut the stream into ``block_size`` blocks.
+
+    This is how language models are pretrained: no padding is wasted. The final partial block is kept (shorter)
+    rather than dropped, so no token is lost. Returns the blocks and the number of tokens in the partial block.
+    """
+    stream = [t for ids in token_lists for t in ids]
+    blocks = []
+    for start in range(0, len(stream), block_size):
+        ids = stream[start:start + block_size]
+        blocks.append(Tokenized(ids, list(ids), f"{source}:block {len(blocks)}"))
+    tail = len(stream) % block_size
+    return blocks, tail
+
+
+def pad_batch(examples: list[Tokenized], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
+    """Right-pad to the longest example: input_ids, attention_mask and labels (IGNORE_INDEX on padding)."""
+    longest = max(len(e.input_ids) for e in examples)
+    if pad_to_multiple_of:
+        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    ids = torch.full((len(examples), longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts for batched generation (new tokens then line up at the right edge)."""
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, longest - len(s):] = torch.tensor(s)
+            mask[i, longest - len(s):] = 1
+    return ids, mask

@@ -1,0 +1,284 @@
+"""Records in: read JSONL / JSON / CSV / Parquet (or a hub data set), detect the shape, validate, normalise.
+
+Shapes (detected from the keys, or named with ``format=``):
+
+* ``alpaca``      ``instruction``, optional ``input``, ``output``; optional ``system`` and ``history``
+                  (a list of ``[instruction, output]`` pairs that came before)
+* ``messages``    ``messages: [{role, content}, ...]`` (OpenAI style)
+* ``sharegpt``    ``conversations: [{from, value}, ...]`` (``human``/``gpt``/``system`` roles)
+* ``text``        ``text`` — raw text for continued pretraining
+* ``preference``  ``prompt``, ``chosen``, ``rejected`` — strings, or message lists (conversational form)
+* ``prompt``      ``prompt`` alone, or ``messages`` ending with a user turn — prompts for PPO rollouts
+
+Every record becomes an :class:`Example` that remembers where it came from (``file:line``), so every later
+error can name the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+FORMATS = ("alpaca", "messages", "sharegpt", "text", "preference", "prompt")
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+
+Message = dict[str, str]
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, line and field."""
+
+
+@dataclass
+class Example:
+    """One normalised record. Which fields are set depends on its kind."""
+
+    source: str  # "path:line" of the record, for error messages
+    kind: str  # "chat" | "text" | "preference" | "prompt"
+    messages: list[Message] = field(default_factory=list)  # chat: the conversation; preference/prompt: the prompt
+    text: str = ""  # text
+    chosen: list[Message] = field(default_factory=list)  # preference: the preferred assistant turn(s)
+    rejected: list[Message] = field(default_factory=list)
+    fields: dict[str, Any] = field(default_factory=dict)  # the raw record (generate/eval copy fields through)
+
+
+# -- reading ------------------------------------------------------------------------------------------
+
+
+def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``(location, row)`` for every record of a data file, with 1-based line / row numbers."""
+    p = Path(path)
+    if not p.exists():
+        if _looks_like_hub_id(str(path)):
+            yield from _read_hub(str(path))
+            return
+        raise FileNotFoundError(f"data file not found: {path}")
+    suffix = p.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        yield from _read_jsonl(p)
+    elif suffix == ".json":
+        yield from _read_json(p)
+    elif suffix == ".csv":
+        with p.open(newline="", encoding="utf-8") as f:
+            for i, row in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
+                yield f"{p}:{i}", row
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(p).to_pylist(), start=1):
+            yield f"{p}:row {i}", row
+    else:
+        raise DataError(f"{p}: unsupported data file type {suffix!r} (use .jsonl, .json, .csv or .parquet)")
+
+
+def _read_jsonl(p: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with p.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}:{i}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{p}:{i}: expected a JSON object, got {type(row).__name__}")
+            yield f"{p}:{i}", row
+
+
+def _read_json(p: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{p}: expected a JSON list of records (or {{\"data\": [...]}})")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(f"{p}: record {i}: expected a JSON object, got {type(row).__name__}")
+        yield f"{p}:record {i}", row
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and "." not in name.split("/")[-1]
+
+
+def _read_hub(name: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    import datasets
+
+    split = "train"
+    if ":" in name:
+        name, split = name.split(":", 1)
+    for i, row in enumerate(datasets.load_dataset(name, split=split)):
+        yield f"{name}[{split}]:row {i}", row
+
+
+# -- detection and normalisation ----------------------------------------------------------------------
+
+
+def detect_format(row: dict[str, Any], location: str = "") -> str:
+    keys = set(row)
+    if {"chosen", "rejected"} <= keys:
+        return "preference"
+    if "messages" in keys:
+        messages = row["messages"]
+        if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+                and messages[-1].get("role") == "user":
+            return "prompt"
+        return "messages"
+    if "conversations" in keys:
+        return "sharegpt"
+    if "instruction" in keys and "output" in keys:
+        return "alpaca"
+    if "text" in keys:
+        return "text"
+    if "prompt" in keys:
+        return "prompt"
+    raise DataError(
+        f"{location}: cannot tell the record's format from its keys {sorted(keys)}; expected one of: "
+        "instruction+output (alpaca), messages, conversations (sharegpt), text, prompt+chosen+rejected, prompt"
+    )
+
+
+def normalise(row: dict[str, Any], fmt: str, location: str) -> Example:
+    if fmt == "alpaca":
+        return _from_alpaca(row, location)
+    if fmt == "messages":
+        return Example(location, "chat", _messages(row, "messages", location, "role", "content"), fields=row)
+    if fmt == "sharegpt":
+        return Example(location, "chat", _messages(row, "conversations", location, "from", "value"), fields=row)
+    if fmt == "text":
+        return Example(location, "text", text=_string(row, "text", location), fields=row)
+    if fmt == "preference":
+        return _from_preference(row, location)
+    if fmt == "prompt":
+        return _from_prompt(row, location)
+    raise DataError(f"unknown data format {fmt!r}; known: {', '.join(FORMATS)}")
+
+
+def _string(row: dict[str, Any], key: str, location: str, required: bool = True) -> str:
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and value != value):  # None or NaN (empty CSV / parquet cell)
+        if required:
+            raise DataError(f"{location}: field {key!r} is missing")
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{location}: field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _from_alpaca(row: dict[str, Any], location: str) -> Example:
+    instruction = _string(row, "instruction", location)
+    extra = _string(row, "input", location, required=False)
+    output = _string(row, "output", location)
+    messages: list[Message] = []
+    system = _string(row, "system", location, required=False)
+    if system:
+        messages.append({"role": "system", "content": system})
+    history = row.get("history") or []
+    if not isinstance(history, list):
+        raise DataError(f"{location}: field 'history' must be a list of [instruction, output] pairs")
+    for j, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
+            raise DataError(f"{location}: field 'history[{j}]' must be a pair of strings [instruction, output]")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    prompt = f"{instruction}\n\n{extra}" if extra else instruction
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    return Example(location, "chat", messages, fields=row)
+
+
+def _messages(row: dict[str, Any], key: str, location: str, role_key: str, content_key: str) -> list[Message]:
+    raw = row.get(key)
+    if not isinstance(raw, list) or not raw:
+        raise DataError(f"{location}: field {key!r} must be a non-empty list of messages")
+    out: list[Message] = []
+    for j, m in enumerate(raw):
+        where = f"{location}: field '{key}[{j}]'"
+        if not isinstance(m, dict) or role_key not in m or content_key not in m:
+            raise DataError(f"{where} must be an object with {role_key!r} and {content_key!r}")
+        role = SHAREGPT_ROLES.get(str(m[role_key]).lower()) if role_key == "from" else m[role_key]
+        if role not in ROLES:
+            raise DataError(f"{where}.{role_key}: unknown role {m[role_key]!r}; expected one of {ROLES}")
+        if not isinstance(m[content_key], str):
+            raise DataError(f"{where}.{content_key} must be a string")
+        out.append({"role": role, "content": m[content_key]})
+    return out
+
+
+def _prompt_messages(row: dict[str, Any], location: str) -> list[Message]:
+    if "messages" in row and "prompt" not in row:
+        return _messages(row, "messages", location, "role", "content")
+    prompt = row.get("prompt")
+    if isinstance(prompt, list):
+        return _messages(row, "prompt", location, "role", "content")
+    messages = []
+    system = _string(row, "system", location, required=False)
+    if system:
+        messages.append({"role": "system", "content": system})
+    messages.append({"role": "user", "content": _string(row, "prompt", location)})
+    return messages
+
+
+def _response(row: dict[str, Any], key: str, location: str) -> list[Message]:
+    value = row.get(key)
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    if isinstance(value, list):
+        msgs = _messages(row, key, location, "role", "content")
+        if msgs[-1]["role"] != "assistant":
+            raise DataError(f"{location}: field {key!r} must end with an assistant message")
+        return msgs
+    raise DataError(f"{location}: field {key!r} must be a string or a list of messages")
+
+
+def _from_preference(row: dict[str, Any], location: str) -> Example:
+    if "prompt" not in row and "messages" not in row:
+        # Conversational form without a prompt key: chosen/rejected are whole conversations sharing a prefix.
+        chosen, rejected = _response(row, "chosen", location), _response(row, "rejected", location)
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        if n == 0:
+            raise DataError(f"{location}: field 'prompt' is missing and 'chosen'/'rejected' share no prompt turns")
+        return Example(location, "preference", chosen[:n], chosen=chosen[n:], rejected=rejected[n:], fields=row)
+    prompt = _prompt_messages(row, location)
+    return Example(location, "preference", prompt, chosen=_response(row, "chosen", location),
+                   rejected=_response(row, "rejected", location), fields=row)
+
+
+def _from_prompt(row: dict[str, Any], location: str) -> Example:
+    messages = _prompt_messages(row, location)
+    if messages[-1]["role"] != "user":
+        raise DataError(f"{location}: a prompt record must end with a user message")
+    return Example(location, "prompt", messages, fields=row)
+
+
+def load_examples(path: str | Path, fmt: str | None = None, limit: int | None = None) -> list[Example]:
+    """Read, detect (from the first record unless ``fmt`` is given), validate and normalise a data file."""
+    if fmt is not None and fmt not in FORMATS and fmt != "auto":
+        raise DataError(f"unknown data format {fmt!r}; known: {', '.join(FORMATS)}")
+    examples: list[Example] = []
+    for location, row in read_rows(path):
+        if fmt in (None, "auto"):
+            fmt = detect_format(row, location)
+        examples.append(normalise(row, fmt, location))
+        if limit is not None and len(examples) >= limit:
+            break
+    if not examples:
+        raise DataError(f"{path}: no records")
+    return examples
+
+
+def examples_of_kind(examples: Iterable[Example], kinds: tuple[str, ...], purpose: str) -> list[Example]:
+    """Check every example suits ``purpose`` (e.g. SFT needs chat records), naming the first that does not."""
+    out = list(examples)
+    for ex in out:
+        if ex.kind not in kinds:
+            raise DataError(f"{ex.source}: a {ex.kind!r} record cannot be used for {purpose} (needs {kinds})")
+    return out

@@ -1,0 +1,76 @@
+"""Held-out metrics: perplexity on supervised tokens, exact match of generated answers.
+
+Exact match compares the generated answer with the reference after normalising whitespace (runs of spaces
+and newlines become one space, ends stripped); case is kept, since for most structured answers it matters.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from typing import Any
+
+from torch import nn
+
+from .data.batching import apply_max_length, pad_batch
+from .data.formats import Example, examples_of_kind
+from .data.template import ensure_chat_template, tokenize_chat
+from .generate import eval_mode, generate
+from .objectives.base import token_cross_entropy_sum
+
+
+def normalise_answer(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def split_prompt_answer(example: Example) -> tuple[list[dict], str]:
+    """The conversation up to the last assistant turn, and that turn's text (the reference answer)."""
+    messages = example.messages
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError(f"{example.source}: needs a final assistant answer to compare with")
+    return messages[:-1], messages[-1]["content"]
+
+
+def exact_match(model: nn.Module, tokenizer, examples: list[Example], *, max_new_tokens: int = 32,
+                batch_size: int = 16, limit: int | None = None) -> dict[str, Any]:
+    """Greedy-generate an answer for every chat example and compare it with the reference answer."""
+    examples = examples_of_kind(examples, ("chat",), "exact match")[:limit]
+    prompts, references = zip(*(split_prompt_answer(e) for e in examples))
+    start = time.perf_counter()
+    predictions = generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size)
+    hits = [normalise_answer(p) == normalise_answer(r) for p, r in zip(predictions, references)]
+    return {"exact_match": sum(hits) / len(hits), "n": len(hits), "seconds": round(time.perf_counter() - start, 2),
+            "predictions": predictions, "references": list(references)}
+
+
+def perplexity(model: nn.Module, tokenizer, examples: list[Example], *, max_length: int = 2048,
+               batch_size: int = 8) -> dict[str, float]:
+    """exp(mean next-token loss) over the supervised (assistant) tokens of chat examples."""
+    ensure_chat_template(tokenizer)
+    items = [tokenize_chat(tokenizer, e) for e in examples_of_kind(examples, ("chat",), "perplexity")]
+    items, report = apply_max_length(items, max_length, "truncate")
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    with eval_mode(model):
+        for start in range(0, len(items), batch_size):
+            batch = {k: v.to(device) for k, v in pad_batch(items[start:start + batch_size],
+                                                           tokenizer.pad_token_id).items()}
+            loss_sum, n = token_cross_entropy_sum(model, batch)
+            total, count = total + float(loss_sum), count + n
+    mean = total / max(count, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count, "truncated": report.truncated}
+
+
+def evaluate(model: nn.Module, tokenizer, examples: list[Example], *, max_new_tokens: int = 32,
+             limit: int | None = None, generate_answers: bool = True) -> dict[str, Any]:
+    """Perplexity and (optionally) exact match on a chat data set."""
+    examples = examples[:limit]
+    result: dict[str, Any] = perplexity(model, tokenizer, examples)
+    if generate_answers:
+        em = exact_match(model, tokenizer, examples, max_new_tokens=max_new_tokens)
+        result.update(exact_match=em["exact_match"], n=em["n"], generate_seconds=em["seconds"])
+    return result
+
+
+__all__ = ["evaluate", "exact_match", "perplexity", "normalise_answer"]

@@ -1,0 +1,48 @@
+"""``tuneforge methods``: every method's trainable parameters on a given model, side by side."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from .base import available_methods, get_method
+
+
+def parameter_counts(model, overrides: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Attach each method to a fresh copy of ``model`` and count. ``overrides`` maps method → options."""
+    rows = []
+    for name in available_methods():
+        method = get_method(name)
+        options = (overrides or {}).get(name, {})
+        try:
+            handle = method.attach(copy.deepcopy(model), method.config_class.from_dict(options))
+        except Exception as e:  # a method that cannot apply to this architecture says why, the rest still print
+            rows.append({"method": name, "error": f"{type(e).__name__}: {e}"})
+            continue
+        trainable, total = handle.num_trainable_parameters(), handle.num_total_parameters()
+        rows.append({"method": name, "trainable": trainable, "total": total, "percent": 100 * trainable / total})
+    return rows
+
+
+def methods_table(model_name: str | None, flags: dict[str, Any]) -> str:
+    from ..config import METHOD_OPTION_PREFIXES, NATIVE_PREFIXED
+    from ..models import DEFAULT_MODEL, load_model
+
+    overrides: dict[str, dict[str, Any]] = {}
+    for key, value in flags.items():
+        for prefix in METHOD_OPTION_PREFIXES:
+            if key.startswith(prefix):
+                method = prefix.rstrip("_")
+                option = key if key in NATIVE_PREFIXED else key[len(prefix):]
+                overrides.setdefault(method, {})[option] = value
+                break
+        else:
+            raise ValueError(f"unknown option --{key.replace('_', '-')} (method options look like --lora-r 16)")
+    model, _ = load_model(model_name or DEFAULT_MODEL, device="cpu", dtype="float32")
+    lines = [f"{'method':<16}{'trainable':>14}{'of total':>16}{'%':>10}"]
+    for row in parameter_counts(model, overrides):
+        if "error" in row:
+            lines.append(f"{row['method']:<16}  not applicable: {row['error']}")
+        else:
+            lines.append(f"{row['method']:<16}{row['trainable']:>14,}{row['total']:>16,}{row['percent']:>10.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,3 @@
+"""Importing this module registers every objective (each file calls ``register`` at import)."""
+
+from . import pretrain, sft  # noqa: F401

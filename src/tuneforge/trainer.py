@@ -1,0 +1,417 @@
+"""The one training loop, shared by every method and objective.
+
+batch → loss → backward → clip → step → schedule → log → eval → checkpoint.
+
+The loss of each micro-batch is summed over its units (tokens, pairs) and divided by the units of the whole
+accumulated batch, so ``batch_size=8`` in one pass and ``micro_batch_size=2`` over four passes give the same
+update. Checkpoints hold the trainable tensors, optimiser, scheduler, RNG and data position, and are written
+atomically, so a run killed at any moment resumes to the weights an uninterrupted run reaches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .config import RunConfig, save_config
+from .data.formats import Example, load_examples
+from .data.template import ensure_chat_template
+from .methods import get_method
+from .methods.base import MethodHandle
+from .models import load_model
+from .objectives import TrainContext, get_objective
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).parent / "assets"
+DEMO_DIR = ASSETS / "demo"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    steps: int
+    final_loss: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+    handle: MethodHandle | None = None
+    model: nn.Module | None = None
+    tokenizer: Any = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# -- data -----------------------------------------------------------------------------------------------
+
+
+def training_examples(config: RunConfig) -> tuple[list[Example], list[Example]]:
+    """Train and eval examples: the user's files, a split of them, or the bundled demonstration task."""
+    train_path = config.data or str(DEMO_DIR / "train.jsonl")
+    eval_path = config.eval_data or (None if config.data else str(DEMO_DIR / "eval.jsonl"))
+    train = load_examples(train_path, config.data_format)
+    if eval_path:
+        return train, load_examples(eval_path, config.data_format)
+    if config.eval_split > 0:
+        order = np.random.default_rng(config.seed).permutation(len(train))
+        n_eval = max(1, int(round(len(train) * config.eval_split)))
+        held = set(order[:n_eval].tolist())
+        return [e for i, e in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
+    return train, []
+
+
+class EpochSampler:
+    """Deterministic shuffled order per epoch, with a position that checkpoints can save and restore."""
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, index: int = 0):
+        self.n, self.seed, self.epoch, self.index = n, seed, epoch, index
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.index >= self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._permutation()
+            out.append(self._order[self.index])
+            self.index += 1
+        return out
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+
+# -- optimiser and schedule ---------------------------------------------------------------------------
+
+
+def lr_lambda(config: RunConfig, total_steps: int):
+    warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if config.lr_scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if config.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def build_optimizer(named: list[tuple[str, nn.Parameter]], config: RunConfig) -> torch.optim.Optimizer:
+    # No weight decay on biases, norms and 1-D tensors (standard practice; decaying a gain toward 0 hurts).
+    decay = [p for n, p in named if p.dim() >= 2]
+    no_decay = [p for n, p in named if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate, betas=config.adam_betas)
+
+
+# -- the run --------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, model: nn.Module | None = None, tokenizer=None):
+        self.config = config
+        self.output = Path(config.output)
+        seed_everything(config.seed)
+        method_cls = get_method(config.method)
+        if model is None:
+            model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype,
+                                          trust_remote_code=config.trust_remote_code,
+                                          **method_cls.model_load_kwargs(dict(config.method_options)))
+        self.model, self.tokenizer = model, tokenizer
+        ensure_chat_template(tokenizer, override=config.chat_template)
+        self.objective = get_objective(config.objective)(
+            tokenizer, {"max_length_policy": config.max_length_policy, "seed": config.seed,
+                        **config.objective_options})
+        method_config = method_cls.config_class.from_dict(dict(config.method_options))
+        if hasattr(method_config, "bind_tokenizer"):  # e.g. prompt tuning initialised from a hard prompt's text
+            method_config.bind_tokenizer(tokenizer)
+        self.handle = method_cls.attach(model, method_config)
+        self._upcast_trainable()
+        self.reference_model = self._reference_model_if_needed()
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.ctx = TrainContext(handle=self.handle, reference_model=self.reference_model)
+
+    def _upcast_trainable(self) -> None:
+        # As PEFT's autocast_adapter_dtype: adapters train in float32 even over a bf16 base (bf16 AdamW updates
+        # round small steps away). Full fine-tuning keeps the model's dtype.
+        if self.config.method == "full":
+            return
+        for _, p in self.handle.trainable_parameters():
+            if p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+
+    def _reference_model_if_needed(self) -> nn.Module | None:
+        if not getattr(self.objective, "needs_reference", False) or self.config.method != "full":
+            return None
+        log.info("full fine-tuning: loading a separate frozen reference model")
+        reference, _ = load_model(self.config.model, device=self.config.device, dtype=self.config.dtype,
+                                  trust_remote_code=self.config.trust_remote_code)
+        reference.requires_grad_(False).eval()
+        return reference
+
+    # -- parameters ---------------------------------------------------------------------------------
+    def trainable(self) -> list[tuple[str, nn.Parameter]]:
+        named = list(self.handle.trainable_parameters())
+        extra = getattr(self.objective, "extra_parameters", None)
+        if extra is not None:
+            named += [(f"objective.{n}", p) for n, p in extra()]
+        return named
+
+    def parameter_report(self) -> dict[str, int]:
+        trainable = sum(p.numel() for _, p in self.trainable())
+        total = self.handle.num_total_parameters()
+        return {"trainable_params": trainable, "total_params": total}
+
+    # -- main loop ------------------------------------------------------------------------------------
+    def prepare_data(self, train: list[Example], eval_: list[Example]) -> None:
+        c = self.config
+        self.train_items = self.objective.prepare(train, c.max_length, "train")
+        self.eval_items = self.objective.prepare(eval_, c.max_length, "eval") if eval_ else []
+        self.steps_per_epoch = max(1, len(self.train_items) // c.batch_size)
+        self.total_steps = c.max_steps or max(1, int(math.ceil(c.epochs * len(self.train_items) / c.batch_size)))
+
+    def micro_batches(self, sampler: EpochSampler) -> list[dict[str, torch.Tensor]]:
+        c = self.config
+        device = next(self.model.parameters()).device
+        out = []
+        for _ in range(c.accumulation_steps):
+            items = [self.train_items[i] for i in sampler.take(c.micro_batch)]
+            out.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in self.objective.collate(items).items()})
+        return out
+
+    def step_groups(self, sampler: EpochSampler) -> Iterator[list[dict[str, torch.Tensor]]]:
+        """Each item is one optimiser step's micro-batches. PPO's objective rolls out first and yields several."""
+        plan = getattr(self.objective, "optimizer_steps", None)
+        while True:
+            if plan is None:
+                yield self.micro_batches(sampler)
+            else:
+                for prompts in self.micro_batches(sampler):
+                    yield from plan(self.model, prompts, self.ctx)
+
+    def optimizer_step(self, batches: list[dict[str, torch.Tensor]], step: int) -> dict[str, float]:
+        total_units = sum(self.objective.units(b) for b in batches)
+        if total_units == 0:
+            raise TrainingDiverged(f"step {step}: the batch has no supervised unit")
+        sums: dict[str, float] = {}
+        for batch in batches:
+            loss_sum, metrics = self.objective.loss(self.model, batch, self.ctx)
+            loss = loss_sum / total_units
+            extra = self.handle.extra_loss()
+            if extra is not None:
+                loss = loss + extra / len(batches)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"step {step}: loss is {loss.item()}")
+            loss.backward()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        self.handle.after_backward(step)
+        params = [p for _, p in self.trainable()]
+        grad_norm = None
+        if self.config.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
+            if not math.isfinite(grad_norm):
+                raise TrainingDiverged(f"step {step}: gradient norm is {grad_norm}")
+        self.optimizer.step()
+        self.handle.after_step(step)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = {k: v / total_units for k, v in sums.items()}
+        out["units"] = total_units
+        out["tokens"] = sum(int(b["attention_mask"].sum()) for b in batches if "attention_mask" in b)
+        if grad_norm is not None:
+            out["grad_norm"] = grad_norm
+        return out
+
+    @torch.no_grad()
+    def evaluate_loss(self) -> dict[str, float]:
+        if not self.eval_items:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        sums: dict[str, float] = {}
+        units = 0
+        bs = self.config.micro_batch
+        for start in range(0, len(self.eval_items), bs):
+            batch = self.objective.collate(self.eval_items[start:start + bs])
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            units += self.objective.units(batch)
+            _, metrics = self.objective.loss(self.model, batch, self.ctx)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        self.model.train(was_training)
+        return {f"eval_{k}": v / max(units, 1) for k, v in sums.items()}
+
+    def train(self) -> TrainResult:
+        c = self.config
+        self._check_output_dir()
+        self.output.mkdir(parents=True, exist_ok=True)
+        save_config(c, self.output / "tuneforge.yaml")
+        self.handle.total_steps = self.total_steps
+        self.optimizer = build_optimizer(self.trainable(), c)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(c, self.total_steps))
+        sampler = EpochSampler(len(self.train_items), c.seed)
+        start = self._resume(sampler) if c.resume else 0
+        if start == 0:
+            (self.output / "metrics.jsonl").unlink(missing_ok=True)
+        self.objective.setup(self.model, self.ctx)  # deterministic (e.g. DPO's reference log-probs), so also on resume
+        self.model.train()
+        bar = _progress(c, self.total_steps, start)
+        last: dict[str, float] = {}
+        t0, tokens = time.perf_counter(), 0
+        groups = self.step_groups(sampler)
+        for step in range(start, self.total_steps):
+            last = self.optimizer_step(next(groups), step)
+            tokens += last.get("tokens", 0)
+            done = step + 1
+            last.update(step=done, lr=self.scheduler.get_last_lr()[0], epoch=round(done / self.steps_per_epoch, 3),
+                        tokens_per_s=round(tokens / (time.perf_counter() - t0), 1))
+            if c.eval_every and done % c.eval_every == 0 and done < self.total_steps:
+                last.update(self.evaluate_loss())
+            if done % c.log_every == 0 or done == self.total_steps:
+                self._log(last)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}")
+            if c.save_every and done % c.save_every == 0 and done < self.total_steps:
+                self.save_checkpoint(done, sampler)
+        if bar is not None:
+            bar.close()
+        final = self.evaluate_loss()
+        if final:
+            self._log({"step": self.total_steps, **final})
+        self.save_final()
+        metrics = {**last, **final, **self.parameter_report()}
+        return TrainResult(self.output, self.total_steps, float(last.get("loss", float("nan"))), metrics,
+                           self.handle, self.model, self.tokenizer)
+
+    # -- persistence ----------------------------------------------------------------------------------
+    def _check_output_dir(self) -> None:
+        finished = (self.output / "tuneforge.yaml").exists() and (
+            (self.output / "adapter_model.safetensors").exists() or (self.output / "config.json").exists())
+        if finished and not (self.config.resume or self.config.overwrite):
+            raise FileExistsError(f"{self.output} already holds a finished run; pass --overwrite or a new --output")
+
+    def _log(self, metrics: dict[str, Any]) -> None:
+        with open(self.output / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}) + "\n")
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        state = {n: p.detach() for n, p in self.trainable()}
+        state.update({f"method_state.{k}": v for k, v in self.handle.training_state().items()})
+        return state
+
+    def save_checkpoint(self, step: int, sampler: EpochSampler) -> Path:
+        path = self.output / "checkpoints" / f"step-{step}"
+        with ckpt.atomic_directory(path) as tmp:
+            ckpt.save_training_state(tmp, self._trainable_state(), self.optimizer, self.scheduler,
+                                     {"step": step, **sampler.state()})
+        kept = sorted((int(p.name.split("-")[1]), p) for p in path.parent.glob("step-*") if p.name[5:].isdigit())
+        for _, old in kept[:-self.config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def _resume(self, sampler: EpochSampler) -> int:
+        path = ckpt.latest_checkpoint(self.output)
+        if path is None:
+            log.warning("--resume: no checkpoint in %s; starting from scratch", self.output)
+            return 0
+        trainable, state = ckpt.load_training_state(path)
+        params = dict(self.trainable())
+        with torch.no_grad():
+            for name, p in params.items():
+                if name not in trainable:
+                    raise KeyError(f"{path}: checkpoint lacks trainable tensor {name!r} (different method/config?)")
+                p.copy_(trainable[name])
+        self.handle.load_training_state({k[len("method_state."):]: v for k, v in trainable.items()
+                                         if k.startswith("method_state.")})
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        progress = state["progress"]
+        sampler.epoch, sampler.index = progress["epoch"], progress["index"]
+        sampler._order = sampler._permutation()
+        log.info("resumed from %s (step %d)", path, progress["step"])
+        return int(progress["step"])
+
+    def save_final(self) -> None:
+        self.handle.save(self.output, base_model_name_or_path=self.config.model)
+        save_extra = getattr(self.objective, "save", None)
+        if save_extra is not None:
+            save_extra(self.output)
+        if self.config.method == "full":
+            self.tokenizer.save_pretrained(self.output)
+
+
+def _progress(config: RunConfig, total: int, start: int):
+    if not config.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+def generation_metric(trainer: Trainer, examples: list[Example], base: bool) -> dict[str, Any] | None:
+    """Exact match of greedy answers on chat eval data; ``base=True`` measures the untouched base model."""
+    from .evaluate import exact_match
+
+    c = trainer.config
+    if not (c.eval_generate and examples and all(e.kind == "chat" for e in examples)):
+        return None
+    if base and c.method != "full":
+        with trainer.handle.disabled():
+            return exact_match(trainer.model, trainer.tokenizer, examples, max_new_tokens=c.eval_max_new_tokens,
+                               limit=c.eval_limit)
+    return exact_match(trainer.model, trainer.tokenizer, examples, max_new_tokens=c.eval_max_new_tokens,
+                       limit=c.eval_limit)
+
+
+def train(config: RunConfig, model: nn.Module | None = None, tokenizer=None) -> TrainResult:
+    """Run one training job described by ``config`` (optionally on an already loaded model).
+
+    With chat eval data, exact match is measured before (on the base model) and after training and returned in
+    ``result.metrics`` as ``exact_match_before`` / ``exact_match_after``.
+    """
+    trainer = Trainer(config, model, tokenizer)
+    train_examples, eval_examples = training_examples(config)
+    trainer.prepare_data(train_examples, eval_examples)
+    log.info("parameters: %s", trainer.parameter_report())
+    before = None if config.resume else generation_metric(trainer, eval_examples, base=True)
+    result = trainer.train()
+    after = generation_metric(trainer, eval_examples, base=False)
+    for name, em in (("before", before), ("after", after)):
+        if em is not None:
+            result.metrics[f"exact_match_{name}"] = em["exact_match"]
+            result.metrics[f"exact_match_{name}_seconds"] = em["seconds"]
+    if after is not None:
+        trainer._log({"step": trainer.total_steps, **{k: v for k, v in result.metrics.items()
+                                                      if k.startswith("exact_match")}})
+    return result

@@ -1,0 +1,117 @@
+"""Shared fixtures: tiny random-weight models of several architectures and a tokenizer built offline.
+
+Nothing here downloads anything. The tokenizer is a byte-level BPE trained in a second on a small corpus;
+models are built from configs (Llama-style with grouped-query attention, GPT-2 with Conv1D, Qwen2 with biases).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Convert the date to ISO format: March 5, 2021 -> 2021-03-05",
+    "What is two plus three? The answer is five.",
+    "Hello! How can I help you today? I am a helpful assistant.",
+    "0123456789 January February March April May June July August September October November December",
+    "system user assistant instruction input output response question answer",
+]
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+def tiny_config(arch: str, vocab_size: int):
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    if arch == "llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           tie_word_embeddings=False)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=256)
+    if arch == "qwen2":
+        return Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    raise ValueError(arch)
+
+
+def make_tiny_model(arch: str, vocab_size: int, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(arch, vocab_size)
+    # The tokenizer's special ids (see SPECIAL): <|endoftext|> = 0 is BOS/EOS, <pad> = 3.
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 0, 0, 3
+    model = AutoModelForCausalLM.from_config(config)
+    model.config.use_cache = False
+    return model.eval()
+
+
+ARCHS = ["llama", "gpt2", "qwen2"]
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny_model(arch, tokenizer):
+    return make_tiny_model(arch, len(tokenizer))
+
+
+def save_tiny_model_dir(path: Path, arch: str, tokenizer) -> Path:
+    model = make_tiny_model(arch, len(tokenizer))
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A Llama-style tiny model saved as a Hugging Face directory (for CLI tests)."""
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), "llama", tokenizer)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def qa_rows(n: int = 16) -> list[dict]:
+    """A trivially learnable task: repeat a number in words."""
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    return [{"instruction": f"Say {i % 10} in words.", "output": words[i % 10]} for i in range(n)]
+
+
+@pytest.fixture
+def sft_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "sft.jsonl", qa_rows())
