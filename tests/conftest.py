@@ -115,3 +115,13 @@ def qa_rows(n: int = 16) -> list[dict]:
 @pytest.fixture
 def sft_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "sft.jsonl", qa_rows())
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for the test: tiny models then run several times faster (no OpenMP hand-off between
+    threads, which costs most on a busy machine). Restores the previous setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -54,7 +54,8 @@ class RunConfig(BaseModel):
     batch_size: int = Field(8, description="Examples per optimiser step (micro_batch_size x accumulation).")
     micro_batch_size: int | None = Field(None, description="Examples per forward pass; default batch_size. "
                                          "Gradients accumulate over batch_size / micro_batch_size passes.")
-    learning_rate: float = Field(2e-4, description="Peak LR. LoRA-style methods like ~1e-4..5e-4; full FT ~1e-5.")
+    learning_rate: float | None = Field(None, description="Peak LR; default: the method's own (LoRA 2e-4, full "
+                                        "2e-5, soft prompts ~1e-2; see `tuneforge methods`).")
     weight_decay: float = Field(0.0, description="AdamW decoupled weight decay.")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     warmup_steps: int | None = Field(None, description="Linear warm-up steps; default: warmup_ratio of the run.")

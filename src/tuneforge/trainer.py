@@ -55,6 +55,22 @@ class TrainResult:
     tokenizer: Any = None
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated on ``device``, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -122,12 +138,16 @@ def lr_lambda(config: RunConfig, total_steps: int):
     return factor
 
 
+def learning_rate(config: RunConfig) -> float:
+    return config.learning_rate if config.learning_rate is not None else get_method(config.method).default_learning_rate
+
+
 def build_optimizer(named: list[tuple[str, nn.Parameter]], config: RunConfig) -> torch.optim.Optimizer:
     # No weight decay on biases, norms and 1-D tensors (standard practice; decaying a gain toward 0 hurts).
     decay = [p for n, p in named if p.dim() >= 2]
     no_decay = [p for n, p in named if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate, betas=config.adam_betas)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate(config), betas=config.adam_betas)
 
 
 # -- the run --------------------------------------------------------------------------------------------
@@ -309,7 +329,10 @@ class Trainer:
         if final:
             self._log({"step": self.total_steps, **final})
         self.save_final()
-        metrics = {**last, **final, **self.parameter_report()}
+        device = next(self.model.parameters()).device
+        metrics = {**last, **final, **self.parameter_report(), "peak_memory_mb": round(peak_memory_mb(device), 1)}
+        log.info("peak memory: %.1f MB (%s)", metrics["peak_memory_mb"],
+                 "CUDA allocated" if device.type == "cuda" else "process RSS")
         return TrainResult(self.output, self.total_steps, float(last.get("loss", float("nan"))), metrics,
                            self.handle, self.model, self.tokenizer)
 

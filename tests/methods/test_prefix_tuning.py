@@ -25,7 +25,7 @@ def tiny(arch: str, seed: int = 0):
     absolute positions), Qwen2 (GQA, q/k/v biases). No EOS, so generate() always runs to max_new_tokens."""
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
-    common = dict(vocab_size=VOCAB, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    common = dict(vocab_size=VOCAB, initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=0)
     if arch == "llama":
         cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, **common)
@@ -185,12 +185,12 @@ def test_training_reduces_loss_and_keeps_base_bit_identical(arch):
     model, handle = ours(tiny(arch))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("prefix_encoder.")}
     assert all(not p.requires_grad for n, p in model.named_parameters() if n in frozen)
-    ids, mask = batch(seed=5, b=4, t=10)
-    data = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    ids = torch.randint(1, VOCAB, (1, 10), generator=torch.Generator().manual_seed(5)).repeat(4, 1)  # one sequence
+    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     optimizer = torch.optim.AdamW([p for _, p in handle.trainable_parameters()], lr=1e-2)
     model.train()
     losses = []
-    for _ in range(8):
+    for _ in range(10):
         loss_sum, count = token_cross_entropy_sum(model, data)  # logits_to_keep mask, as the trainer's objectives
         loss = loss_sum / count
         optimizer.zero_grad()
@@ -199,13 +199,14 @@ def test_training_reduces_loss_and_keeps_base_bit_identical(arch):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in handle.trainable_parameters())
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.1
+    assert losses[-1] < 0.9 * losses[0]
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 
 
 def test_gradient_checkpointing_is_refused_in_training():
     model, _ = ours(tiny("llama"))
-    model.gradient_checkpointing_enable()
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
     ids, mask = batch()
     logits(model, ids, mask)  # eval mode: transformers does not checkpoint, the prefix stays
     model.train()

@@ -73,7 +73,8 @@ class AdapterConfig(MethodConfig):
         if self.placement not in ("pfeiffer", "houlsby"):
             raise ValueError(f"adapter placement must be pfeiffer or houlsby, got {self.placement!r}")
         if self.non_linearity not in ACTIVATIONS:
-            raise ValueError(f"adapter non_linearity must be one of {', '.join(ACTIVATIONS)}, got {self.non_linearity!r}")
+            raise ValueError(f"adapter non_linearity must be one of {', '.join(ACTIVATIONS)}, "
+                             f"got {self.non_linearity!r}")
         if self.reduction_factor <= 0 or (self.bottleneck_size is not None and self.bottleneck_size <= 0):
             raise ValueError("adapter reduction_factor and bottleneck_size must be positive")
 
@@ -120,8 +121,11 @@ class AdaptedNorm(nn.Module, Switchable):
     def forward(self, *args, **kwargs):
         if not self.adapter_enabled:
             return self.base_layer(*args, **kwargs)
-        # functional_call runs the norm's own forward (LayerNorm, RMSNorm, Gemma's 1+w ...) on the copies.
-        return functional_call(self.base_layer, {n: getattr(self, n) for n in self.names}, args, kwargs)
+        # functional_call runs the norm's own forward (LayerNorm, RMSNorm, Gemma's 1+w ...) on the copies, cast to
+        # the base's dtype (the trainer keeps trainable copies in float32 over a bf16 base).
+        base = dict(self.base_layer.named_parameters(recurse=False))
+        params = {n: getattr(self, n).to(base[n].dtype) for n in self.names}
+        return functional_call(self.base_layer, params, args, kwargs)
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -248,6 +252,8 @@ class Adapter(Method):
     aliases = ("adapters", "bottleneck_adapter", "bottleneck_adapters")
     config_class = AdapterConfig
     peft_type = PEFT_TYPE
+    # Like LoRA the adapters start at zero and are small; they take a little more than LoRA's 2e-4.
+    default_learning_rate = 3e-4
 
     @classmethod
     def attach(cls, model: nn.Module, config: AdapterConfig) -> AdapterHandle:

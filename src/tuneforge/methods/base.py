@@ -56,6 +56,9 @@ class Method:
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
     aliases: ClassVar[tuple[str, ...]] = ()
+    # The peak learning rate used when a run does not set one. Methods differ by orders of magnitude: full
+    # fine-tuning moves pretrained weights (~1e-5), soft prompts start from nothing (~1e-2).
+    default_learning_rate: ClassVar[float] = 2e-4
 
     @classmethod
     def attach(cls, model: nn.Module, config: MethodConfig) -> "MethodHandle":

@@ -59,6 +59,7 @@ class Full(Method):
     name = "full"
     config_class = FullConfig
     aliases = ("full_finetune", "full_ft")
+    default_learning_rate = 2e-5
     peft_type = None
 
     @classmethod

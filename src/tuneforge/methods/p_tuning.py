@@ -132,6 +132,8 @@ class PTuning(Method):
     aliases = ("ptuning",)
     config_class = PTuningConfig
     peft_type = "P_TUNING"
+    # The encoder is an ordinary network: its steps are smaller than free prompt vectors' (PEFT's P-Tuning example).
+    default_learning_rate = 1e-3
 
     @classmethod
     def attach(cls, model: nn.Module, config: PTuningConfig) -> PTuningHandle:

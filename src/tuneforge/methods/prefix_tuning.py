@@ -195,7 +195,8 @@ class PrefixTuningHandle(MethodHandle):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         # PEFT saves the encoder's output (get_prompt_embedding_to_save), never the MLP.
-        return {"prompt_embeddings": self.encoder().detach()}
+        with torch.no_grad():
+            return {"prompt_embeddings": self.encoder().detach().clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load a saved prefix. The MLP cannot be recovered from its output, so a projecting encoder is folded first

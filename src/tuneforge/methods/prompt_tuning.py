@@ -35,10 +35,8 @@ class PromptTuningConfig(MethodConfig):
     prompt_tuning_init_text: str | None = None
     """The hard prompt whose token embeddings start the virtual tokens (TEXT), repeated or cut to the count."""
     tokenizer_name_or_path: str | None = None
-    """Tokenizer that splits prompt_tuning_init_text (TEXT) when no loaded ``tokenizer`` is given; saved in the
-    adapter config as PEFT requires."""
-    tokenizer: Any = None
-    """A loaded tokenizer for TEXT (the trainer passes the run's); it wins over tokenizer_name_or_path."""
+    """Tokenizer that splits prompt_tuning_init_text (TEXT) when none is bound with ``bind_tokenizer``; written
+    to the adapter config, where PEFT requires it for TEXT."""
 
     def __post_init__(self):
         self.prompt_tuning_init = str(self.prompt_tuning_init).upper()
@@ -47,16 +45,18 @@ class PromptTuningConfig(MethodConfig):
                              f"got {self.prompt_tuning_init!r}")
         if self.num_virtual_tokens <= 0:
             raise ValueError(f"num_virtual_tokens must be positive, got {self.num_virtual_tokens}")
-        if self.prompt_tuning_init == "TEXT":
-            if not self.prompt_tuning_init_text:
-                raise ValueError("prompt_tuning_init TEXT needs prompt_tuning_init_text")
-            if self.tokenizer is None and not self.tokenizer_name_or_path:
-                raise ValueError("prompt_tuning_init TEXT needs a tokenizer (or tokenizer_name_or_path)")
+        if self.prompt_tuning_init_text is not None and not isinstance(self.prompt_tuning_init_text, str):
+            raise ValueError(f"prompt_tuning_init_text must be text, got {self.prompt_tuning_init_text!r} "
+                             f"({type(self.prompt_tuning_init_text).__name__})")
+        if self.prompt_tuning_init == "TEXT" and not self.prompt_tuning_init_text:
+            raise ValueError("prompt_tuning_init TEXT needs prompt_tuning_init_text")
+        self.tokenizer = None
 
-    def to_dict(self) -> dict[str, Any]:
-        values = super().to_dict()
-        values.pop("tokenizer")  # a live object, not an option: it is not written to disk
-        return values
+    def bind_tokenizer(self, tokenizer: Any) -> "PromptTuningConfig":
+        """Use this loaded tokenizer for TEXT (the trainer binds the run's); it wins over tokenizer_name_or_path.
+        Not an option: it is not written to disk."""
+        self.tokenizer = tokenizer
+        return self
 
 
 def text_init_ids(token_ids: list[int], num_virtual_tokens: int) -> list[int]:
@@ -74,6 +74,9 @@ def initial_token_ids(config: PromptTuningConfig, vocab_size: int) -> list[int] 
     if config.prompt_tuning_init == "TEXT":
         tokenizer = config.tokenizer
         if tokenizer is None:
+            if not config.tokenizer_name_or_path:
+                raise ValueError("prompt_tuning_init TEXT needs a tokenizer: bind_tokenizer(tok) or "
+                                 "tokenizer_name_or_path")
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path)  # no remote code, as PEFT
@@ -123,6 +126,9 @@ class PromptTuning(Method):
     aliases = ("soft_prompt",)
     config_class = PromptTuningConfig
     peft_type = "PROMPT_TUNING"
+    # Free vectors trained from a frozen model need large steps: PEFT's causal-LM prompt-tuning example uses 3e-2
+    # (Lester et al. used 0.3 with Adafactor).
+    default_learning_rate = 3e-2
 
     @classmethod
     def attach(cls, model: nn.Module, config: PromptTuningConfig) -> PromptTuningHandle:

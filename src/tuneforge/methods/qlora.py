@@ -141,6 +141,7 @@ def quantize_linear(layer: nn.Module, config: QLoRAConfig) -> nn.Module:
     if layer.bias is not None:
         new.bias = nn.Parameter(layer.bias.detach(), requires_grad=False)
     new.train(layer.training)
+    new.source_cls = type(layer)  # as transformers records it: merge_to_16bit turns a Conv1D back into one
     return new
 
 
@@ -198,9 +199,16 @@ def dequantize(layer: nn.Module) -> torch.Tensor:
     return F.dequantize_4bit(data, state).float()
 
 
-def dense_linear(layer: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
+def dense_linear(layer: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> nn.Module:
+    """An nn.Linear with ``weight`` [out, in], or a Conv1D again where the 4-bit layer replaced one (GPT-2), so
+    the merged model saves and reloads as its own architecture."""
     out_features, in_features = weight.shape
-    dense = nn.Linear(in_features, out_features, bias=layer.bias is not None, device=weight.device, dtype=dtype)
+    source = getattr(layer, "source_cls", nn.Linear)
+    if source.__name__ == "Conv1D":
+        dense = source(out_features, in_features).to(device=weight.device, dtype=dtype)
+        weight = weight.T
+    else:
+        dense = nn.Linear(in_features, out_features, bias=layer.bias is not None, device=weight.device, dtype=dtype)
     dense.weight.data.copy_(weight)
     if layer.bias is not None:
         dense.bias.data.copy_(layer.bias.detach())
@@ -290,6 +298,10 @@ class QLoRAHandle(LoRAHandle):
         raise RuntimeError("a 4-bit base cannot take the LoRA update in place; use "
                            "tuneforge.methods.qlora.merge_to_16bit(handle, dtype) (it de-quantises first)")
 
+    def merge_to_16bit(self, dtype: torch.dtype | str = torch.bfloat16) -> nn.Module:
+        """See the module function ``merge_to_16bit``; ``tuneforge merge`` calls this."""
+        return merge_to_16bit(self, dtype)
+
     def merge_and_unload(self, dtype: torch.dtype | str = torch.bfloat16) -> nn.Module:
         return merge_to_16bit(self, dtype)
 
@@ -304,6 +316,14 @@ class QLoRA(LoRA):
     config_class = QLoRAConfig
     # A PEFT "LORA" adapter loads as LoRA (on a 4-bit base too); tuneforge_adapter.json records "qlora".
     peft_type = None
+
+    @classmethod
+    def model_load_kwargs(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """Load the checkpoint straight into 4 bits; a block size transformers cannot do is quantised in attach."""
+        config = cls.config_class.from_dict(options)
+        if config.bnb_4bit_blocksize != 64:
+            return {}
+        return {"quantization_config": qlora_quantization_config(config)}
 
     @classmethod
     def attach(cls, model: nn.Module, config: QLoRAConfig) -> QLoRAHandle:

@@ -20,7 +20,8 @@ def parameter_counts(model, overrides: dict[str, dict[str, Any]] | None = None) 
             rows.append({"method": name, "error": f"{type(e).__name__}: {e}"})
             continue
         trainable, total = handle.num_trainable_parameters(), handle.num_total_parameters()
-        rows.append({"method": name, "trainable": trainable, "total": total, "percent": 100 * trainable / total})
+        rows.append({"method": name, "trainable": trainable, "total": total, "percent": 100 * trainable / total,
+                     "default_lr": method.default_learning_rate})
     return rows
 
 
@@ -39,10 +40,11 @@ def methods_table(model_name: str | None, flags: dict[str, Any]) -> str:
         else:
             raise ValueError(f"unknown option --{key.replace('_', '-')} (method options look like --lora-r 16)")
     model, _ = load_model(model_name or DEFAULT_MODEL, device="cpu", dtype="float32")
-    lines = [f"{'method':<16}{'trainable':>14}{'of total':>16}{'%':>10}"]
+    lines = [f"{'method':<16}{'trainable':>14}{'of total':>16}{'%':>10}{'default lr':>12}"]
     for row in parameter_counts(model, overrides):
         if "error" in row:
             lines.append(f"{row['method']:<16}  not applicable: {row['error']}")
         else:
-            lines.append(f"{row['method']:<16}{row['trainable']:>14,}{row['total']:>16,}{row['percent']:>10.4f}")
+            lines.append(f"{row['method']:<16}{row['trainable']:>14,}{row['total']:>16,}{row['percent']:>10.4f}"
+                         f"{row['default_lr']:>12g}")
     return "\n".join(lines)

@@ -41,12 +41,40 @@ PROMPT_MODULE_NAME = "prompt_encoder"
 
 
 class VirtualTokens(nn.Module, Switchable):
-    """Base class of the prompt modules: ``forward()`` returns the ``[num_virtual_tokens, token_dim]`` prompt."""
+    """Base class of the prompt modules: ``forward()`` returns the ``[num_virtual_tokens, token_dim]`` prompt.
+
+    The hooks on the causal LM are this module's methods, so a deep copy of the model hooks its own copy.
+    """
 
     num_virtual_tokens: int
 
+    def __init__(self):
+        super().__init__()
+        # Per pending call: (virtual tokens prepended, whether the logits still hold them); a stack, as calls nest.
+        self.pending: list[tuple[int, bool]] = []
+        self.positional: list[str] = []  # the causal LM's positional parameter names, to read positional args
+
     def forward(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def before_model(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        kwargs = {**dict(zip(self.positional, args)), **kwargs}
+        if not self.adapter_enabled:
+            self.pending.append((0, False))
+            return (), kwargs
+        if kwargs.get("return_dict") is False:
+            raise ValueError("virtual-token methods need return_dict=True outputs to strip the virtual positions")
+        if cached_length(kwargs.get("past_key_values")) > 0:
+            self.pending.append((0, False))
+            return (), extend_decoding_inputs(kwargs, self.num_virtual_tokens)
+        kwargs = prepend_prompt(model, self, kwargs)
+        keep = kwargs.get("logits_to_keep", 0)
+        self.pending.append((self.num_virtual_tokens, isinstance(keep, int) and keep == 0))
+        return (), kwargs
+
+    def after_model(self, model: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        n, logits_hold_virtual = self.pending.pop()
+        return strip_outputs(output, n, logits_hold_virtual) if n else output
 
 
 class PromptEmbedding(VirtualTokens):
@@ -73,35 +101,13 @@ def install(model: nn.Module, prompt: VirtualTokens) -> list[RemovableHandle]:
     if model.get_input_embeddings() is None:
         raise ValueError("virtual tokens need a model with input embeddings (get_input_embeddings() is None)")
     model.add_module(PROMPT_MODULE_NAME, prompt)
-    # Per pending call: (virtual tokens prepended, whether the logits still hold them). A stack, for re-entrant calls.
-    calls: list[tuple[int, bool]] = []
-    positional = [
+    prompt.positional = [
         p.name for p in inspect.signature(model.forward).parameters.values()
         if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     ]
-
-    def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        kwargs = {**dict(zip(positional, args)), **kwargs}
-        if not prompt.adapter_enabled:
-            calls.append((0, False))
-            return (), kwargs
-        if kwargs.get("return_dict") is False:
-            raise ValueError("virtual-token methods need return_dict=True outputs to strip the virtual positions")
-        if cached_length(kwargs.get("past_key_values")) > 0:
-            calls.append((0, False))
-            return (), extend_decoding_inputs(kwargs, prompt.num_virtual_tokens)
-        kwargs = prepend_prompt(module, prompt, kwargs)
-        keep = kwargs.get("logits_to_keep", 0)
-        calls.append((prompt.num_virtual_tokens, isinstance(keep, int) and keep == 0))
-        return (), kwargs
-
-    def after(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
-        n, logits_hold_virtual = calls.pop()
-        return strip_outputs(output, n, logits_hold_virtual) if n else output
-
     return [
-        model.register_forward_pre_hook(before, with_kwargs=True),
-        model.register_forward_hook(after, with_kwargs=True, always_call=False),
+        model.register_forward_pre_hook(prompt.before_model, with_kwargs=True),
+        model.register_forward_hook(prompt.after_model, with_kwargs=True),
     ]
 
 

@@ -1,3 +1,4 @@
 """Importing this module registers every objective (each file calls ``register`` at import)."""
 
 from . import pretrain, sft  # noqa: F401
+from . import dpo, ppo, reward  # noqa: F401

@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
@@ -91,7 +92,11 @@ class TeacherClient:
         return self.model
 
     def provenance(self) -> dict[str, Any]:
-        return {"kind": "http", "url": self.url, "model": self.model}
+        """Recorded in every record's ``meta.teacher``: URL (without any user:password part) and model."""
+        parts = urllib.parse.urlsplit(self.url)
+        url = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl() \
+            if parts.username or parts.password else self.url
+        return {"kind": "http", "url": url, "model": self.model}
 
     def complete(self, messages: Sequence[Message], *, temperature: float = 0.7, max_tokens: int = 512) -> str:
         """One chat completion's text; raises :class:`TeacherRequestError` once retries are exhausted."""

@@ -1,0 +1,102 @@
+"""Every method on the same task, the same steps: what each costs and what each gains. One table.
+
+    python bench/methods_table.py                      # the embedded SmolLM2 + the bundled demo task
+    python bench/methods_table.py --steps 60 --methods lora,qlora,prompt_tuning --json bench/results/methods.json
+
+Each method runs `tuneforge train` in a fresh subprocess (so peak memory is that run's alone), with the demo's
+settings and the method's default learning rate, and reports: trainable parameters, peak RSS (CPU) or peak
+CUDA memory, training tokens/s, wall time, final train loss and held-out exact match after training (the
+base model's exact match is printed once, it is the same for every method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = ["full", "lora", "qlora", "adalora", "adapter", "prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2"]
+
+
+def run_method(method: str, args: argparse.Namespace, out_root: Path) -> dict:
+    output = out_root / method
+    cmd = [sys.executable, "-m", "tuneforge.cli", "train", "--method", method, "--max-steps", str(args.steps),
+           "--output", str(output), "--overwrite", "true", "--progress", "false", "--eval-limit", str(args.eval_limit)]
+    if args.device:
+        cmd += ["--device", args.device]
+    cmd += args.extra
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - start
+    row: dict = {"method": method, "wall_s": round(wall, 1)}
+    if proc.returncode != 0:
+        row["error"] = (stderr.strip().splitlines() or ["failed"])[-1][:200]
+        return row
+    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    last_train = [m for m in metrics if "tokens_per_s" in m][-1]
+    final = metrics[-1]
+    for line in stdout.splitlines():
+        if line.startswith("trainable parameters:"):
+            row["trainable"] = int(line.split(":")[1].split("of")[0].replace(",", "").strip())
+    row.update(tokens_per_s=last_train["tokens_per_s"], final_loss=round(last_train["loss"], 4),
+               exact_match_before=final.get("exact_match_before"), exact_match_after=final.get("exact_match_after"))
+    peak = _peak_memory_line(stderr)
+    if peak:
+        row["peak_mem_mb"] = peak
+    return row
+
+
+def _peak_memory_line(stderr: str) -> float | None:
+    for line in reversed(stderr.splitlines()):
+        if "peak memory" in line:
+            try:
+                return float(line.rsplit(":", 1)[1].split()[0])
+            except (IndexError, ValueError):
+                return None
+    return None
+
+
+def table(rows: list[dict]) -> str:
+    head = f"| method | trainable params | peak mem (MB) | train tokens/s | wall (s) | final loss | exact match after |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | failed: {r['error']} | | | | | |")
+            continue
+        em = r.get("exact_match_after")
+        lines.append(f"| {r['method']} | {r.get('trainable', 0):,} | {r.get('peak_mem_mb', float('nan')):.0f} | "
+                     f"{r['tokens_per_s']:.0f} | {r['wall_s']:.0f} | {r['final_loss']:.3f} | "
+                     f"{'' if em is None else f'{em:.1%}'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--eval-limit", type=int, default=64)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--output", default="runs/methods-table")
+    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    args, extra = parser.parse_known_args()
+    args.extra = extra  # any further flag goes to every `tuneforge train` (e.g. --max-length 96)
+    rows = []
+    for method in args.methods.split(","):
+        row = run_method(method.strip(), args, Path(args.output))
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        rows.append(row)
+    before = next((r["exact_match_before"] for r in rows if r.get("exact_match_before") is not None), None)
+    print(f"{args.steps} steps each on the bundled demo task; base model exact match before training: "
+          + ("n/a" if before is None else f"{before:.1%}"))
+    print(table(rows))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""The training loop: it learns, leaves the base untouched, accumulates gradients exactly, resumes to the same
+weights, stops on NaN keeping the last checkpoint, logs metrics and protects finished runs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tuneforge
+from conftest import make_tiny_model, qa_rows, write_jsonl
+from tuneforge import checkpoint as ckpt
+from tuneforge.data.formats import load_examples
+from tuneforge.methods.lora import LoRAHandle
+from tuneforge.objectives.sft import SFT
+from tuneforge.trainer import EpochSampler, Trainer, TrainingDiverged
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+WORDS = "zero one two three four five six seven eight nine".split()
+
+
+def varied_rows(n: int = 8) -> list[dict]:
+    """Answers from 1 to n words long, so micro-batches hold very different numbers of supervised tokens."""
+    return [{"instruction": f"Count to {i + 1}.", "output": " ".join(WORDS[: i + 1] if i < 10 else WORDS)}
+            for i in range(n)]
+
+
+def config(tmp_path, data, name="run", **overrides):
+    values = dict(data=str(data), output=str(tmp_path / name), max_steps=4, batch_size=4, learning_rate=1e-2,
+                  max_length=64, progress=False, seed=0, warmup_steps=0)
+    values.update(overrides)
+    return tuneforge.load_config(None, values)
+
+
+def train(cfg, tokenizer, arch="llama", model=None):
+    model = model if model is not None else make_tiny_model(arch, len(tokenizer))
+    return tuneforge.train(cfg, model, copy.deepcopy(tokenizer))
+
+
+def data_loss(model, tokenizer, path) -> float:
+    return tuneforge.perplexity(model, tokenizer, load_examples(path))["loss"]
+
+
+def adapter_tensors(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("method,lr,steps", [("lora", 1e-2, 16), ("full", 2e-3, 8)])
+def test_training_reduces_loss(tmp_path, tokenizer, sft_file, method, lr, steps):
+    model = make_tiny_model("llama", len(tokenizer))
+    tok = copy.deepcopy(tokenizer)
+    before = data_loss(copy.deepcopy(model), _templated(tok), sft_file)
+    result = tuneforge.train(config(tmp_path, sft_file, method=method, learning_rate=lr, max_steps=steps), model, tok)
+    after = data_loss(result.model, result.tokenizer, sft_file)
+    assert result.steps == steps and math.isfinite(result.final_loss)
+    assert after < before - 0.2, (before, after)  # from ~ln(vocab): a tiny random model learns slowly
+    assert result.metrics["trainable_params"] > 0
+    if method == "full":
+        assert result.metrics["trainable_params"] == result.metrics["total_params"]
+    else:
+        assert result.metrics["trainable_params"] < result.metrics["total_params"]
+
+
+def _templated(tokenizer):
+    from tuneforge.data.template import ensure_chat_template
+
+    ensure_chat_template(tokenizer)
+    return tokenizer
+
+
+def test_lora_training_leaves_base_bit_identical(tmp_path, tokenizer, sft_file):
+    model = make_tiny_model("qwen2", len(tokenizer))
+    snapshot = {id(p): p.detach().clone() for p in model.parameters()}
+    result = train(config(tmp_path, sft_file, method_options={"r": 4, "bias": "none"}), tokenizer, model=model)
+    seen = 0
+    for name, p in result.model.named_parameters():
+        if id(p) in snapshot:
+            seen += 1
+            assert not p.requires_grad, name
+            assert torch.equal(p, snapshot[id(p)]), name
+        else:
+            assert ".lora_" in name, name
+    assert seen == len(snapshot)  # every base tensor is still the same object, untouched
+    saved = adapter_tensors(tmp_path / "run")
+    assert saved and all(".lora_" in k for k in saved)
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in saved.items())  # B moved from 0
+
+
+# -- gradient accumulation -----------------------------------------------------------------------------------
+
+
+def test_gradient_accumulation_is_exact(tmp_path, tokenizer, monkeypatch):
+    """batch_size=8 in one pass == micro_batch_size=2 over four passes, with examples of very different lengths:
+    the loss is normalised over the supervised tokens of the whole accumulated batch."""
+    data = write_jsonl(tmp_path / "varied.jsonl", varied_rows(8))
+    grads: list[dict[str, torch.Tensor]] = []
+    monkeypatch.setattr(LoRAHandle, "after_backward", lambda self, step: grads.append(
+        {n: p.grad.detach().clone() for n, p in self.trainable_parameters()}))
+    # lr 1e-3: Adam's first step is lr * g / (|g| + eps), which turns float rounding in a near-zero gradient
+    # element into up to ~lr * 1e-4 of weight difference; the gradients themselves are compared tightly.
+    common = dict(batch_size=8, max_steps=1, method_options={"r": 4, "init_lora_weights": False},
+                  max_grad_norm=None, lr_scheduler="constant", learning_rate=1e-3)
+    one = train(config(tmp_path, data, "one", micro_batch_size=8, **common), tokenizer)
+    four = train(config(tmp_path, data, "four", micro_batch_size=2, **common), tokenizer)
+    assert len(grads) == 2
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7)
+    for key, value in adapter_tensors(one.output).items():
+        torch.testing.assert_close(adapter_tensors(four.output)[key], value, rtol=1e-5, atol=1e-6)
+    assert one.final_loss == pytest.approx(four.final_loss, rel=1e-6)
+
+    # The check can fail: averaging the loss per micro-batch would give a clearly different gradient here.
+    trainer = Trainer(config(tmp_path, data, "probe", micro_batch_size=2, **common),
+                      make_tiny_model("llama", len(tokenizer)), copy.deepcopy(tokenizer))
+    trainer.prepare_data(load_examples(data), [])
+    trainer.model.train()
+    batches = trainer.micro_batches(EpochSampler(len(trainer.train_items), 0))
+    units = [trainer.objective.units(b) for b in batches]
+    assert len(set(units)) > 1
+    for b, n in zip(batches, units):
+        (trainer.objective.loss(trainer.model, b, trainer.ctx)[0] / n / len(batches)).backward()
+    per_micro = {n: p.grad for n, p in trainer.handle.trainable_parameters()}
+    assert max((per_micro[n] - g).abs().max() / g.abs().max() for n, g in grads[0].items()) > 1e-2
+
+
+# -- resume ------------------------------------------------------------------------------------------------
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_reaches_the_uninterrupted_weights(tmp_path, tokenizer, sft_file, monkeypatch):
+    # Dropout > 0 and a cosine schedule: resuming must restore RNG, data position, optimiser and scheduler.
+    common = dict(max_steps=6, save_every=2, batch_size=4, micro_batch_size=2, warmup_steps=1,
+                  method_options={"r": 4, "lora_dropout": 0.3})
+    reference = train(config(tmp_path, sft_file, "reference", **common), tokenizer)
+
+    original = Trainer.optimizer_step
+
+    def killed_at_step_5(self, batches, step):
+        if step == 4:  # the 5th step, after the checkpoint of step 4 was written
+            raise Interrupted
+        return original(self, batches, step)
+
+    monkeypatch.setattr(Trainer, "optimizer_step", killed_at_step_5)
+    with pytest.raises(Interrupted):
+        train(config(tmp_path, sft_file, "killed", **common), tokenizer)
+    monkeypatch.setattr(Trainer, "optimizer_step", original)
+    run = tmp_path / "killed"
+    assert ckpt.latest_checkpoint(run).name == "step-4"
+    assert not (run / "adapter_model.safetensors").exists()
+
+    resumed = train(config(tmp_path, sft_file, "killed", resume=True, **common), tokenizer)
+    assert resumed.steps == 6
+    want, got = adapter_tensors(reference.output), adapter_tensors(run)
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-7)
+    # The log continues where it stopped: the same steps with the same losses as the uninterrupted run.
+    ref_log = [json.loads(line) for line in (reference.output / "metrics.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in log] == [m["step"] for m in ref_log] == [1, 2, 3, 4, 5, 6]
+    assert [m["loss"] for m in log] == pytest.approx([m["loss"] for m in ref_log], abs=1e-6)
+
+
+def test_resume_without_restoring_rng_would_differ(tmp_path, tokenizer, sft_file, monkeypatch):
+    """The resume test above can fail: with the RNG left as it is, dropout masks change and so do the weights."""
+    common = dict(max_steps=4, save_every=2, method_options={"r": 4, "lora_dropout": 0.3})
+    reference = train(config(tmp_path, sft_file, "reference", **common), tokenizer)
+    original = Trainer.optimizer_step
+
+    def killed(self, batches, step):
+        if step == 2:
+            raise Interrupted
+        return original(self, batches, step)
+
+    monkeypatch.setattr(Trainer, "optimizer_step", killed)
+    with pytest.raises(Interrupted):
+        train(config(tmp_path, sft_file, "killed", **common), tokenizer)
+    monkeypatch.setattr(Trainer, "optimizer_step", original)
+    monkeypatch.setattr(ckpt, "set_rng_state", lambda state: None)
+    train(config(tmp_path, sft_file, "killed", resume=True, **common), tokenizer)
+    want, got = adapter_tensors(reference.output), adapter_tensors(tmp_path / "killed")
+    assert any(not torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+
+
+def test_checkpoints_are_rotated(tmp_path, tokenizer, sft_file):
+    train(config(tmp_path, sft_file, max_steps=5, save_every=1, keep_checkpoints=2), tokenizer)
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-3", "step-4"]
+    progress = json.loads((root / "step-4" / "progress.json").read_text())
+    assert (progress["step"], progress["epoch"], progress["index"]) == (4, 0, 16)  # 4 steps x 4 of 16 records
+
+
+# -- failures ----------------------------------------------------------------------------------------------
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, tokenizer, sft_file, monkeypatch):
+    calls = {"n": 0}
+    original = SFT.loss
+
+    def nan_on_fifth(self, model, batch, ctx):
+        calls["n"] += 1
+        loss, metrics = original(self, model, batch, ctx)
+        return (loss * float("nan") if calls["n"] == 5 else loss), metrics
+
+    monkeypatch.setattr(SFT, "loss", nan_on_fifth)
+    cfg = config(tmp_path, sft_file, max_steps=8, save_every=2)
+    with pytest.raises(TrainingDiverged, match="step 4: loss is nan"):
+        train(cfg, tokenizer)
+    run = tmp_path / "run"
+    last = ckpt.latest_checkpoint(run)
+    assert last.name == "step-4"
+    trainable, state = ckpt.load_training_state(last)
+    assert state["progress"]["step"] == 4
+    assert trainable and all(torch.isfinite(t).all() for t in trainable.values())
+    assert not (run / "adapter_model.safetensors").exists()
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no half-written dirs
+
+    # The kept checkpoint resumes (the fault is gone): it is a complete, loadable training state.
+    monkeypatch.setattr(SFT, "loss", original)
+    resumed = train(config(tmp_path, sft_file, max_steps=8, save_every=2, resume=True), tokenizer)
+    assert resumed.steps == 8 and math.isfinite(resumed.final_loss)
+
+
+def test_metrics_log_and_eval(tmp_path, tokenizer, sft_file):
+    result = train(config(tmp_path, sft_file, max_steps=4, eval_split=0.25, eval_every=2), tokenizer)
+    lines = [json.loads(line) for line in (result.output / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in lines if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4]
+    for m in steps:
+        assert math.isfinite(m["loss"]) and m["tokens"] > 0 and m["units"] > 0 and "grad_norm" in m
+    assert steps[0]["lr"] > steps[2]["lr"] > steps[3]["lr"] == 0.0  # cosine decay to 0 by the last step
+    assert "eval_loss" in steps[1] and "eval_loss" not in steps[0]
+    (final,) = [m for m in lines if "eval_loss" in m and "loss" not in m]  # the final evaluation
+    assert final["step"] == 4 and result.metrics["eval_loss"] == pytest.approx(final["eval_loss"], abs=1e-6)
+    # Chat eval data: exact match of generated answers, before (base) and after training, is logged too.
+    assert 0.0 <= lines[-1]["exact_match_before"] <= 1.0 and 0.0 <= lines[-1]["exact_match_after"] <= 1.0
+    assert result.metrics["exact_match_after"] == lines[-1]["exact_match_after"]
+    saved = (result.output / "tuneforge.yaml").read_text()
+    assert "eval_every: 2" in saved and "max_steps: 4" in saved
+
+
+def test_finished_run_is_not_overwritten(tmp_path, tokenizer, sft_file):
+    train(config(tmp_path, sft_file, max_steps=1), tokenizer)
+    with pytest.raises(FileExistsError, match="already holds a finished run"):
+        train(config(tmp_path, sft_file, max_steps=1), tokenizer)
+    before = adapter_tensors(tmp_path / "run")
+    train(config(tmp_path, sft_file, max_steps=2, overwrite=True, seed=1), tokenizer)
+    after = adapter_tensors(tmp_path / "run")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_batch_size_must_be_a_multiple_of_micro_batch(tmp_path, sft_file):
+    cfg = tuneforge.load_config(None, {"data": str(sft_file), "batch_size": 8, "micro_batch_size": 3})
+    with pytest.raises(ValueError, match="not a multiple"):
+        cfg.accumulation_steps
