@@ -143,18 +143,20 @@ def test_resume_reaches_the_uninterrupted_weights(tmp_path, tokenizer, sft_file,
 
     original = Trainer.optimizer_step
 
-    def killed_at_step_5(self, batches, step):
-        if step == 4:  # the 5th step, after the checkpoint of step 4 was written
+    def killed_at_step_6(self, batches, step):
+        if step == 5:  # the 6th step: the last checkpoint is step 4, so step 5 is lost and done again
             raise Interrupted
         return original(self, batches, step)
 
-    monkeypatch.setattr(Trainer, "optimizer_step", killed_at_step_5)
+    monkeypatch.setattr(Trainer, "optimizer_step", killed_at_step_6)
     with pytest.raises(Interrupted):
         train(config(tmp_path, sft_file, "killed", **common), tokenizer)
     monkeypatch.setattr(Trainer, "optimizer_step", original)
     run = tmp_path / "killed"
     assert ckpt.latest_checkpoint(run).name == "step-4"
     assert not (run / "adapter_model.safetensors").exists()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # a line the kill cut short
 
     resumed = train(config(tmp_path, sft_file, "killed", resume=True, **common), tokenizer)
     assert resumed.steps == 6
@@ -162,7 +164,7 @@ def test_resume_reaches_the_uninterrupted_weights(tmp_path, tokenizer, sft_file,
     assert want.keys() == got.keys()
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-7)
-    # The log continues where it stopped: the same steps with the same losses as the uninterrupted run.
+    # The log continues from the checkpoint: each step once, with the losses of the uninterrupted run.
     ref_log = [json.loads(line) for line in (reference.output / "metrics.jsonl").read_text().splitlines()]
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in log] == [m["step"] for m in ref_log] == [1, 2, 3, 4, 5, 6]
@@ -188,6 +190,22 @@ def test_resume_without_restoring_rng_would_differ(tmp_path, tokenizer, sft_file
     train(config(tmp_path, sft_file, "killed", resume=True, **common), tokenizer)
     want, got = adapter_tensors(reference.output), adapter_tensors(tmp_path / "killed")
     assert any(not torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+
+
+def test_method_and_objective_state_survive_resume(tmp_path, tokenizer, sft_file, monkeypatch):
+    """Non-parameter state (AdaLoRA's importance averages, PPO's KL coefficient) travels in checkpoints."""
+    restored = {}
+    monkeypatch.setattr(LoRAHandle, "training_state", lambda self: {"ema": torch.full((2, 3), float(self._n))})
+    monkeypatch.setattr(LoRAHandle, "after_step", lambda self, step: setattr(self, "_n", step + 1))
+    monkeypatch.setattr(LoRAHandle, "_n", 0, raising=False)
+    monkeypatch.setattr(LoRAHandle, "load_training_state", lambda self, state: restored.update(method=state))
+    monkeypatch.setattr(SFT, "training_state", lambda self: {"kl_coef": torch.tensor(0.25, dtype=torch.float64)})
+    monkeypatch.setattr(SFT, "load_training_state", lambda self, state: restored.update(objective=state))
+    train(config(tmp_path, sft_file, max_steps=4, save_every=3), tokenizer)
+    (tmp_path / "run" / "adapter_model.safetensors").unlink()  # as if killed before the end
+    train(config(tmp_path, sft_file, max_steps=4, save_every=3, resume=True), tokenizer)
+    assert torch.equal(restored["method"]["ema"], torch.full((2, 3), 3.0))  # saved after step 3
+    assert restored["objective"]["kl_coef"].item() == 0.25 and restored["objective"]["kl_coef"].dtype == torch.float64
 
 
 def test_checkpoints_are_rotated(tmp_path, tokenizer, sft_file):

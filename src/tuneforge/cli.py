@@ -69,7 +69,10 @@ def config_from_args(config_path: str | None, extra: list[str]) -> RunConfig:
 def cmd_train(args: argparse.Namespace, extra: list[str] = ()) -> int:
     from .trainer import train
 
-    config = config_from_args(args.config, extra)
+    # The YAML file is the first pass-through argument (see build_parser for why it is not a positional).
+    extra = list(extra)
+    config_path = extra.pop(0) if extra and not extra[0].startswith("-") else None
+    config = config_from_args(config_path, extra)
     log.info("model=%s method=%s objective=%s output=%s", config.model, config.method, config.objective,
              config.output)
     result = train(config)
@@ -211,8 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Any config key is also a flag (--learning-rate 1e-4); method options "
                            "by prefix (--lora-r 16, --prefix-num-virtual-tokens 20); objective options too "
                            "(--dpo-beta 0.1). Flags override the YAML file.\n\nConfig keys:\n" + _config_help(),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("config", nargs="?", help="a YAML run config")
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           usage="tuneforge train [CONFIG.yaml] [--key value ...]")
+    # No argparse positional for CONFIG.yaml: argparse cannot know that a pass-through flag such as `--model`
+    # takes a value, and would take that value (`train --model ./dir ...`) for the config file.
     train.set_defaults(func=cmd_train, passthrough=True)
 
     gen = sub.add_parser("generate", help="generate answers with a base model (+ adapter)")

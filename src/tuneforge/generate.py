@@ -86,20 +86,23 @@ def _generate_batch(model: nn.Module, prompts: list[list[int]], pad_id: int, sto
         cache = out.past_key_values
         next_pos = next_pos + 1
     rows = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in prompts]
-    return [_cut_at_stop(row, stops) for row in rows]
+    return rows
 
 
-def _cut_at_stop(row: list[int], stops: set[int]) -> list[int]:
+def _cut_at_stop(row: list[int], stops: set[int], keep_stop: bool = False) -> list[int]:
     for i, t in enumerate(row):
         if t in stops:
-            return row[:i]
+            return row[:i + 1] if keep_stop else row[:i]
     return row
 
 
 def generate_ids(model: nn.Module, tokenizer, prompt_id_lists: Sequence[list[int]], *, max_new_tokens: int = 64,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 batch_size: int = 8, seed: int | None = 0) -> list[list[int]]:
-    """Generate continuations of token-id prompts; returns new token ids (stop token excluded), in order."""
+                 batch_size: int = 8, seed: int | None = 0, keep_stop: bool = False) -> list[list[int]]:
+    """Generate continuations of token-id prompts; returns the new token ids, in the prompts' order.
+
+    Each row ends before its stop token, or with it when ``keep_stop`` (PPO credits the token that ended it).
+    """
     stops = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
@@ -114,7 +117,7 @@ def generate_ids(model: nn.Module, tokenizer, prompt_id_lists: Sequence[list[int
             outs = _generate_batch(model, [list(prompt_id_lists[i]) for i in chunk], pad_id, stops, max_new_tokens,
                                    do_sample, temperature, top_k, top_p, generator)
             for i, row in zip(chunk, outs):
-                results[i] = row
+                results[i] = _cut_at_stop(row, stops, keep_stop)
     return results
 
 

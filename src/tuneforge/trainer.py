@@ -10,6 +10,7 @@ atomically, so a run killed at any moment resumes to the weights an uninterrupte
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -171,9 +172,10 @@ class Trainer:
         method_config = method_cls.config_class.from_dict(dict(config.method_options))
         if hasattr(method_config, "bind_tokenizer"):  # e.g. prompt tuning initialised from a hard prompt's text
             method_config.bind_tokenizer(tokenizer)
+        # Full fine-tuning changes every weight, so DPO / PPO need a frozen copy taken before training starts.
+        self.reference_model = self._frozen_copy(model) if self._needs_reference_copy() else None
         self.handle = method_cls.attach(model, method_config)
         self._upcast_trainable()
-        self.reference_model = self._reference_model_if_needed()
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.ctx = TrainContext(handle=self.handle, reference_model=self.reference_model)
@@ -187,12 +189,13 @@ class Trainer:
             if p.dtype in (torch.float16, torch.bfloat16):
                 p.data = p.data.float()
 
-    def _reference_model_if_needed(self) -> nn.Module | None:
-        if not getattr(self.objective, "needs_reference", False) or self.config.method != "full":
-            return None
-        log.info("full fine-tuning: loading a separate frozen reference model")
-        reference, _ = load_model(self.config.model, device=self.config.device, dtype=self.config.dtype,
-                                  trust_remote_code=self.config.trust_remote_code)
+    def _needs_reference_copy(self) -> bool:
+        return bool(getattr(self.objective, "needs_reference", False)) and self.config.method == "full"
+
+    @staticmethod
+    def _frozen_copy(model: nn.Module) -> nn.Module:
+        log.info("full fine-tuning: keeping a frozen copy of the base model as the reference")
+        reference = copy.deepcopy(model)
         reference.requires_grad_(False).eval()
         return reference
 
@@ -214,8 +217,12 @@ class Trainer:
         c = self.config
         self.train_items = self.objective.prepare(train, c.max_length, "train")
         self.eval_items = self.objective.prepare(eval_, c.max_length, "eval") if eval_ else []
-        self.steps_per_epoch = max(1, len(self.train_items) // c.batch_size)
-        self.total_steps = c.max_steps or max(1, int(math.ceil(c.epochs * len(self.train_items) / c.batch_size)))
+        # PPO turns each batch of prompts into several optimiser steps (ppo epochs x mini-batches).
+        per_batch = getattr(self.objective, "optimizer_steps_per_batch", lambda: 1)()
+        batches = max(1, int(math.ceil(c.epochs * len(self.train_items) / c.batch_size)))
+        self.total_steps = c.max_steps or batches * per_batch
+        # Heads an objective adds (reward, value) must exist before the optimiser and the parameter report.
+        self.objective.setup(self.model, self.ctx)
 
     def micro_batches(self, sampler: EpochSampler) -> list[dict[str, torch.Tensor]]:
         c = self.config
@@ -232,9 +239,9 @@ class Trainer:
         while True:
             if plan is None:
                 yield self.micro_batches(sampler)
-            else:
-                for prompts in self.micro_batches(sampler):
-                    yield from plan(self.model, prompts, self.ctx)
+            else:  # one rollout over the whole batch of prompts; micro-batching happens inside the plan
+                items = [self.train_items[i] for i in sampler.take(self.config.batch_size)]
+                yield from plan(self.model, self.objective.collate(items), self.ctx)
 
     def optimizer_step(self, batches: list[dict[str, torch.Tensor]], step: int) -> dict[str, float]:
         total_units = sum(self.objective.units(b) for b in batches)
@@ -302,7 +309,8 @@ class Trainer:
         start = self._resume(sampler) if c.resume else 0
         if start == 0:
             (self.output / "metrics.jsonl").unlink(missing_ok=True)
-        self.objective.setup(self.model, self.ctx)  # deterministic (e.g. DPO's reference log-probs), so also on resume
+        else:
+            self._drop_log_after(start)
         self.model.train()
         bar = _progress(c, self.total_steps, start)
         last: dict[str, float] = {}
@@ -312,7 +320,7 @@ class Trainer:
             last = self.optimizer_step(next(groups), step)
             tokens += last.get("tokens", 0)
             done = step + 1
-            last.update(step=done, lr=self.scheduler.get_last_lr()[0], epoch=round(done / self.steps_per_epoch, 3),
+            last.update(step=done, lr=self.scheduler.get_last_lr()[0], epoch=round(sampler.epoch + sampler.index / sampler.n, 3),
                         tokens_per_s=round(tokens / (time.perf_counter() - t0), 1))
             if c.eval_every and done % c.eval_every == 0 and done < self.total_steps:
                 last.update(self.evaluate_loss())
@@ -343,6 +351,21 @@ class Trainer:
         if finished and not (self.config.resume or self.config.overwrite):
             raise FileExistsError(f"{self.output} already holds a finished run; pass --overwrite or a new --output")
 
+    def _drop_log_after(self, step: int) -> None:
+        # A run killed after its last checkpoint logged steps the resumed run does again: keep one record per step
+        # (and drop a line the kill cut short).
+        path = self.output / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line + "\n")
+            except json.JSONDecodeError:
+                pass
+        path.write_text("".join(kept))
+
     def _log(self, metrics: dict[str, Any]) -> None:
         with open(self.output / "metrics.jsonl", "a") as f:
             f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}) + "\n")
@@ -350,6 +373,7 @@ class Trainer:
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         state = {n: p.detach() for n, p in self.trainable()}
         state.update({f"method_state.{k}": v for k, v in self.handle.training_state().items()})
+        state.update({f"objective_state.{k}": v for k, v in self.objective.training_state().items()})
         return state
 
     def save_checkpoint(self, step: int, sampler: EpochSampler) -> Path:
@@ -374,8 +398,8 @@ class Trainer:
                 if name not in trainable:
                     raise KeyError(f"{path}: checkpoint lacks trainable tensor {name!r} (different method/config?)")
                 p.copy_(trainable[name])
-        self.handle.load_training_state({k[len("method_state."):]: v for k, v in trainable.items()
-                                         if k.startswith("method_state.")})
+        self.handle.load_training_state(_with_prefix(trainable, "method_state."))
+        self.objective.load_training_state(_with_prefix(trainable, "objective_state."))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
@@ -392,6 +416,10 @@ class Trainer:
             save_extra(self.output)
         if self.config.method == "full":
             self.tokenizer.save_pretrained(self.output)
+
+
+def _with_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _progress(config: RunConfig, total: int, start: int):

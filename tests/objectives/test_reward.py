@@ -15,7 +15,6 @@ from tuneforge.config import RunConfig
 from tuneforge.data.formats import DataError, normalise
 from tuneforge.data.template import ensure_chat_template
 from tuneforge.methods import attach
-from tuneforge.methods.lora import LoRAConfig
 from tuneforge.objectives import TrainContext, get_objective
 from tuneforge.objectives import cli_alignment
 from tuneforge.objectives.reward import (REWARD_HEAD_NAME, Reward, RewardHead, load_reward_model, reward_loss,

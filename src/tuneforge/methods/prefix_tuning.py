@@ -280,6 +280,8 @@ class PrefixTuning(Method):
     config_class = PrefixTuningConfig
     aliases = ("prefix",)
     peft_type = "PREFIX_TUNING"
+    # The MLP amplifies updates: 1e-3 brings SmolLM2-135M's demo SFT loss from 0.64 to <0.01 in 30 steps.
+    default_learning_rate = 1e-3
 
     @classmethod
     def attach(cls, model: nn.Module, config: PrefixTuningConfig) -> PrefixTuningHandle:

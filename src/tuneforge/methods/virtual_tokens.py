@@ -145,6 +145,9 @@ def prepend_prompt(model: nn.Module, prompt: VirtualTokens, kwargs: dict[str, An
     kwargs["inputs_embeds"] = torch.cat([virtual, embeds], dim=1)
     if kwargs.get("attention_mask") is not None:
         kwargs["attention_mask"] = prepend_ones(kwargs["attention_mask"], n)
+    if kwargs.get("token_type_ids") is not None:  # segment 0 for the prompt (PEFT drops token types instead)
+        types = kwargs["token_type_ids"]
+        kwargs["token_type_ids"] = torch.cat([types.new_zeros(types.shape[0], n), types], dim=1)
     if kwargs.get("position_ids") is not None:
         positions = kwargs["position_ids"]
         first = torch.arange(n, device=positions.device, dtype=positions.dtype).expand(*positions.shape[:-1], n)

@@ -36,7 +36,7 @@ from ..data.batching import pad_batch
 from ..data.formats import Example, examples_of_kind
 from ..data.preference import PromptItem, prompts_within, tokenize_prompt
 from ..data.template import IGNORE_INDEX, Tokenized
-from ..generate import generate_ids
+from ..generate import generate_ids, stop_token_ids
 from .base import (Objective, ObjectiveConfig, TrainContext, _accepts_logits_to_keep, disable_dropout, register,
                    target_logits)
 
@@ -311,11 +311,11 @@ class PPO(Objective):
         c = self.config
         out = generate_ids(model, self.tokenizer, [i.input_ids for i in items], max_new_tokens=c.max_new_tokens,
                            do_sample=do_sample, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
-                           batch_size=len(items), seed=c.seed * 1_000_003 + self.rollouts)
-        # generate_ids drops the stop token; a completion shorter than the budget stopped, and its EOS is an
-        # action the policy took (and must be credited for), so it goes back in.
-        stopped = [len(ids) < c.max_new_tokens for ids in out]
-        return [ids + [self.tokenizer.eos_token_id] if s else ids for ids, s in zip(out, stopped)], stopped
+                           batch_size=len(items), seed=c.seed * 1_000_003 + self.rollouts, keep_stop=True)
+        # The stop token is an action the policy took (and must be credited for), so it stays in the completion.
+        stops = stop_token_ids(self.tokenizer, model)
+        stopped = [bool(ids) and ids[-1] in stops for ids in out]
+        return out, stopped
 
     def score(self, items: list[PromptItem], completions: list[list[int]], stopped: list[bool]) -> torch.Tensor:
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
@@ -367,6 +367,10 @@ class PPO(Objective):
             self.kl_coef = adaptive_kl_coef(self.kl_coef, kl_per_sequence, c.target_kl, c.kl_horizon, len(items))
         self.rollouts += 1
         return batch, stats
+
+    def optimizer_steps_per_batch(self) -> int:
+        """How many optimiser steps one batch of prompts becomes (the trainer sizes the run with it)."""
+        return self.config.num_ppo_epochs * self.config.num_mini_batches
 
     def optimizer_steps(self, model: nn.Module, prompt_batch: dict[str, Any], ctx: TrainContext
                         ) -> Iterator[list[dict[str, Any]]]:
