@@ -20,19 +20,30 @@ log = logging.getLogger("tuneforge")
 
 
 def parse_value(text: str) -> Any:
-    """``16`` → 16, ``1e-4`` → 0.0001, ``true`` → True, ``q_proj,v_proj`` → list, else the string."""
+    """``16`` → 16, ``1e-4`` → 0.0001, ``true`` → True, ``null`` → None, ``q_proj,v_proj`` or ``[a, b]`` → list.
+
+    Anything else stays the string it is: free text such as a prompt-tuning init text ("Sentiment: yes, no")
+    must reach the config unchanged, so only the unambiguous forms above are converted.
+    """
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("null", "none"):
+        return None
     for cast in (int, float):
         try:
             return cast(text)
         except ValueError:
             pass
-    if "," in text and not text.startswith(("[", "{")):
+    if text.startswith(("[", "{")):
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            return text
+        return value if isinstance(value, (list, dict)) else text
+    if "," in text and not any(c.isspace() for c in text):
         return [parse_value(part) for part in text.split(",") if part]
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    return value if isinstance(value, (bool, list, dict)) or value is None else text
+    return text
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, Any]:

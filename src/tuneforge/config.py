@@ -97,7 +97,8 @@ class RunConfig(BaseModel):
 
 
 # Flag prefixes that route into method_options, e.g. --lora-r 16 -> method_options.r = 16.
-METHOD_OPTION_PREFIXES = ("lora_", "qlora_", "adalora_", "adapter_", "prompt_", "prefix_", "p_tuning_", "full_")
+METHOD_OPTION_PREFIXES = ("lora_", "qlora_", "adalora_", "adapter_", "prompt_", "prefix_", "p_tuning_v2_", "p_tuning_",
+                          "full_")
 OBJECTIVE_OPTION_PREFIXES = ("sft_", "dpo_", "ppo_", "reward_", "pretrain_")
 # Options whose own names start with a prefix (PEFT's names are kept as they are).
 NATIVE_PREFIXED = {"lora_alpha", "lora_dropout", "prompt_tuning_init", "prompt_tuning_init_text", "prefix_projection"}

@@ -99,7 +99,7 @@ def _read_json(p: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         data = data["data"]
     if not isinstance(data, list):
         raise DataError(f"{p}: expected a JSON list of records (or {{\"data\": [...]}})")
-    for i, row in enumerate(data):
+    for i, row in enumerate(data, start=1):
         if not isinstance(row, dict):
             raise DataError(f"{p}: record {i}: expected a JSON object, got {type(row).__name__}")
         yield f"{p}:record {i}", row
