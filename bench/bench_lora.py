@@ -302,8 +302,6 @@ def run_worker(args) -> dict:
         print(f"[{args.worker}] step {i + 1}/{len(batches)} loss {losses[-1]:.5f} {times[-1]:.3f}s"
               f"{' (warm-up)' if i < args.warmup else ''}", file=sys.stderr, flush=True)
 
-    import torch
-
     update = {canonical_lora_name(n): p.detach().float().cpu() - initial[canonical_lora_name(n)]
               for n, p in model.named_parameters() if p.requires_grad}
     torch.save(update, args.result_file + ".update.pt")  # the parent compares the two sides' trained adapters

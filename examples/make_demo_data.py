@@ -11,10 +11,11 @@ asks for the same date in ISO 8601 form (``YYYY-MM-DD``)::
 Every input names its month with a word (full or three-letter abbreviation), so there is exactly one
 correct answer and exact match of the stripped generation against ``output`` is unambiguous.
 
-Why this task: SmolLM2-135M-Instruct does not produce the canonical form zero-shot (it echoes the
-date, chats, or gets month numbers / zero padding wrong), yet the mapping is deterministic and short
-(10 answer tokens: the tokenizer splits digits one by one), so a few dozen LoRA steps on a 2-core CPU
-teach it.  ``bench/demo_calibration.md`` records the measured before/after exact match and timings.
+Why this task: SmolLM2-135M-Instruct does not produce the canonical form zero-shot (0/64 exact match
+measured: it echoes the date back or talks about the "YYYY-MM-DD" format), yet the mapping is
+deterministic and short (10 answer tokens: the tokenizer splits digits one by one), so a few dozen
+LoRA steps on a 2-core CPU teach it (>90% after 10 steps, ~98% after 50).  ``bench/demo_calibration.md``
+records the measured before/after exact match, the recommended settings and timings.
 
 Records are alpaca-style: ``{"instruction", "input", "output", "system"}``.  A short system message
 replaces the chat template's ~20-token default one, keeping each rendered example at ~50 tokens.
@@ -103,7 +104,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--n-train", type=int, default=400)
     parser.add_argument("--n-eval", type=int, default=64)

@@ -100,8 +100,19 @@ def cmd_train(args: argparse.Namespace, extra: list[str] = ()) -> int:
             line = f"held-out exact match: before {before:.1%} -> after {m['exact_match_after']:.1%}"
         print(line)
     for key, value in (result.handle.summary() if result.handle else {}).items():
-        print(f"{key}: {json.dumps(value) if not isinstance(value, str) else value}")
+        print(f"{key}: {summarise(value)}")
     return 0
+
+
+def summarise(value: Any) -> str:
+    """One line for a summary value; per-module tables (AdaLoRA's ranks) become totals, the file has the rest."""
+    if isinstance(value, dict) and len(value) > 8:
+        numbers = [v for v in value.values() if isinstance(v, (int, float))]
+        if len(numbers) == len(value):
+            return (f"{len(value)} modules, total {sum(numbers)}, min {min(numbers)}, max {max(numbers)} "
+                    "(per module: tuneforge_adapter.json)")
+        return f"{len(value)} entries (see tuneforge_adapter.json)"
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def load_for_inference(model_name: str, adapter: str | None, device: str | None = None):

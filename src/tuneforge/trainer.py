@@ -41,6 +41,9 @@ ASSETS = Path(__file__).parent / "assets"
 DEMO_DIR = ASSETS / "demo"
 
 
+UNITS_KEY = "_units"  # a micro-batch's loss units, counted on the host before the batch moves to the device
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
@@ -230,7 +233,11 @@ class Trainer:
         out = []
         for _ in range(c.accumulation_steps):
             items = [self.train_items[i] for i in sampler.take(c.micro_batch)]
-            out.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in self.objective.collate(items).items()})
+            batch = self.objective.collate(items)
+            units = self.objective.units(batch)  # counted on the CPU copy: no device sync in the step
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch[UNITS_KEY] = units
+            out.append(batch)
         return out
 
     def step_groups(self, sampler: EpochSampler) -> Iterator[list[dict[str, torch.Tensor]]]:
@@ -244,21 +251,23 @@ class Trainer:
                 yield from plan(self.model, self.objective.collate(items), self.ctx)
 
     def optimizer_step(self, batches: list[dict[str, torch.Tensor]], step: int) -> dict[str, float]:
-        total_units = sum(self.objective.units(b) for b in batches)
+        total_units = sum(b[UNITS_KEY] if UNITS_KEY in b else self.objective.units(b) for b in batches)
         if total_units == 0:
             raise TrainingDiverged(f"step {step}: the batch has no supervised unit")
-        sums: dict[str, float] = {}
+        sums: dict[str, Any] = {}
+        total_loss = 0.0
         for batch in batches:
             loss_sum, metrics = self.objective.loss(self.model, batch, self.ctx)
             loss = loss_sum / total_units
             extra = self.handle.extra_loss()
             if extra is not None:
                 loss = loss + extra / len(batches)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"step {step}: loss is {loss.item()}")
             loss.backward()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+            total_loss = total_loss + loss.detach()
+            for k, v in metrics.items():  # metric tensors stay on the device until the step ends: one sync
+                sums[k] = sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else float(v))
+        if not math.isfinite(float(total_loss)):
+            raise TrainingDiverged(f"step {step}: loss is {float(total_loss)}")
         self.handle.after_backward(step)
         params = [p for _, p in self.trainable()]
         grad_norm = None
@@ -270,7 +279,7 @@ class Trainer:
         self.handle.after_step(step)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        out = {k: v / total_units for k, v in sums.items()}
+        out = {k: float(v) / total_units for k, v in sums.items()}
         out["units"] = total_units
         out["tokens"] = sum(int(b["attention_mask"].sum()) for b in batches if "attention_mask" in b)
         if grad_norm is not None:
@@ -456,6 +465,9 @@ def train(config: RunConfig, model: nn.Module | None = None, tokenizer=None) -> 
     trainer.prepare_data(train_examples, eval_examples)
     log.info("parameters: %s", trainer.parameter_report())
     before = None if config.resume else generation_metric(trainer, eval_examples, base=True)
+    if before is not None:
+        log.info("held-out exact match of the base model: %.1f%% (%d examples, %.1fs)", 100 * before["exact_match"],
+                 before["n"], before["seconds"])
     result = trainer.train()
     after = generation_metric(trainer, eval_examples, base=False)
     for name, em in (("before", before), ("after", after)):

@@ -22,7 +22,8 @@ ARCHS = {
     "qwen2": (Qwen2ForCausalLM, Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                             num_attention_heads=4, num_key_value_heads=2)),
 }
-TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"], "qwen2": ["q_proj", "k_proj", "o_proj"]}
+TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"],
+           "qwen2": ["q_proj", "k_proj", "o_proj"]}
 
 
 def tiny(arch: str = "llama") -> nn.Module:

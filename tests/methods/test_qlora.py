@@ -214,6 +214,21 @@ def test_merge_to_16bit_gives_a_plain_model_with_the_adapted_outputs(tmp_path, a
         assert torch.equal(reloaded(x).logits, merged(x).logits)
 
 
+def test_merge_a_model_transformers_loaded_in_4bit(tmp_path):
+    tiny("llama").save_pretrained(tmp_path / "base")
+    config = QLoRAConfig(r=4, init_lora_weights=False)
+    kwargs = QLoRA.model_load_kwargs(config.to_dict())  # what the trainer passes to load_model
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map={"": "cpu"}, dtype=torch.float32,
+                                                 **kwargs)
+    handle = attach(model, config)
+    assert handle.summary()["quantization"]["num_4bit_layers"] == 14  # attach did not quantise twice
+    merged = handle.merge_to_16bit(torch.bfloat16)  # transformers refuses .to(dtype) on a model still marked 4-bit
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert reloaded.dtype == torch.bfloat16 and not hasattr(reloaded.config, "quantization_config")
+    assert QLoRA.model_load_kwargs({"bnb_4bit_blocksize": 128}) == {}  # transformers cannot: attach quantises
+
+
 def test_merge_to_bfloat16_reports_the_rounding():
     model = tiny("llama")
     handle = attach(model, QLoRAConfig(r=4, init_lora_weights=False, target_modules=["q_proj"]))
@@ -229,8 +244,9 @@ def test_merge_to_bfloat16_reports_the_rounding():
 def test_merge_to_16bit_also_dequantises_untargeted_layers():
     model = tiny("llama")
     handle = attach(model, QLoRAConfig(target_modules=["v_proj"]))
-    merged = merge_to_16bit(handle, torch.float32)
+    merged = merge_to_16bit(handle)  # default: the dtype the model was loaded in (float32 here), no extra rounding
     assert all(type(m) is nn.Linear for n, m in merged.named_modules() if n.endswith(("proj", "lm_head")))
+    assert {p.dtype for p in merged.parameters()} == {torch.float32}
 
 
 def test_config_checks_and_registry():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
@@ -128,7 +127,8 @@ def test_cli_prompt_eval_prints_rows_and_writes_predictions(tmp_path, monkeypatc
     rows = json.loads(capsys.readouterr().out)
     assert [(r["template"], r["metric"], r["n"], r["score"]) for r in rows] == [
         ("zero_shot", "contains", 3, 1.0), ("role_expert", "contains", 3, 1.0)]
-    assert {"mean_output_length", "length_unit", "wall_seconds"} <= set(rows[0])
+    row_keys = {"mean_output_length", "length_unit", "wall_seconds"}  # reported, never asserted on
+    assert row_keys <= set(rows[0])
     assert len(preds.read_text().splitlines()) == 6
 
     args = parser().parse_args(["prompt", "eval", "--data", str(data), "--templates", "zero_shot"])

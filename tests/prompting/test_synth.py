@@ -10,7 +10,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import re
 import signal
 import subprocess

@@ -7,7 +7,7 @@ Each adapted layer adds ΔW = P Λ Q in SVD form — PEFT's names: ``lora_B`` = 
 
 Training adds an orthogonality regulariser on P and Q, scores each singular "triplet" (P column, λ, Q row) by the
 smoothed sensitivity |w·∇w| times its uncertainty, and shrinks the total budget from ``init_r`` per layer to
-``target_r`` per layer with a cubic schedule, zeroing the λ of the least important triplets (Eq. 5-11 of the paper;
+``target_r`` per layer with a cubic schedule, zeroing the λ of the least important triplets (paper §3;
 PEFT's ``RankAllocator``). A pruned triplet keeps its P and Q rows, as in PEFT, so a triplet can win its λ back at a
 later re-allocation. The final ranks are saved as PEFT's ``rank_pattern`` and the saved tensors keep only the
 surviving triplets.
@@ -66,9 +66,9 @@ class AdaLoRAConfig(MethodConfig):
     deltaT: int = 1
     """Re-allocate the budget (re-mask triplets) every deltaT steps during the cubic decrease."""
     beta1: float = 0.85
-    """EMA coefficient smoothing the sensitivity |w·∇w| of every adapter weight (paper Eq. 8)."""
+    """EMA coefficient smoothing the sensitivity |w·∇w| of every adapter weight (paper §3.3)."""
     beta2: float = 0.85
-    """EMA coefficient smoothing the uncertainty |sensitivity - its EMA| (paper Eq. 9)."""
+    """EMA coefficient smoothing the uncertainty |sensitivity - its EMA| (paper §3.3)."""
     orth_reg_weight: float = 0.5
     """Weight of the regulariser that keeps P and Q orthogonal, so λ stays a meaningful singular value."""
     total_step: int | None = None
@@ -96,10 +96,6 @@ class AdaLoRAConfig(MethodConfig):
         values = {("deltaT" if k.lower().replace("_", "") == "deltat" else k): v for k, v in values.items()}
         return super().from_dict(values)
 
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha if self.lora_alpha > 0 else float(self.init_r)  # PEFT: alpha, or r when alpha <= 0
-
 
 def check_schedule(config: AdaLoRAConfig, total_step: int) -> None:
     if total_step <= 0 or config.tinit >= total_step - config.tfinal:
@@ -126,7 +122,7 @@ class SVDLinear(nn.Module, Switchable):
         # The divisor stays init_r while triplets are pruned (PEFT keeps it when resizing), so pruning never
         # rescales the survivors. A frozen parameter, as in PEFT, so parameter totals agree.
         self.ranknum = nn.Parameter(torch.full((1,), float(r), **factory), requires_grad=False)
-        self.scaling = lora_alpha if lora_alpha > 0 else float(r)
+        self.scaling = lora_alpha if lora_alpha > 0 else float(r)  # PEFT: alpha, or r when alpha <= 0
         self.merged = False
 
     @property
@@ -198,7 +194,7 @@ class RankAllocator:
         self.exp_avg_unc: dict[tuple[str, str], torch.Tensor] = {}
 
     def budget_schedule(self, step: int, total_step: int) -> tuple[int, bool]:
-        """(total rank budget, whether to re-mask) at 0-based step ``step``: cubic decrease (paper Eq. 12)."""
+        """(total rank budget, whether to re-mask) at 0-based step ``step``: cubic decrease (paper §3.4)."""
         c = self.config
         if step <= c.tinit:
             return self.init_bgt, False
@@ -277,7 +273,7 @@ class AdaLoRAHandle(MethodHandle):
     # -- training hooks -------------------------------------------------------------------------------------
     def extra_loss(self) -> torch.Tensor | None:
         """orth_reg_weight · mean over every P and Q of ‖PᵀP − I‖_F / ‖QQᵀ − I‖_F — PEFT's form of the paper's
-        Eq. 4 (PEFT uses the plain Frobenius norm, not its square, averaged over 2 x layers matrices)."""
+        R(P, Q): the plain Frobenius norm, not its square, averaged over the 2 x layers matrices."""
         if self.config.orth_reg_weight == 0:
             return None
         total, count = 0, 0

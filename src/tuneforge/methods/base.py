@@ -195,9 +195,9 @@ def count_parameters(model: nn.Module) -> int:
             continue
         seen.add(id(p))
         n = p.numel()
-        # bitsandbytes packs two 4-bit values per uint8 element; PEFT counts them the same way (x2).
+        # bitsandbytes packs 4-bit values into the storage dtype (two per byte); PEFT counts 2 x element size.
         if p.__class__.__name__ == "Params4bit":
-            n *= 2
+            n *= 2 * p.element_size()
         total += n
     return total
 

@@ -33,7 +33,7 @@ from .lora import LoRA, LoRAConfig, LoRAHandle, LoRALinear, attach_lora, config_
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORAGE_DTYPES = {"uint8": torch.uint8, **DTYPES}
-# Block sizes bitsandbytes' 4-bit kernels accept (32 is CPU/ROCm only in some releases; bitsandbytes says so).
+# Block sizes bitsandbytes 0.50's 4-bit kernels accept (its CPU and CUDA checks; older releases start at 64).
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -174,17 +174,6 @@ def quantization_summary(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def count_parameters_peft(model: nn.Module) -> int:
-    """Parameters as PEFT counts them: a packed 4-bit tensor holds 2 values per byte of its storage dtype."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel() * (2 * p.element_size() if type(p).__name__ == "Params4bit" else 1)
-    return total
-
-
 # -- merging ---------------------------------------------------------------------------------------------------
 
 
@@ -217,14 +206,15 @@ def dense_linear(layer: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> 
 
 
 @torch.no_grad()
-def merge_to_16bit(handle: LoRAHandle, dtype: torch.dtype | str = torch.bfloat16) -> nn.Module:
+def merge_to_16bit(handle: LoRAHandle, dtype: torch.dtype | str | None = None) -> nn.Module:
     """De-quantise every 4-bit weight, add its LoRA update (ΔW = B A · scale, in float32), and return the handle's
     model converted in place to a plain Hugging Face model of nn.Linear layers in ``dtype``.
 
-    The handle is spent afterwards: its model no longer has LoRA layers.
+    ``dtype`` defaults to the dtype the rest of the model was loaded in (bf16 on a GPU, float32 on CPU), so merging
+    adds no rounding beyond the 4-bit weights' own. The handle is spent afterwards: its model has no LoRA layers.
     """
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     model = handle.model
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype or model.get_input_embeddings().weight.dtype
     adapted = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     for name, layer in adapted:
         base = layer.base_layer
@@ -236,19 +226,21 @@ def merge_to_16bit(handle: LoRAHandle, dtype: torch.dtype | str = torch.bfloat16
     for name in [n for n, m in model.named_modules() if is_4bit(m)]:  # quantised layers LoRA did not target
         layer = model.get_submodule(name)
         replace_module(model, name, dense_linear(layer, dequantize(layer), dtype))
+    forget_quantization(model)  # before .to(dtype): transformers refuses to cast a bitsandbytes model
     model.to(dtype)
-    forget_quantization(model)
     handle.module_names = []
     return model
 
 
 def forget_quantization(model: nn.Module) -> None:
-    """Drop the 4-bit markers so save_pretrained writes, and from_pretrained reads, an ordinary float model."""
+    """Drop the 4-bit markers (as transformers' ``remove_quantization_config``), so the model casts to a new dtype,
+    and save_pretrained writes, from_pretrained reads, an ordinary float model."""
     model.is_loaded_in_4bit = False
-    if getattr(model, "hf_quantizer", None) is not None:
+    for name in ("hf_quantizer", "quantization_method"):
+        if name in vars(model):
+            delattr(model, name)
+    if getattr(model, "hf_quantizer", None) is not None:  # a class-level default
         model.hf_quantizer = None
-    if hasattr(model, "is_quantized"):
-        model.is_quantized = False
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -265,7 +257,7 @@ def logits_of(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
 
 
 def merge_with_report(handle: LoRAHandle, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      dtype: torch.dtype | str = torch.bfloat16) -> tuple[nn.Module, dict[str, Any]]:
+                      dtype: torch.dtype | str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """``merge_to_16bit`` plus how far the merged model's logits are from the unmerged 4-bit model's on the given
     inputs (over real tokens only): ``max_abs_diff``, ``mean_abs_diff``, and ``logit_std`` for scale."""
     device = next(handle.model.parameters()).device
@@ -291,18 +283,15 @@ def merge_with_report(handle: LoRAHandle, input_ids: torch.Tensor, attention_mas
 class QLoRAHandle(LoRAHandle):
     config: QLoRAConfig
 
-    def num_total_parameters(self) -> int:
-        return count_parameters_peft(self.model)
-
     def merge(self) -> None:
         raise RuntimeError("a 4-bit base cannot take the LoRA update in place; use "
                            "tuneforge.methods.qlora.merge_to_16bit(handle, dtype) (it de-quantises first)")
 
-    def merge_to_16bit(self, dtype: torch.dtype | str = torch.bfloat16) -> nn.Module:
+    def merge_to_16bit(self, dtype: torch.dtype | str | None = None) -> nn.Module:
         """See the module function ``merge_to_16bit``; ``tuneforge merge`` calls this."""
         return merge_to_16bit(self, dtype)
 
-    def merge_and_unload(self, dtype: torch.dtype | str = torch.bfloat16) -> nn.Module:
+    def merge_and_unload(self, dtype: torch.dtype | str | None = None) -> nn.Module:
         return merge_to_16bit(self, dtype)
 
     def summary(self) -> dict[str, Any]:

@@ -154,9 +154,14 @@ def available_objectives() -> list[str]:
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the model computes logits only at a boolean mask of positions (transformers >= 5.2x)."""
     cached = getattr(model, "_tuneforge_logits_to_keep", None)
     if cached is None:
-        cached = "logits_to_keep" in inspect.signature(model.forward).parameters
+        import transformers.modeling_utils as mu
+
+        # Older releases accept an int / index tensor only; a 2-D bool mask needs their slice_logits_to_keep.
+        cached = ("logits_to_keep" in inspect.signature(model.forward).parameters
+                  and hasattr(mu, "slice_logits_to_keep"))
         model._tuneforge_logits_to_keep = cached
     return cached
 
@@ -171,9 +176,13 @@ def target_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = targets != IGNORE_INDEX
     if _accepts_logits_to_keep(model):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
-        if logits.dim() == 2:  # transformers gathered only the kept positions
-            return logits, labels[:, 1:][keep[:, :-1]]
+        try:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        except IndexError:  # a release that indexes hidden states with logits_to_keep as a 1-D slice
+            model._tuneforge_logits_to_keep = False
+        else:
+            if logits.dim() == 2:  # transformers gathered only the kept positions
+                return logits, labels[:, 1:][keep[:, :-1]]
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     return logits[keep], labels[:, 1:][keep[:, :-1]]
 
@@ -211,4 +220,4 @@ class NextTokenObjective(Objective):
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: TrainContext
              ) -> tuple[torch.Tensor, dict[str, float]]:
         loss_sum, _ = token_cross_entropy_sum(model, batch)
-        return loss_sum, {"loss": loss_sum.item()}
+        return loss_sum, {"loss": loss_sum.detach()}

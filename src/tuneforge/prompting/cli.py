@@ -20,8 +20,6 @@ from .template import TemplateError, builtin_template_names, load_template
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
-log = logging.getLogger("tuneforge.prompting")
-
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``prompt`` (``eval``, ``render``) and ``synth`` on an existing argparse subparsers object."""

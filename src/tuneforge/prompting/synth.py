@@ -15,10 +15,8 @@ file, so a rerun retries them. To re-filter dropped jobs with new settings, dele
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, Sequence
@@ -28,8 +26,6 @@ from .filters import (DuplicateIndex, ReplyFormatError, check_answer_format, che
 from .jsonl import JsonlLog
 from .sources import Job, Source, plan_jobs
 from .template import Message, PromptTemplate, load_template
-
-log = logging.getLogger(__name__)
 
 DROP_REASONS = ("format", "length", "answer_format", "judge", "duplicate_exact", "duplicate_near")
 
