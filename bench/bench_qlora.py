@@ -108,7 +108,7 @@ def main() -> int:
     lora, qlora = results["lora"], results["qlora"]
     print(f"model {args.model} on {args.device}, batch {args.batch_size} x seq {args.seq_len}, LoRA r={args.r} "
           f"all-linear, {args.warmup} warm-up + {args.steps} timed steps")
-    print(f"| | LoRA | QLoRA (NF4, double quant) | QLoRA / LoRA |\n|---|---:|---:|---:|")
+    print("| | LoRA | QLoRA (NF4, double quant) | QLoRA / LoRA |\n|---|---:|---:|---:|")
     for key, label in (("memory_after_setup_mb", "memory after setup, MB"), ("peak_memory_mb", "peak memory, MB"),
                        ("tokens_per_s", "tokens/s"), ("median_step_s", "median step, s"),
                        ("final_loss", "final loss"), ("trainable", "trainable parameters")):

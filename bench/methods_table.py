@@ -61,7 +61,7 @@ def _peak_memory_line(stderr: str) -> float | None:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"| method | trainable params | peak mem (MB) | train tokens/s | wall (s) | final loss | exact match after |"
+    head = "| method | trainable params | peak mem (MB) | train tokens/s | wall (s) | final loss | exact match after |"
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:

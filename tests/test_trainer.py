@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import tuneforge
-from conftest import make_tiny_model, qa_rows, write_jsonl
+from conftest import make_tiny_model, write_jsonl
 from tuneforge import checkpoint as ckpt
 from tuneforge.data.formats import load_examples
 from tuneforge.methods.lora import LoRAHandle

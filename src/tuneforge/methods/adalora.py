@@ -38,7 +38,7 @@ from .base import (
     replace_module,
     wrap_modules,
 )
-from .lora import is_packed, peft_target_modules
+from .lora import MergeableDelta, is_packed, peft_target_modules
 
 FACTORS = ("lora_A", "lora_E", "lora_B")
 
@@ -103,7 +103,7 @@ def check_schedule(config: AdaLoRAConfig, total_step: int) -> None:
                          f"total_step={total_step} (need tinit < total_step - tfinal)")
 
 
-class SVDLinear(nn.Module, Switchable):
+class SVDLinear(MergeableDelta, nn.Module, Switchable):
     """``base_layer(x) + (dropout(x) @ (A*E)ᵀ @ Bᵀ) * scaling / (ranknum + 1e-5)`` (PEFT's SVDLinear)."""
 
     def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float):
@@ -146,22 +146,6 @@ class SVDLinear(nn.Module, Switchable):
         delta = self.lora_B @ (self.lora_A * self.lora_E)
         delta = (delta.T if self.fan_in_fan_out else delta) * self.scaling / (self.ranknum + 1e-5)
         return delta
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        weight = self.base_layer.weight
-        if is_packed(weight):
-            raise RuntimeError("a quantised base cannot take the AdaLoRA update in place")
-        weight.add_(self.delta_weight().to(weight.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base_layer.weight.sub_(self.delta_weight().to(self.base_layer.weight.dtype))
-            self.merged = False
 
     @torch.no_grad()
     def resize_(self, keep: torch.Tensor) -> None:

@@ -27,7 +27,6 @@ from torch.utils.hooks import RemovableHandle
 
 from .base import (
     ADAPTER_CONFIG_NAME,
-    PEFT_PREFIX,
     Method,
     MethodConfig,
     MethodHandle,
@@ -171,23 +170,6 @@ class AdapterHandle(MethodHandle):
         keys = [k for k in self.model.state_dict() if any(k.startswith(a + ".") for a in self.hooked)]
         keys += [f"{n}.{p}" for n in self.norms for p in self.model.get_submodule(n).names]
         return keys
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        own = self.model.state_dict()
-        return {PEFT_PREFIX + k: own[k] for k in self._saved_model_keys()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = {PEFT_PREFIX + k: k for k in self._saved_model_keys()}
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise KeyError(f"adapter weights do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for saved, own in expected.items():
-                if params[own].shape != state[saved].shape:
-                    raise ValueError(f"{saved}: saved shape {tuple(state[saved].shape)} != model "
-                                     f"{tuple(params[own].shape)}")
-                params[own].copy_(state[saved])
 
     def adapter_config(self) -> dict[str, Any]:
         c = self.config

@@ -118,12 +118,32 @@ class MethodHandle:
         return count_parameters(self.model)
 
     # -- state --------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter's tensors under the keys written to ``adapter_model.safetensors``."""
+    def _saved_model_keys(self) -> list[str]:
+        """The model's own state-dict keys that make up the adapter (methods whose modules mirror PEFT's)."""
         raise NotImplementedError
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under the keys written to ``adapter_model.safetensors``.
+
+        Default: the model's keys from ``_saved_model_keys`` behind PEFT's ``base_model.model.`` prefix.
+        """
+        own = self.model.state_dict()
+        return {PEFT_PREFIX + k: own[k] for k in self._saved_model_keys()}
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError
+        """Copy saved tensors into the model; every key and shape must match (nothing is silently skipped)."""
+        expected = {PEFT_PREFIX + k: k for k in self._saved_model_keys()}
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise KeyError(f"adapter weights do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        tensors = dict(self.model.named_parameters())
+        tensors.update(dict(self.model.named_buffers()))
+        with torch.no_grad():
+            for saved, own in expected.items():
+                target = tensors[own]
+                if target.shape != state[saved].shape:
+                    raise ValueError(f"{saved}: saved shape {tuple(state[saved].shape)} != model {tuple(target.shape)}")
+                target.copy_(state[saved])
 
     def adapter_config(self) -> dict[str, Any]:
         """The ``adapter_config.json`` content (PEFT's fields where PEFT has the method)."""

@@ -22,7 +22,6 @@ from torch import nn
 
 from .base import (
     ADAPTER_CONFIG_NAME,
-    PEFT_PREFIX,
     Method,
     MethodConfig,
     MethodHandle,
@@ -77,7 +76,34 @@ def is_packed(weight: torch.Tensor) -> bool:
     return type(weight).__name__ in {"Params4bit", "Int8Params"} or not weight.dtype.is_floating_point
 
 
-class LoRALinear(nn.Module, Switchable):
+class MergeableDelta:
+    """Folds a layer's ``delta_weight()`` into ``base_layer.weight`` and back (LoRA and AdaLoRA layers)."""
+
+    merged: bool = False
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        weight = self.base_layer.weight
+        if is_packed(weight):
+            raise RuntimeError("a quantised base cannot be merged in place; use `tuneforge merge` (it dequantises)")
+        weight.add_(self.delta_weight().to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        weight.sub_(self.delta_weight().to(weight.dtype))
+        self.merged = False
+
+
+class LoRALinear(MergeableDelta, nn.Module, Switchable):
     """``base_layer(x) + lora_B(lora_A(dropout(x))) * scaling`` around an nn.Linear, bnb Linear4bit or Conv1D."""
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool = False,
@@ -126,23 +152,6 @@ class LoRALinear(nn.Module, Switchable):
         delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
         return delta.T if self.fan_in_fan_out else delta
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        weight = self.base_layer.weight
-        if is_packed(weight):
-            raise RuntimeError("a quantised base cannot be merged in place; use `tuneforge merge` (it dequantises)")
-        weight.add_(self.delta_weight().to(weight.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        weight = self.base_layer.weight
-        weight.sub_(self.delta_weight().to(weight.dtype))
-        self.merged = False
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}"
@@ -169,25 +178,6 @@ class LoRAHandle(MethodHandle):
             elif self.config.bias == "lora_only" and any(key == f"{n}.base_layer.bias" for n in self.module_names):
                 keys.append(key)
         return keys
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        own = self.model.state_dict()
-        return {PEFT_PREFIX + k: own[k] for k in self._saved_model_keys()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = {PEFT_PREFIX + k: k for k in self._saved_model_keys()}
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise KeyError(f"adapter weights do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        params = dict(self.model.named_parameters())
-        params.update(dict(self.model.named_buffers()))
-        with torch.no_grad():
-            for saved, own in expected.items():
-                target = params[own]
-                if target.shape != state[saved].shape:
-                    raise ValueError(f"{saved}: saved shape {tuple(state[saved].shape)} != model {tuple(target.shape)}")
-                target.copy_(state[saved])
 
     def adapter_config(self) -> dict[str, Any]:
         c = self.config
