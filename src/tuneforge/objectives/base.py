@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 from typing import Any, ClassVar
 
 import torch
@@ -221,3 +222,30 @@ class NextTokenObjective(Objective):
              ) -> tuple[torch.Tensor, dict[str, float]]:
         loss_sum, _ = token_cross_entropy_sum(model, batch)
         return loss_sum, {"loss": loss_sum.detach()}
+
+
+class PairObjective(Objective):
+    """Shared by objectives on preference pairs (reward modelling, DPO): batches hold chosen rows then rejected
+    rows, and the loss is averaged over pairs."""
+
+    kinds: ClassVar[tuple[str, ...]] = ("preference",)
+    purpose: ClassVar[str] = "preference training"
+
+    def prepare(self, examples: list[Example], max_length: int, split: str = "train") -> list[Any]:
+        from ..data.formats import examples_of_kind
+        from ..data.preference import pairs_within, tokenize_pair
+
+        examples = examples_of_kind(examples, self.kinds, self.purpose)
+        items, report = pairs_within([tokenize_pair(self.tokenizer, ex) for ex in examples], max_length,
+                                     self.config.max_length_policy)
+        logging.getLogger(type(self).__module__).info("%s: %s", split, report.message(max_length))
+        self.length_report = report
+        return items
+
+    def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
+        from ..data.preference import collate_pairs
+
+        return collate_pairs(items, self.tokenizer.pad_token_id)
+
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["input_ids"].shape[0] // 2  # pairs

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.formats import Example, examples_of_kind
-from ..data.preference import PairItem, collate_pairs, pairs_within, tokenize_pair
+from ..data.formats import Example
+from ..data.preference import PairItem
 from ..data.template import IGNORE_INDEX
-from .base import Objective, ObjectiveConfig, TrainContext, disable_dropout, register, sequence_logps
+from .base import ObjectiveConfig, PairObjective, TrainContext, disable_dropout, register, sequence_logps
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +87,10 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 
 
 @register
-class DPO(Objective):
+class DPO(PairObjective):
     name = "dpo"
     aliases = ("direct_preference_optimization",)
-    kinds = ("preference",)
+    purpose = "DPO"
     needs_reference = True  # full fine-tuning: the trainer loads a separate frozen copy
 
     def __init__(self, tokenizer, options: dict[str, Any] | None = None):
@@ -99,19 +99,9 @@ class DPO(Objective):
         self.prepared: list[PairItem] = []  # every split's pairs, for precomputing reference log-probs
 
     def prepare(self, examples: list[Example], max_length: int, split: str = "train") -> list[PairItem]:
-        examples = examples_of_kind(examples, self.kinds, "DPO")
-        items, report = pairs_within([tokenize_pair(self.tokenizer, ex) for ex in examples], max_length,
-                                     self.config.max_length_policy)
-        log.info("%s: %s", split, report.message(max_length))
-        self.length_report = report
+        items = super().prepare(examples, max_length, split)
         self.prepared += items
         return items
-
-    def collate(self, items: list[PairItem]) -> dict[str, torch.Tensor]:
-        return collate_pairs(items, self.tokenizer.pad_token_id)
-
-    def units(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["input_ids"].shape[0] // 2  # pairs
 
     def setup(self, model: nn.Module, ctx: TrainContext) -> None:
         if self.config.disable_dropout:

@@ -25,9 +25,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..data.batching import pad_batch
-from ..data.formats import Example, Message, examples_of_kind
-from ..data.preference import PairItem, collate_pairs, pairs_within, tokenize_pair, tokenize_response
-from .base import Objective, ObjectiveConfig, TrainContext, _accepts_logits_to_keep, disable_dropout, register
+from ..data.formats import Message
+from ..data.preference import tokenize_response
+from .base import ObjectiveConfig, PairObjective, TrainContext, _accepts_logits_to_keep, disable_dropout, register
 
 log = logging.getLogger(__name__)
 
@@ -91,29 +91,15 @@ def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tens
 
 
 @register
-class Reward(Objective):
+class Reward(PairObjective):
     name = "reward"
     aliases = ("reward_model", "rm", "reward_modeling", "reward_modelling")
-    kinds = ("preference",)
+    purpose = "reward modelling"
 
     def __init__(self, tokenizer, options: dict[str, Any] | None = None):
         super().__init__(tokenizer, options)
         self.config = RewardConfig.from_dict(self.options)
         self.head: RewardHead | None = None
-
-    def prepare(self, examples: list[Example], max_length: int, split: str = "train") -> list[PairItem]:
-        examples = examples_of_kind(examples, self.kinds, "reward modelling")
-        items, report = pairs_within([tokenize_pair(self.tokenizer, ex) for ex in examples], max_length,
-                                     self.config.max_length_policy)
-        log.info("%s: %s", split, report.message(max_length))
-        self.length_report = report
-        return items
-
-    def collate(self, items: list[PairItem]) -> dict[str, torch.Tensor]:
-        return collate_pairs(items, self.tokenizer.pad_token_id)
-
-    def units(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["input_ids"].shape[0] // 2  # pairs
 
     def setup(self, model: nn.Module, ctx: TrainContext) -> None:
         if self.config.disable_dropout:
