@@ -19,12 +19,18 @@ import time
 from pathlib import Path
 
 METHODS = ["full", "lora", "qlora", "adalora", "adapter", "prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2"]
+# Peak learning rates for a short run (30-60 steps) on the demo task. The demo config's 1e-3 suits the LoRA
+# family; full fine-tuning needs far less, soft prompts far more (each method's own default is for long runs).
+DEMO_LR = {"full": 5e-5, "lora": 1e-3, "qlora": 1e-3, "adalora": 2e-3, "adapter": 1e-3, "prompt_tuning": 3e-2,
+           "p_tuning": 1e-2, "prefix_tuning": 5e-3, "p_tuning_v2": 1e-2}
 
 
 def run_method(method: str, args: argparse.Namespace, out_root: Path) -> dict:
     output = out_root / method
     cmd = [sys.executable, "-m", "tuneforge.cli", "train", "--method", method, "--max-steps", str(args.steps),
            "--output", str(output), "--overwrite", "true", "--progress", "false", "--eval-limit", str(args.eval_limit)]
+    if method in DEMO_LR and "--learning-rate" not in args.extra:
+        cmd += ["--learning-rate", str(DEMO_LR[method])]
     if args.device:
         cmd += ["--device", args.device]
     cmd += args.extra

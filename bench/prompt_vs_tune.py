@@ -26,6 +26,7 @@ the model sees it: chat template, system turn, few-shot turns and query, plus th
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import re
 import sys
@@ -111,10 +112,17 @@ def score_prompt(model, tokenizer, template: PromptTemplate, records, pool, max_
                                 max_new_tokens=max_new_tokens, generate_fn=gen, pool=pool)
     n = max(result.n, 1)
     lenient = sum(lenient_exact(p["answer"], str(p["reference"])) for p in result.predictions) / n
-    return {"exact_match": result.score, "exact_match_lenient": lenient, "n": result.n,
+    similarity = sum(char_similarity(p["answer"], str(p["reference"])) for p in result.predictions) / n
+    return {"exact_match": result.score, "exact_match_lenient": lenient, "similarity": similarity, "n": result.n,
             "prompt_tokens": sum(gen.prompt_tokens) / n + virtual_tokens, "virtual_tokens": virtual_tokens,
             "output_tokens": result.mean_output_length, "eval_s": time.perf_counter() - start,
             "samples": [{"reference": p["reference"], "output": p["output"]} for p in result.predictions[:3]]}
+
+
+def char_similarity(prediction: str, reference: str) -> float:
+    """difflib's ratio of the whitespace-normalised strings: partial credit that separates prompts when none
+    matches exactly (a small model's usual zero-shot state on a strict format)."""
+    return difflib.SequenceMatcher(None, normalise_answer(prediction), normalise_answer(reference)).ratio()
 
 
 def max_answer_tokens(tokenizer, records) -> int:
@@ -124,23 +132,27 @@ def max_answer_tokens(tokenizer, records) -> int:
 
 
 def select_best(model, tokenizer, templates, dev, pool, max_new_tokens, batch_size) -> tuple[PromptTemplate, list]:
-    """The template with the best exact match on ``dev`` (ties: lenient match, then the shorter prompt)."""
+    """The template with the best exact match on ``dev`` (ties: lenient match, character similarity, then the
+    shorter prompt)."""
     scored = []
     for t in templates:
         s = score_prompt(model, tokenizer, t, dev, pool, max_new_tokens, batch_size)
         scored.append((t, s))
         print(f"  select on {s['n']} training records: {t.label:<20} exact {s['exact_match']:.3f}  "
-              f"lenient {s['exact_match_lenient']:.3f}  {s['prompt_tokens']:.0f} prompt tokens", flush=True)
-    best = max(scored, key=lambda ts: (ts[1]["exact_match"], ts[1]["exact_match_lenient"], -ts[1]["prompt_tokens"]))
+              f"lenient {s['exact_match_lenient']:.3f}  similarity {s['similarity']:.3f}  "
+              f"{s['prompt_tokens']:.0f} prompt tokens", flush=True)
+    best = max(scored, key=lambda ts: (ts[1]["exact_match"], ts[1]["exact_match_lenient"], ts[1]["similarity"],
+                                        -ts[1]["prompt_tokens"]))
     return best[0], [{"template": t.label, **{k: v for k, v in s.items() if k != "samples"}} for t, s in scored]
 
 
-def run_training(method: str, options: dict, lr: float | None, load: Loader, train_path, eval_path, output: Path,
+def run_training(method: str, options: dict, lr: float | None, load: Loader, train_path, output: Path,
                  steps: int, batch_size: int, max_length: int, seed: int, model_name: str):
-    """One ``tuneforge.train`` run on a freshly loaded base; returns (result, seconds in train())."""
+    """One ``tuneforge.train`` run on a freshly loaded base; returns (result, seconds in train()). No eval data:
+    the rows are scored afterwards by ``score_prompt``, like the untrained ones."""
     model, tokenizer = load()
     overrides = {"model": model_name, "method": method, "method_options": options, "data": str(train_path),
-                 "eval_data": str(eval_path), "max_steps": steps, "batch_size": batch_size, "max_length": max_length,
+                 "max_steps": steps, "batch_size": batch_size, "max_length": max_length,
                  "warmup_steps": min(5, steps - 1), "lr_scheduler": "cosine", "eval_generate": False,
                  "output": str(output), "overwrite": True, "progress": False, "seed": seed}
     if lr is not None:
@@ -207,14 +219,14 @@ def compare(load: Loader, *, train_path: str | Path, eval_path: str | Path, temp
         ]
         for label, method, options, lr, virtual, prompt in plans:
             t0 = time.perf_counter()
-            result, train_s = run_training(method, options, lr, load, train_path, eval_path, root / method, steps,
+            result, train_s = run_training(method, options, lr, load, train_path, root / method, steps,
                                            batch_size, max_length, seed, model_name)
             result.model.eval()
             s = score_prompt(result.model, result.tokenizer, data_prompt_template(), eval_records, train_records,
                              budget, gen_batch_size, virtual_tokens=virtual)
             add(label, prompt, s, trainable=int(result.metrics["trainable_params"]), train_s=train_s,
                 wall=time.perf_counter() - t0, final_loss=result.final_loss,
-                learning_rate=lr, eval_loss=result.metrics.get("eval_loss"))
+                learning_rate=lr)
             del result
 
     return {"rows": rows, "selection": selection, "selected_template": best.label, "init_text": init_text,
