@@ -7,6 +7,8 @@ accepted as ``--lora-r`` and lands in ``method_options.r``). Unknown keys are er
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -148,16 +150,38 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
                 route_key(key, value, values)
             except ConfigError as e:
                 raise ConfigError(f"{path}: {e}") from None
+    flags: dict[str, Any] = {}
     for key, value in (overrides or {}).items():
         if isinstance(value, dict) and key in ("method_options", "objective_options"):
+            flags.setdefault(key, {}).update(value)
+        else:
+            route_key(key, value, flags)
+    if "method" in flags and values.get("method") not in (None, flags["method"]):
+        values["method_options"] = options_for_new_method(values.get("method_options", {}), flags["method"], source)
+    for key, value in flags.items():
+        if key in ("method_options", "objective_options"):
             values.setdefault(key, {}).update(value)
         else:
-            route_key(key, value, values)
+            values[key] = value
     try:
         return RunConfig(**values)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"{source}: {problems}") from None
+
+
+def options_for_new_method(options: dict[str, Any], method: str, source: str) -> dict[str, Any]:
+    """A flag switched the method: keep the file's method options the new method has (LoRA's r for QLoRA), and
+    say which were left behind (the demo's LoRA rank means nothing to prompt tuning)."""
+    from .methods import get_method
+
+    known = {f.name for f in dataclasses.fields(get_method(method).config_class)}
+    kept = {k: v for k, v in options.items() if k in known}
+    dropped = sorted(set(options) - set(kept))
+    if dropped:
+        logging.getLogger(__name__).info("%s: method switched to %s; not using its options %s", source, method,
+                                         ", ".join(dropped))
+    return kept
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
