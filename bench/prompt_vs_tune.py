@@ -45,6 +45,7 @@ from tuneforge.data.formats import read_rows  # noqa: E402
 from tuneforge.data.template import ensure_chat_template, prompt_ids  # noqa: E402
 from tuneforge.evaluate import normalise_answer  # noqa: E402
 from tuneforge.generate import generate  # noqa: E402
+from tuneforge.methods import get_method  # noqa: E402
 from tuneforge.prompting import FewShot, PromptTemplate, evaluate_prompts, load_template  # noqa: E402
 from tuneforge.prompting.metrics import exact_match as lenient_exact  # noqa: E402
 from tuneforge.prompting.template import _PLACEHOLDER  # noqa: E402
@@ -168,8 +169,11 @@ def compare(load: Loader, *, train_path: str | Path, eval_path: str | Path, temp
             select_on: int = 16, few_shot_k: int = 3, num_virtual_tokens: int | None = None,
             lora_lr: float = 1e-3, prompt_tuning_lr: float | None = None, max_new_tokens: int | None = None,
             gen_batch_size: int = 16, workdir: str | Path | None = None, model_name: str = "model",
-            seed: int = 0) -> dict[str, Any]:
-    """Run every row and return ``{"rows": [...], "selection": [...], "init_text": ..., "settings": {...}}``."""
+            seed: int = 0, control_init: bool = False) -> dict[str, Any]:
+    """Run every row and return ``{"rows": [...], "selection": [...], "init_text": ..., "settings": {...}}``.
+
+    ``control_init`` adds prompt tuning started from sampled vocabulary embeddings (tuneforge's default init), same
+    token count: what the hard prompt's text is worth as a starting point."""
     train_records = read_records(train_path)
     eval_records = read_records(eval_path, eval_limit)
     dev = train_records[:select_on]
@@ -217,16 +221,21 @@ def compare(load: Loader, *, train_path: str | Path, eval_path: str | Path, temp
              f"data prompt + {n_virtual} virtual (init: {best.label})"),
             ("LoRA", "lora", dict(LORA_OPTIONS), lora_lr, 0, "data prompt"),
         ]
+        if control_init:
+            plans.insert(1, ("prompt tuning", "prompt_tuning", {"prompt_tuning_init": "SAMPLE_VOCAB",
+                                                                "num_virtual_tokens": n_virtual}, prompt_tuning_lr,
+                             n_virtual, f"data prompt + {n_virtual} virtual (init: vocab sample)"))
         for label, method, options, lr, virtual, prompt in plans:
             t0 = time.perf_counter()
-            result, train_s = run_training(method, options, lr, load, train_path, root / method, steps,
+            run_dir = root / f"{method}-{options.get('prompt_tuning_init', '').lower()}".rstrip("-")
+            result, train_s = run_training(method, options, lr, load, train_path, run_dir, steps,
                                            batch_size, max_length, seed, model_name)
             result.model.eval()
             s = score_prompt(result.model, result.tokenizer, data_prompt_template(), eval_records, train_records,
                              budget, gen_batch_size, virtual_tokens=virtual)
             add(label, prompt, s, trainable=int(result.metrics["trainable_params"]), train_s=train_s,
                 wall=time.perf_counter() - t0, final_loss=result.final_loss,
-                learning_rate=lr)
+                learning_rate=lr if lr is not None else get_method(method).default_learning_rate)
             del result
 
     return {"rows": rows, "selection": selection, "selected_template": best.label, "init_text": init_text,
@@ -266,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-virtual-tokens", type=int, help="default: the token count of the best hard prompt's text")
     p.add_argument("--lora-lr", type=float, default=1e-3, help="the demo's LoRA learning rate")
     p.add_argument("--prompt-tuning-lr", type=float, help="default: prompt tuning's own (3e-2)")
+    p.add_argument("--control-init", action="store_true",
+                   help="add prompt tuning from sampled vocabulary embeddings (same token count) as a control")
     p.add_argument("--max-new-tokens", type=int, help="default: longest reference answer + 2")
     p.add_argument("--gen-batch-size", type=int, default=16)
     p.add_argument("--device", help="cpu, cuda ... (default: cuda if available)")
@@ -284,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                      batch_size=args.batch_size, max_length=args.max_length, eval_limit=args.eval_limit,
                      select_on=args.select_on, few_shot_k=args.few_shot_k, num_virtual_tokens=args.num_virtual_tokens,
                      lora_lr=args.lora_lr, prompt_tuning_lr=args.prompt_tuning_lr, max_new_tokens=args.max_new_tokens,
-                     gen_batch_size=args.gen_batch_size, workdir=args.workdir, model_name=args.model, seed=args.seed)
+                     gen_batch_size=args.gen_batch_size, workdir=args.workdir, model_name=args.model, seed=args.seed,
+                     control_init=args.control_init)
     report["settings"]["total_s"] = time.perf_counter() - start
     report["command"] = " ".join(["python", "bench/prompt_vs_tune.py", *(argv if argv is not None else sys.argv[1:])])
     print()

@@ -66,9 +66,9 @@ def test_compare_runs_every_row_on_a_tiny_model(bench, tokenizer, tmp_path, sing
     report = bench.compare(lambda: (make_tiny_model("llama", len(tokenizer)), tokenizer), train_path=train_path,
                            eval_path=eval_path, templates=templates, steps=2, batch_size=4, max_length=96,
                            eval_limit=4, select_on=2, few_shot_k=2, max_new_tokens=4, gen_batch_size=4,
-                           workdir=tmp_path / "runs", model_name="tiny-llama")
-    data, zero, few, pt, lora = report["rows"]
-    assert [r["method"] for r in report["rows"]] == ["base", "base", "base", "prompt tuning", "LoRA"]
+                           workdir=tmp_path / "runs", model_name="tiny-llama", control_init=True)
+    data, zero, few, pt, control, lora = report["rows"]
+    assert [r["method"] for r in report["rows"]] == ["base", "base", "base", "prompt tuning", "prompt tuning", "LoRA"]
     assert all(r["n"] == 4 and 0.0 <= r["exact_match"] <= r["exact_match_lenient"] for r in report["rows"])
     assert len(report["selection"]) == 2 and zero["prompt"].startswith(report["selected_template"])
     assert few["prompt_tokens"] > zero["prompt_tokens"] + 10  # two solved examples make the prompt longer
@@ -76,11 +76,12 @@ def test_compare_runs_every_row_on_a_tiny_model(bench, tokenizer, tmp_path, sing
     assert n_virtual == len(tokenizer(report["init_text"])["input_ids"])
     assert pt["prompt_tokens"] == pytest.approx(data["prompt_tokens"] + n_virtual)
     assert lora["prompt_tokens"] == pytest.approx(data["prompt_tokens"])
-    assert pt["trainable_params"] == n_virtual * 32  # one hidden-size vector per virtual token
+    assert pt["trainable_params"] == control["trainable_params"] == n_virtual * 32  # a hidden-size vector each
+    assert "vocab sample" in control["prompt"] and control["prompt_tokens"] == pt["prompt_tokens"]
     assert lora["trainable_params"] > 0 and zero["trainable_params"] == few["trainable_params"] == 0
     assert pt["train_s"] > 0 and lora["train_s"] > 0 and zero["train_s"] == 0
-    assert (tmp_path / "runs" / "prompt_tuning" / "adapter_model.safetensors").is_file()
-    adapter = json.loads((tmp_path / "runs" / "prompt_tuning" / "adapter_config.json").read_text())
+    assert (tmp_path / "runs" / "prompt_tuning-text" / "adapter_model.safetensors").is_file()
+    adapter = json.loads((tmp_path / "runs" / "prompt_tuning-text" / "adapter_config.json").read_text())
     assert adapter["prompt_tuning_init_text"] == report["init_text"]
     assert "|" in bench.markdown_table(report) and "prompt tuning" in bench.markdown_table(report)
 
