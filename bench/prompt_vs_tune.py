@@ -239,8 +239,9 @@ def compare(load: Loader, *, train_path: str | Path, eval_path: str | Path, temp
             del result
 
     return {"rows": rows, "selection": selection, "selected_template": best.label, "init_text": init_text,
-            "settings": {"steps": steps, "batch_size": batch_size, "max_length": max_length, "eval_n": len(eval_records),
-                         "select_on": len(dev), "few_shot_k": few_shot_k, "num_virtual_tokens": n_virtual,
+            "settings": {"steps": steps, "batch_size": batch_size, "max_length": max_length,
+                         "eval_n": len(eval_records), "select_on": len(dev), "few_shot_k": few_shot_k,
+                         "num_virtual_tokens": n_virtual,
                          "lora": LORA_OPTIONS, "lora_lr": lora_lr, "prompt_tuning_lr": prompt_tuning_lr,
                          "max_new_tokens": budget, "model": model_name, "seed": seed,
                          "model_load_s": load_s, "select_s": select_s, "threads": torch.get_num_threads()}}

@@ -256,13 +256,23 @@ def test_metrics_log_and_eval(tmp_path, tokenizer, sft_file):
         assert math.isfinite(m["loss"]) and m["tokens"] > 0 and m["units"] > 0 and "grad_norm" in m
     assert steps[0]["lr"] > steps[2]["lr"] > steps[3]["lr"] == 0.0  # cosine decay to 0 by the last step
     assert "eval_loss" in steps[1] and "eval_loss" not in steps[0]
-    (final,) = [m for m in lines if "eval_loss" in m and "loss" not in m]  # the final evaluation
+    before, final = [m for m in lines if "eval_loss" in m and "loss" not in m]  # before the first step, at the end
     assert final["step"] == 4 and result.metrics["eval_loss"] == pytest.approx(final["eval_loss"], abs=1e-6)
+    assert lines[0] == before and before["step"] == 0  # the baseline comes first
+    assert result.metrics["eval_before_loss"] == pytest.approx(before["eval_loss"], abs=1e-6)
+    assert final["eval_loss"] < before["eval_loss"]  # four steps at lr 1e-2 learn the tiny eval split's format
     # Chat eval data: exact match of generated answers, before (base) and after training, is logged too.
     assert 0.0 <= lines[-1]["exact_match_before"] <= 1.0 and 0.0 <= lines[-1]["exact_match_after"] <= 1.0
     assert result.metrics["exact_match_after"] == lines[-1]["exact_match_after"]
     saved = (result.output / "tuneforge.yaml").read_text()
     assert "eval_every: 2" in saved and "max_steps: 4" in saved
+
+
+def test_eval_before_can_be_turned_off(tmp_path, tokenizer, sft_file):
+    result = train(config(tmp_path, sft_file, max_steps=1, eval_split=0.25, eval_before=False,
+                          eval_generate=False), tokenizer)
+    lines = [json.loads(line) for line in (result.output / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 1] and not any(k.startswith("eval_before") for k in result.metrics)
 
 
 def test_finished_run_is_not_overwritten(tmp_path, tokenizer, sft_file):
@@ -278,4 +288,4 @@ def test_finished_run_is_not_overwritten(tmp_path, tokenizer, sft_file):
 def test_batch_size_must_be_a_multiple_of_micro_batch(tmp_path, sft_file):
     cfg = tuneforge.load_config(None, {"data": str(sft_file), "batch_size": 8, "micro_batch_size": 3})
     with pytest.raises(ValueError, match="not a multiple"):
-        cfg.accumulation_steps
+        _ = cfg.accumulation_steps

@@ -9,11 +9,11 @@ Each demo record (alpaca: ``instruction``, ``input``, ``output`` = the ISO date,
 * a PPO prompt ``{prompt, system, answer}``; ``answer`` reaches the reward function as a keyword
   (``examples/alignment/rewards.py:date_reward``).
 
-``prompt`` is rendered exactly as the alpaca loader renders ``instruction`` + ``input`` (``"{instruction}\\n\\n{input}"``),
-so SFT, the reward model, DPO and PPO all see the same prompt tokens. The train files come from the demo's train
-split and the held-out files from its eval split (the demo splits share no calendar date). Mistake kinds are
-assigned round-robin over a seeded shuffle, so each split is balanced and the output is a pure function of
-``--seed``.
+``prompt`` is rendered exactly as the alpaca loader renders ``instruction`` + ``input``
+(``"{instruction}\\n\\n{input}"``), so SFT, the reward model, DPO and PPO all see the same prompt tokens. The
+train files come from the demo's train split and the held-out files from its eval split (the demo splits share no
+calendar date). Mistake kinds are assigned round-robin over a seeded shuffle, so each split is balanced and the
+output is a pure function of ``--seed``.
 
 Usage::
 

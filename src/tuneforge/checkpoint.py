@@ -104,8 +104,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_training_state(directory: Path, trainable: dict[str, torch.Tensor], optimizer, scheduler,
                         progress: dict[str, Any]) -> None:
     """Trainable tensors (safetensors) plus optimiser, scheduler, RNG and data position (torch file)."""
-    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(directory / "trainable.safetensors"),
-              metadata={"format": "pt"})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in trainable.items()}
+    save_file(tensors, str(directory / "trainable.safetensors"), metadata={"format": "pt"})
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
          "progress": progress},

@@ -93,6 +93,11 @@ def cmd_train(args: argparse.Namespace, extra: list[str] = ()) -> int:
           f"({100 * m['trainable_params'] / m['total_params']:.3f}%)")
     if "loss" in m:
         print(f"final train loss: {m['loss']:.4f}" + (f", eval loss: {m['eval_loss']:.4f}" if "eval_loss" in m else ""))
+    changes = [f"{key[5:]} {m[key.replace('eval_', 'eval_before_', 1)]:.4g} -> {m[key]:.4g}" for key in m
+               if key.startswith("eval_") and not key.startswith("eval_before_")
+               and key.replace("eval_", "eval_before_", 1) in m]
+    if changes:
+        print("held-out eval, before -> after: " + ", ".join(changes))
     if "exact_match_after" in m:
         before = m.get("exact_match_before")
         line = f"held-out exact match: after {m['exact_match_after']:.1%}"

@@ -71,6 +71,8 @@ class RunConfig(BaseModel):
     # -- evaluation, logging, checkpoints ------------------------------------------------------------
     output: str = Field("runs/demo", description="Run directory: adapter, config, metrics, checkpoints.")
     eval_every: int | None = Field(None, description="Evaluate the loss on eval data every N steps (and at end).")
+    eval_before: bool = Field(True, description="Evaluate on the eval data once before the first step (logged as "
+                              "step 0): the baseline for every later eval (reward, accuracy, loss).")
     eval_generate: bool = Field(True, description="At the start and end, generate answers for the eval data and "
                                 "report exact match (SFT on chat data).")
     eval_max_new_tokens: int = Field(32, description="Generation budget for the exact-match evaluation.")

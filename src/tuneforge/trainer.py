@@ -316,8 +316,12 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(c, self.total_steps))
         sampler = EpochSampler(len(self.train_items), c.seed)
         start = self._resume(sampler) if c.resume else 0
+        before: dict[str, float] = {}
         if start == 0:
             (self.output / "metrics.jsonl").unlink(missing_ok=True)
+            before = self.evaluate_loss() if c.eval_before else {}
+            if before:
+                self._log({"step": 0, **before})
         else:
             self._drop_log_after(start)
         self.model.train()
@@ -329,7 +333,8 @@ class Trainer:
             last = self.optimizer_step(next(groups), step)
             tokens += last.get("tokens", 0)
             done = step + 1
-            last.update(step=done, lr=self.scheduler.get_last_lr()[0], epoch=round(sampler.epoch + sampler.index / sampler.n, 3),
+            last.update(step=done, lr=self.scheduler.get_last_lr()[0],
+                        epoch=round(sampler.epoch + sampler.index / sampler.n, 3),
                         tokens_per_s=round(tokens / (time.perf_counter() - t0), 1))
             if c.eval_every and done % c.eval_every == 0 and done < self.total_steps:
                 last.update(self.evaluate_loss())
@@ -348,6 +353,7 @@ class Trainer:
         self.save_final()
         device = next(self.model.parameters()).device
         metrics = {**last, **final, **self.parameter_report(), "peak_memory_mb": round(peak_memory_mb(device), 1)}
+        metrics.update({key.replace("eval_", "eval_before_", 1): value for key, value in before.items()})
         log.info("peak memory: %.1f MB (%s)", metrics["peak_memory_mb"],
                  "CUDA allocated" if device.type == "cuda" else "process RSS")
         return TrainResult(self.output, self.total_steps, float(last.get("loss", float("nan"))), metrics,

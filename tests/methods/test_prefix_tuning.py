@@ -237,7 +237,8 @@ def recomputed_greedy(model, ids, mask, new_tokens: int):
     tokens = []
     for _ in range(new_tokens):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        nxt = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, -1].argmax(-1)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        nxt = logits[:, -1].argmax(-1)
         tokens.append(nxt)
         ids = torch.cat([ids, nxt[:, None]], dim=1)
         mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)

@@ -201,7 +201,8 @@ def test_client_stops_on_a_rejected_key_without_printing_it():
     with TeacherServer(lambda key, attempt: ("status", 401)) as server:
         teacher = client(server)
         with pytest.raises(TeacherConfigError, match="401") as e:
-            teacher.complete([{"role": "system", "content": "s"}, {"role": "user", "content": "Topic: a\nexample number 1"}])
+            teacher.complete([{"role": "system", "content": "s"},
+                              {"role": "user", "content": "Topic: a\nexample number 1"}])
     assert API_KEY not in str(e.value)
     assert len(server.requests) == 1  # no retry can fix a wrong key
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -11,11 +13,12 @@ from .formats import DataError
 from .template import IGNORE_INDEX, Tokenized
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
 class LengthReport:
-    """What ``apply_max_length`` did, so callers can print it."""
+    """What ``enforce_max_length`` did, so callers can print it."""
 
     total: int = 0
     too_long: int = 0
@@ -32,38 +35,57 @@ class LengthReport:
                 f"{self.longest}): {self.truncated} truncated, {self.dropped} dropped; e.g. {where}")
 
 
-def apply_max_length(examples: list[Tokenized], max_length: int, policy: str = "drop") -> tuple[list[Tokenized],
-                                                                                                LengthReport]:
-    """Enforce ``max_length``: ``drop`` over-long examples, ``truncate`` them, or ``error`` on the first one.
+POLICIES = ("drop", "truncate", "error")
 
-    A truncated example that loses every supervised token is dropped (training on it would teach nothing)
-    and counted as dropped.
-    """
-    if policy not in ("drop", "truncate", "error"):
+
+def enforce_max_length(items: list[T], max_length: int, policy: str, *, length: Callable[[T], int],
+                       cut: Callable[[T], T | None] | None, what: str = "example", room: int = 0
+                       ) -> tuple[list[T], LengthReport]:
+    """The one max-length policy, for examples, preference pairs and prompts alike: keep what fits, and of the
+    rest raise on the first (``error``), keep ``cut(item)`` (``truncate``; ``None`` when the cut leaves nothing to
+    learn from) or drop it. Every over-long item is counted in the report, never silently lost.
+
+    ``room`` tokens must stay free after an item (a prompt needs room for at least one answer token)."""
+    if policy not in POLICIES:
         raise ValueError(f"max-length policy must be drop, truncate or error, got {policy!r}")
-    report = LengthReport(total=len(examples))
+    report = LengthReport(total=len(items))
     kept = []
-    for ex in examples:
-        n = len(ex.input_ids)
+    for item in items:
+        n = length(item)
         report.longest = max(report.longest, n)
-        if n <= max_length:
-            kept.append(ex)
+        if n + room <= max_length:
+            kept.append(item)
             continue
         report.too_long += 1
-        report.sources.append(f"{ex.source} ({n} tokens)")
+        report.sources.append(f"{item.source} ({n} tokens)")
         if policy == "error":
-            raise DataError(f"{ex.source}: {n} tokens is longer than max_length={max_length}")
-        cut = Tokenized(ex.input_ids[:max_length], ex.labels[:max_length], ex.source)
-        if policy == "truncate" and cut.num_supervised > 0:
+            needs = f" (+{room} to answer)" if room else ""
+            raise DataError(f"{item.source}: {n} tokens{needs} is longer than max_length={max_length}")
+        shorter = cut(item) if policy == "truncate" and cut is not None else None
+        if shorter is not None:
             report.truncated += 1
-            kept.append(cut)
+            kept.append(shorter)
         else:
             report.dropped += 1
     if report.too_long:
         log.warning(report.message(max_length))
     if not kept:
-        raise DataError(f"no example fits max_length={max_length}: {report.message(max_length)}")
+        raise DataError(f"no {what} fits max_length={max_length}: {report.message(max_length)}")
     return kept, report
+
+
+def truncated(example: Tokenized, max_length: int) -> Tokenized | None:
+    """The first ``max_length`` tokens, or ``None`` when they hold no supervised token (nothing to learn)."""
+    cut = Tokenized(example.input_ids[:max_length], example.labels[:max_length], example.source)
+    return cut if cut.num_supervised > 0 else None
+
+
+def apply_max_length(examples: list[Tokenized], max_length: int, policy: str = "drop") -> tuple[list[Tokenized],
+                                                                                                LengthReport]:
+    """Enforce ``max_length`` on tokenized examples: drop, truncate (a cut that loses every supervised token is
+    dropped and counted as dropped) or error."""
+    return enforce_max_length(examples, max_length, policy, length=lambda ex: len(ex.input_ids),
+                              cut=lambda ex: truncated(ex, max_length))
 
 
 def pack_blocks(token_lists: list[list[int]], block_size: int, source: str = "") -> tuple[list[Tokenized], int]:

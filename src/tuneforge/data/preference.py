@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .batching import LengthReport, pad_batch
+from .batching import LengthReport, enforce_max_length, pad_batch, truncated
 from .formats import DataError, Example, Message
 from .template import IGNORE_INDEX, Tokenized, prompt_ids, render_text
 
@@ -93,58 +93,23 @@ def tokenize_prompt(tokenizer, example: Example) -> PromptItem:
     return PromptItem(prompt_ids(tokenizer, example.messages), example.messages, example.source, example.fields)
 
 
-def _cut(t: Tokenized, max_length: int) -> Tokenized:
-    return Tokenized(t.input_ids[:max_length], t.labels[:max_length], t.source)
-
-
 def pairs_within(items: list[PairItem], max_length: int, policy: str = "drop") -> tuple[list[PairItem], LengthReport]:
     """Enforce ``max_length`` on both sides of each pair: drop, truncate (keeping >= 1 response token) or error."""
-    if policy not in ("drop", "truncate", "error"):
-        raise ValueError(f"max-length policy must be drop, truncate or error, got {policy!r}")
-    report = LengthReport(total=len(items))
-    kept = []
-    for item in items:
-        n = max(len(item.chosen.input_ids), len(item.rejected.input_ids))
-        report.longest = max(report.longest, n)
-        if n <= max_length:
-            kept.append(item)
-            continue
-        report.too_long += 1
-        report.sources.append(f"{item.source} ({n} tokens)")
-        if policy == "error":
-            raise DataError(f"{item.source}: {n} tokens is longer than max_length={max_length}")
-        chosen, rejected = _cut(item.chosen, max_length), _cut(item.rejected, max_length)
-        if policy == "truncate" and chosen.num_supervised and rejected.num_supervised:
-            report.truncated += 1
-            kept.append(PairItem(chosen, rejected, item.source, item.margin))
-        else:
-            report.dropped += 1
-    if not kept:
-        raise DataError(f"no preference pair fits max_length={max_length}: {report.message(max_length)}")
-    return kept, report
+    def cut(item: PairItem) -> PairItem | None:
+        chosen, rejected = truncated(item.chosen, max_length), truncated(item.rejected, max_length)
+        if chosen is None or rejected is None:
+            return None  # a side lost every response token
+        return PairItem(chosen, rejected, item.source, item.margin)
+
+    return enforce_max_length(items, max_length, policy, what="preference pair", cut=cut,
+                              length=lambda item: max(len(item.chosen.input_ids), len(item.rejected.input_ids)))
 
 
 def prompts_within(items: list[PromptItem], max_length: int, policy: str = "drop"
                    ) -> tuple[list[PromptItem], LengthReport]:
-    """Prompts longer than ``max_length`` leave no room to answer: drop them or raise (never cut a question)."""
-    if policy not in ("drop", "truncate", "error"):
-        raise ValueError(f"max-length policy must be drop, truncate or error, got {policy!r}")
-    report = LengthReport(total=len(items))
-    kept = []
-    for item in items:
-        n = len(item.input_ids)
-        report.longest = max(report.longest, n)
-        if n < max_length:
-            kept.append(item)
-            continue
-        report.too_long += 1
-        report.sources.append(f"{item.source} ({n} tokens)")
-        if policy == "error":
-            raise DataError(f"{item.source}: the prompt's {n} tokens leave no room under max_length={max_length}")
-        report.dropped += 1
-    if not kept:
-        raise DataError(f"no prompt fits max_length={max_length}: {report.message(max_length)}")
-    return kept, report
+    """Prompts that leave no room to answer under ``max_length`` are dropped or raise (a question is never cut)."""
+    return enforce_max_length(items, max_length, policy, what="prompt", cut=None, room=1,
+                              length=lambda item: len(item.input_ids))
 
 
 def collate_pairs(items: list[PairItem], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -100,7 +100,8 @@ def tokenize_chat(tokenizer, example: Example, train_on_prompt: bool = False) ->
     messages = example.messages
     text = render_text(tokenizer, messages)
     eos = tokenizer.eos_token or ""
-    if messages[-1]["role"] == "assistant" and eos and eos not in text[len(render_text(tokenizer, messages[:-1], True)):]:
+    ends_with_answer = messages[-1]["role"] == "assistant" and bool(eos)
+    if ends_with_answer and eos not in text[len(render_text(tokenizer, messages[:-1], True)):]:
         text += eos  # the template does not close answers: EOS must end each answer so the model learns to stop
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]

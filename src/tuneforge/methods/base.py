@@ -296,9 +296,9 @@ def model_dims(model: nn.Module) -> dict[str, int]:
     """Hidden size, layers, heads and KV heads under the names configs in transformers use."""
     cfg = model.config
     cfg = getattr(cfg, "text_config", cfg)
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
-    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer")
-    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
+    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
+    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     return dict(hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim)

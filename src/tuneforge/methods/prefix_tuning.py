@@ -163,7 +163,7 @@ class PrefixInjector:
         mask = kwargs.get("attention_mask")
         if mask is not None:
             if mask.dim() != 2:
-                raise ValueError(f"prefix tuning needs a 2-D attention mask [batch, seq], got shape {tuple(mask.shape)}")
+                raise ValueError(f"prefix tuning needs a 2-D attention mask [batch, seq], got {tuple(mask.shape)}")
             kwargs["attention_mask"] = torch.cat([mask.new_ones(batch_size, n), mask], dim=1)
         # The prefix occupies positions 0..N-1 (PEFT's _adjust_prompt_learning_kwargs adds N the same way).
         for key in ("position_ids", "cache_position"):
