@@ -126,3 +126,42 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def fit(model, handle, batch: dict, steps: int, lr: float = 1e-2) -> list[float]:
+    """``steps`` AdamW steps of the method's trainable parameters on one batch; the token-mean losses, so a test
+    can check that training reduces the loss."""
+    from tuneforge.objectives.base import token_cross_entropy_sum
+
+    optimizer = torch.optim.AdamW([p for _, p in handle.trainable_parameters()], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss_sum, count = token_cross_entropy_sum(model, batch)
+        optimizer.zero_grad()
+        (loss_sum / count).backward()
+        optimizer.step()
+        losses.append(loss_sum.item() / count)
+    return losses
+
+
+def train_and_reload(tmp_path: Path, tokenizer, data: Path, method: str, options: dict):
+    """Two trainer steps of ``method`` on a tiny Llama, then the saved adapter on a fresh copy of the base must give
+    the trained model's logits exactly. Returns the training result."""
+    import copy
+
+    import tuneforge
+    from tuneforge.methods import load_adapter
+
+    config = tuneforge.load_config(None, {
+        "data": str(data), "output": str(tmp_path / "run"), "max_steps": 2, "batch_size": 4, "learning_rate": 1e-2,
+        "max_length": 64, "progress": False, "seed": 0, "warmup_steps": 0, "method": method,
+        "method_options": options})
+    result = tuneforge.train(config, make_tiny_model("llama", len(tokenizer)), copy.deepcopy(tokenizer))
+    fresh = make_tiny_model("llama", len(tokenizer))
+    load_adapter(fresh, tmp_path / "run")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    result.model.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, result.model(input_ids=ids).logits)
+    return result

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
+from conftest import fit, train_and_reload
 from tuneforge.checkpoint import TUNEFORGE_ADAPTER_META
 from tuneforge.methods import attach, get_method, load_adapter, method_for_adapter
 from tuneforge.methods.adapter import Adapter, AdapterConfig, BottleneckAdapter
-from tuneforge.objectives.base import token_cross_entropy_sum
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -123,16 +123,7 @@ def test_training_moves_only_adapters_and_disabling_restores_the_base(arch):
     assert handle.num_trainable_parameters() == 2 * LAYERS * (2 * D * 8 + 8 + D) + LAYERS * NORMS_PER_BLOCK[arch]
     base_model = tiny(arch)
     base = {k: v.clone() for k, v in base_model.state_dict().items()}
-    optimizer = torch.optim.AdamW([p for _, p in handle.trainable_parameters()], lr=1e-2)
-    batch = inputs(rows=4, length=10)
-    model.train()
-    losses = []
-    for _ in range(6):
-        loss_sum, count = token_cross_entropy_sum(model, batch)
-        optimizer.zero_grad()
-        (loss_sum / count).backward()
-        optimizer.step()
-        losses.append(loss_sum.item() / count)
+    losses = fit(model, handle, inputs(rows=4, length=10), steps=6)
     assert losses[-1] < losses[0] - 0.1
     model.eval()
     own = model.state_dict()
@@ -212,20 +203,6 @@ def test_config_validation_and_routing():
 
 def test_trains_through_the_trainer_and_reloads(tmp_path, tokenizer, sft_file):
     """Through the trainer, saved, reloaded with equal logits."""
-    import copy
-
-    import tuneforge
-    from conftest import make_tiny_model
-
     options = {"placement": "houlsby", "reduction_factor": 4, "train_layer_norms": True}
-    config = tuneforge.load_config(None, dict(
-        data=str(sft_file), output=str(tmp_path / "run"), max_steps=2, batch_size=4, learning_rate=1e-2,
-        max_length=64, progress=False, seed=0, warmup_steps=0, method="adapter", method_options=options))
-    result = tuneforge.train(config, make_tiny_model("llama", len(tokenizer)), copy.deepcopy(tokenizer))
+    result = train_and_reload(tmp_path, tokenizer, sft_file, "adapter", options)
     assert result.steps == 2 and result.metrics["trainable_params"] == 2 * LAYERS * (2 * D * 8 + 8 + D) + LAYERS * 2 * D
-    fresh = make_tiny_model("llama", len(tokenizer))
-    load_adapter(fresh, tmp_path / "run")
-    ids = torch.tensor([[5, 6, 7, 8, 9]])
-    result.model.eval()
-    with torch.no_grad():
-        assert torch.equal(fresh(input_ids=ids).logits, result.model(input_ids=ids).logits)

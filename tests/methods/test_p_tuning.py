@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from conftest import fit, train_and_reload
 from tuneforge.checkpoint import TUNEFORGE_ADAPTER_META
 from tuneforge.data.batching import left_pad
 from tuneforge.generate import generate_ids
 from tuneforge.methods import attach, get_method, load_adapter, method_for_adapter
 from tuneforge.methods.p_tuning import PTuning, PTuningConfig
-from tuneforge.objectives.base import token_cross_entropy_sum
 
 peft = pytest.importorskip("peft")
 # Noise from the oracle: PEFT drops position ids of prompt methods, and calls a deprecated transformers API.
@@ -148,17 +148,8 @@ def test_training_moves_only_the_encoder_and_disabling_restores_the_base():
     base_model = tiny("gpt2")
     base = {k: v.clone() for k, v in base_model.state_dict().items()}
     before = {n: p.detach().clone() for n, p in handle.trainable_parameters()}
-    optimizer = torch.optim.AdamW([p for _, p in handle.trainable_parameters()], lr=1e-2)
     ids, mask, labels = batch(rows=4, length=10)
-    data = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    model.train()
-    losses = []
-    for _ in range(8):
-        loss_sum, count = token_cross_entropy_sum(model, data)
-        optimizer.zero_grad()
-        (loss_sum / count).backward()
-        optimizer.step()
-        losses.append(loss_sum.item() / count)
+    losses = fit(model, handle, {"input_ids": ids, "attention_mask": mask, "labels": labels}, steps=8)
     assert losses[-1] < losses[0] - 0.1
     own = model.state_dict()
     assert all(torch.equal(own[k], v) for k, v in base.items())
@@ -185,21 +176,7 @@ def test_config_options_and_routing():
 
 def test_trains_through_the_trainer_and_reloads(tmp_path, tokenizer, sft_file):
     """Through the trainer, saved, reloaded (as a fixed prompt) with equal logits."""
-    import copy
-
-    import tuneforge
-    from conftest import make_tiny_model
-
-    options = {"num_virtual_tokens": 4, "encoder_hidden_size": 16}
-    config = tuneforge.load_config(None, dict(
-        data=str(sft_file), output=str(tmp_path / "run"), max_steps=2, batch_size=4, learning_rate=1e-2,
-        max_length=64, progress=False, seed=0, warmup_steps=0, method="p_tuning", method_options=options))
-    result = tuneforge.train(config, make_tiny_model("llama", len(tokenizer)), copy.deepcopy(tokenizer))
+    result = train_and_reload(tmp_path, tokenizer, sft_file, "p_tuning",
+                              {"num_virtual_tokens": 4, "encoder_hidden_size": 16})
     encoder = (32 * 16 + 16) + (16 * 16 + 16) + (16 * 32 + 32)  # the MLP's three linear layers
     assert result.steps == 2 and result.metrics["trainable_params"] == 4 * 32 + encoder
-    fresh = make_tiny_model("llama", len(tokenizer))
-    load_adapter(fresh, tmp_path / "run")
-    ids = torch.tensor([[5, 6, 7, 8, 9]])
-    result.model.eval()
-    with torch.no_grad():
-        assert torch.equal(fresh(input_ids=ids).logits, result.model(input_ids=ids).logits)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
+from conftest import train_and_reload
 from tuneforge.checkpoint import TUNEFORGE_ADAPTER_META
 from tuneforge.generate import generate_ids
 from tuneforge.methods import attach, get_method, load_adapter, method_for_adapter
@@ -368,20 +369,6 @@ def test_run_config_routes_options():
 
 def test_trains_through_the_trainer_and_reloads(tmp_path, tokenizer, sft_file):
     """Through the trainer (which binds its tokenizer: TEXT init needs it), saved, reloaded with equal logits."""
-    import copy
-
-    import tuneforge
-    from conftest import make_tiny_model
-
     options = {"num_virtual_tokens": 4, "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "Say it in words"}
-    config = tuneforge.load_config(None, dict(
-        data=str(sft_file), output=str(tmp_path / "run"), max_steps=2, batch_size=4, learning_rate=1e-2,
-        max_length=64, progress=False, seed=0, warmup_steps=0, method="prompt_tuning", method_options=options))
-    result = tuneforge.train(config, make_tiny_model("llama", len(tokenizer)), copy.deepcopy(tokenizer))
+    result = train_and_reload(tmp_path, tokenizer, sft_file, "prompt_tuning", options)
     assert result.steps == 2 and result.metrics["trainable_params"] == 4 * 32
-    fresh = make_tiny_model("llama", len(tokenizer))
-    load_adapter(fresh, tmp_path / "run")
-    ids = torch.tensor([[5, 6, 7, 8, 9]])
-    result.model.eval()
-    with torch.no_grad():
-        assert torch.equal(fresh(input_ids=ids).logits, result.model(input_ids=ids).logits)
