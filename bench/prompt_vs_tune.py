@@ -13,7 +13,7 @@ Rows, all scored on the same held-out records:
   most TF-IDF-similar to the query;
 * ``prompt tuning``  virtual tokens initialised from the best hard prompt's text (``prompt_tuning_init: TEXT``; as
   many tokens as that text has, or ``--num-virtual-tokens``), trained on the training split;
-* ``LoRA``  r=16, alpha=32, all linear layers (the demo's settings), same steps, batches and data.
+* ``LoRA``  r=8, alpha=16, all linear layers (the demo's settings), same steps, batches and data.
 
 Exact match, the same function for every row: the greedy generation, stripped, equals the reference after runs of
 whitespace become one space (``tuneforge.evaluate.normalise_answer``, what ``tuneforge train`` reports as
@@ -52,7 +52,7 @@ from tuneforge.prompting.template import _PLACEHOLDER  # noqa: E402
 from tuneforge.trainer import DEMO_DIR, train  # noqa: E402
 
 DEFAULT_TEMPLATES = ["zero_shot", "role_expert", str(ROOT / "examples" / "prompting" / "dates_zero_shot.yaml")]
-LORA_OPTIONS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}  # demo.yaml
+LORA_OPTIONS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"}  # demo.yaml
 
 Loader = Callable[[], tuple[Any, Any]]  # () -> a fresh (model, tokenizer)
 
