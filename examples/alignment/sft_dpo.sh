@@ -10,6 +10,8 @@ SFT_STEPS=${SFT_STEPS:-20}         # LoRA SFT steps (batch 8) on the demo's 400 
 DPO_STEPS=${DPO_STEPS:-20}         # DPO steps (batch 8 pairs)
 DPO_BETA=${DPO_BETA:-0.1}
 DPO_LR=${DPO_LR:-5e-4}
+DPO_RPO_ALPHA=${DPO_RPO_ALPHA:-0}  # > 0 adds the chosen answers' NLL (RPO), which keeps them likely
+DPO_OUT=${DPO_OUT:-dpo}
 TF=${TF:-tuneforge}                # e.g. TF=".venv/bin/tuneforge"
 DATA=examples/alignment/data
 
@@ -25,12 +27,12 @@ fi
 # 3. DPO on the preference pairs; eval_rewards/accuracies on the held-out pairs land in metrics.jsonl.
 $TF train --model "$RUNS/sft-merged" --method lora --objective dpo \
     --data "$DATA/prefs_train.jsonl" --eval-data "$DATA/prefs_eval.jsonl" \
-    --dpo-beta "$DPO_BETA" --dpo-precompute-ref-log-probs true \
+    --dpo-beta "$DPO_BETA" --dpo-rpo-alpha "$DPO_RPO_ALPHA" --dpo-precompute-ref-log-probs true \
     --max-steps "$DPO_STEPS" --batch-size 8 --learning-rate "$DPO_LR" --warmup-steps 2 \
-    --output "$RUNS/dpo" --overwrite true
+    --output "$RUNS/$DPO_OUT" --overwrite true
 
 # 4. Held-out exact match before (the SFT model) and after DPO.
 $TF eval --model "$RUNS/sft-merged" --data src/tuneforge/assets/demo/eval.jsonl --max-new-tokens 16 --json
-$TF eval --model "$RUNS/sft-merged" --adapter "$RUNS/dpo" --data src/tuneforge/assets/demo/eval.jsonl \
+$TF eval --model "$RUNS/sft-merged" --adapter "$RUNS/$DPO_OUT" --data src/tuneforge/assets/demo/eval.jsonl \
     --max-new-tokens 16 --json
-tail -n 1 "$RUNS/dpo/metrics.jsonl"
+tail -n 1 "$RUNS/$DPO_OUT/metrics.jsonl"

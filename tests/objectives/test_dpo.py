@@ -19,13 +19,14 @@ from tuneforge.data.template import IGNORE_INDEX, ensure_chat_template, prompt_i
 from tuneforge.methods import attach
 from tuneforge.methods.lora import LoRAConfig
 from tuneforge.objectives import TrainContext, get_objective
-from tuneforge.objectives.dpo import DPO, dpo_loss
+from tuneforge.objectives.dpo import DPO, chosen_nll, dpo_loss
 from tuneforge.trainer import Trainer, training_examples
 
 # -- TRL oracle: DPOTrainer._compute_loss run on given per-token log-probs ---------------------------------
 
 
-def trl_dpo(per_token_logps, completion_mask, ref_chosen, ref_rejected, loss_type, beta, label_smoothing=0.0):
+def trl_dpo(per_token_logps, completion_mask, ref_chosen, ref_rejected, loss_type, beta, label_smoothing=0.0,
+            loss_weights=None):
     """TRL's own loss code, fed through a stand-in model whose output *is* the per-token log-probs."""
     from trl.trainer.dpo_trainer import DPOTrainer
 
@@ -36,7 +37,8 @@ def trl_dpo(per_token_logps, completion_mask, ref_chosen, ref_rejected, loss_typ
     accelerator = SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x)
     trainer = SimpleNamespace(
         model=SimpleNamespace(training=True), accelerator=accelerator, aux_loss_enabled=False, ld_alpha=None,
-        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0],
+        precompute_ref_logps=True, f_divergence_type="reverse_kl",
+        loss_types=loss_type if isinstance(loss_type, list) else [loss_type], loss_weights=loss_weights or [1.0],
         beta=beta, label_smoothing=label_smoothing, use_weighting=False, _metrics={"train": defaultdict(list)},
         _total_train_tokens=0, _tp_size=1)
     inputs = {"input_ids": torch.zeros(n, completion_mask.shape[1], dtype=torch.long),
@@ -76,6 +78,22 @@ def test_loss_and_gradient_match_trl(loss_type, beta):
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-8)
     assert a.grad.abs().sum() > 0
+
+
+def test_rpo_matches_trl_sigmoid_plus_sft():
+    """RPO: DPO plus rpo_alpha x the chosen responses' token-mean NLL, as TRL's loss_type ["sigmoid", "sft"]."""
+    pytest.importorskip("trl")
+    token_logps, mask, ref_c, ref_r = random_pairs(pairs=4, seed=2)
+    a, b = token_logps.clone().requires_grad_(), token_logps.clone().requires_grad_()
+    expected = trl_dpo(a, mask, ref_c, ref_r, ["sigmoid", "sft"], 0.1, loss_weights=[1.0, 0.7])
+    chosen_lengths = mask.sum(1).chunk(2)[0]
+    response_logps = (b * mask[:, 1:]).sum(1)  # as sequence_logps: response tokens only
+    got = ours(b, mask, ref_c, ref_r, beta=0.1) + 0.7 * chosen_nll(response_logps.chunk(2)[0], chosen_lengths)
+    expected.backward()
+    got.backward()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-8)
+    assert not torch.isclose(got, ours(token_logps, mask, ref_c, ref_r, beta=0.1))  # the term is really there
 
 
 @pytest.mark.parametrize("label_smoothing", [0.1, 0.3])
@@ -167,6 +185,26 @@ def test_step0_loss_is_log2_with_lora(chat_tokenizer, arch, precompute):
     assert metrics["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
 
 
+def test_rpo_adds_the_chosen_nll_per_pair(chat_tokenizer):
+    """At step 0 (policy = reference) the loss per pair is log 2 + rpo_alpha x the chosen token-mean NLL."""
+    from tuneforge.objectives.base import sequence_logps
+
+    model = make_tiny_model("llama", len(chat_tokenizer))
+    handle = attach(model, LoRAConfig(r=4))
+    obj = DPO(chat_tokenizer, {"rpo_alpha": 0.5})
+    batch = obj.collate(obj.prepare(examples(), 256))
+    ctx = TrainContext(handle=handle)
+    obj.setup(model, ctx)
+    loss, metrics = obj.loss(model, batch, ctx)
+    pairs = obj.units(batch)
+    with torch.no_grad():
+        chosen = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).chunk(2)[0]
+    tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).chunk(2)[0].sum()
+    nll = (-chosen.sum() / tokens).item()
+    assert nll > 0.5 and metrics["nll/chosen"] / pairs == pytest.approx(nll, rel=1e-5)
+    assert loss.item() / pairs == pytest.approx(math.log(2) + 0.5 * nll, rel=1e-5)
+
+
 def test_full_finetuning_uses_the_separate_reference(chat_tokenizer):
     model = make_tiny_model("llama", len(chat_tokenizer))
     reference = copy.deepcopy(model).requires_grad_(False)
@@ -228,5 +266,7 @@ def test_registered_and_options_validated(chat_tokenizer):
         DPO(chat_tokenizer, {"loss_type": "ipo", "label_smoothing": 0.1})
     with pytest.raises(ValueError, match="loss_type"):
         DPO(chat_tokenizer, {"loss_type": "hinge"})
+    with pytest.raises(ValueError, match="rpo_alpha"):
+        DPO(chat_tokenizer, {"rpo_alpha": -1})
     with pytest.raises(DataError, match="cannot be used for DPO"):
         DPO(chat_tokenizer).prepare([normalise({"instruction": "a", "output": "b"}, "alpaca", "f.jsonl:3")], 64)

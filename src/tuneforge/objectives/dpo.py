@@ -8,7 +8,9 @@ log-probabilities are computed once before training and the reference costs noth
 
 Variants: ``label_smoothing`` ε > 0 is conservative DPO (Mitchell 2023: the labels are flipped with
 probability ε); ``loss_type: ipo`` is IPO (Azar et al. 2023, eq. 17), with log-ratios averaged per token as
-TRL does (checked with the IPO authors, per TRL's comment).
+TRL does (checked with the IPO authors, per TRL's comment). ``rpo_alpha`` > 0 adds the chosen responses' negative
+log-likelihood (RPO, Pang et al. 2024, arXiv:2404.19733): DPO alone can lower the likelihood of *both* answers
+while it widens their margin, and the NLL term keeps the chosen answer likely.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ class DPOConfig(ObjectiveConfig):
     """sigmoid: DPO's logistic loss; ipo: IPO's squared loss, which does not push margins to infinity."""
     label_smoothing: float = 0.0
     """Conservative DPO: the assumed probability that a pair's label is wrong, in [0, 0.5) (sigmoid only)."""
+    rpo_alpha: float = 0.0
+    """Weight of the chosen responses' mean token NLL added to the loss (RPO; TRL: loss_type=["sigmoid", "sft"],
+    loss_weights=[1, rpo_alpha]). 0 is plain DPO; ~1 keeps the chosen answers' likelihood from falling."""
     precompute_ref_log_probs: bool = False
     """Score every pair with the reference once before training, instead of a no-grad forward per step:
     cheaper from the second epoch on, and the only reference forward a full fine-tune needs."""
@@ -58,6 +63,8 @@ class DPOConfig(ObjectiveConfig):
             raise ValueError(f"dpo label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.loss_type == "ipo" and self.label_smoothing:
             raise ValueError("dpo label_smoothing applies to the sigmoid loss only, not to ipo")
+        if self.rpo_alpha < 0:
+            raise ValueError(f"dpo rpo_alpha must be >= 0, got {self.rpo_alpha}")
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -84,6 +91,11 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     else:
         raise ValueError(f"unknown dpo loss_type {loss_type!r}; expected sigmoid or ipo")
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def chosen_nll(policy_chosen: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """RPO's term: the negative log-likelihood per token over all chosen responses of the batch (TRL's "sft")."""
+    return -policy_chosen.sum() / chosen_lengths.sum().clamp(min=1)
 
 
 @register
@@ -145,7 +157,15 @@ class DPO(PairObjective):
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, c.beta, c.loss_type, c.label_smoothing,
             chosen_lengths, rejected_lengths)
         loss = losses.sum()
+        metrics = {}
+        if c.rpo_alpha:
+            # The token mean over the micro-batch's chosen responses (TRL's "sft" loss), once per pair: the
+            # trainer divides the summed loss by the number of pairs.
+            nll = chosen_nll(policy_chosen, chosen_lengths)
+            loss = loss + c.rpo_alpha * nll * len(policy_chosen)
+            metrics["nll/chosen"] = nll.item() * len(policy_chosen)
         return loss, {
+            **metrics,
             "loss": loss.item(),
             "rewards/chosen": chosen_rewards.sum().item(),
             "rewards/rejected": rejected_rewards.sum().item(),
