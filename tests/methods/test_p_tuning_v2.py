@@ -116,3 +116,36 @@ def test_trains_the_deep_prompt_only_and_disables_exactly(arch):
     assert all(torch.equal(p, base_params[n]) for n, p in model.named_parameters() if not n.startswith("prefix_"))
     with handle.disabled():
         assert torch.equal(logits(model), logits(base))
+
+
+def test_prefix_init_defaults_resolve_per_method():
+    from tuneforge.methods.prefix_tuning import PrefixTuningConfig
+
+    assert PTuningV2Config(num_virtual_tokens=N).prefix_init == "vocab"
+    assert PTuningV2Config(num_virtual_tokens=N, prefix_projection=True).prefix_init == "random"  # MLP output
+    assert PrefixTuningConfig(num_virtual_tokens=N).prefix_init == "random"  # PEFT's, for Prefix Tuning
+    with pytest.raises(ValueError, match="prefix_projection false"):
+        PrefixTuningConfig(num_virtual_tokens=N, prefix_init="vocab")
+    with pytest.raises(ValueError, match="random or vocab"):
+        PTuningV2Config(num_virtual_tokens=N, prefix_init="text")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_vocab_init_prefix_is_the_models_own_cache_of_real_tokens(arch):
+    """The vocab-initialised prefix is the model's own keys/values for N tokens: at step 0 the model with the prefix
+    gives exactly the logits of the base model reading those N tokens first."""
+    base = tiny(arch)
+    model = copy.deepcopy(base)
+    torch.manual_seed(3)
+    tokens = torch.randint(0, VOCAB, (1, N))
+    torch.manual_seed(3)  # attach draws the same N tokens
+    attach(model, PTuningV2Config(num_virtual_tokens=N))
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        expected = base(input_ids=torch.cat([tokens.repeat(2, 1), ids], dim=1)).logits[:, N:]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    random_init = copy.deepcopy(base)
+    attach(random_init, PTuningV2Config(num_virtual_tokens=N, prefix_init="random"))
+    with torch.no_grad():  # and the N(0, 1) prefix is far from it: the test can fail
+        assert (random_init(input_ids=ids).logits - expected).abs().max() > 1e-2

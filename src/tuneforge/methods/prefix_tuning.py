@@ -43,6 +43,7 @@ class PrefixTuningConfig(MethodConfig):
     """Options of Prefix Tuning (names as in PEFT's ``PrefixTuningConfig``)."""
 
     method: ClassVar[str] = "prefix_tuning"
+    default_prefix_init: ClassVar[str] = "random"
 
     num_virtual_tokens: int = 20
     """Length N of the prefix every layer attends to. The paper's best lengths were ~10 for table-to-text and
@@ -52,6 +53,12 @@ class PrefixTuningConfig(MethodConfig):
     prefix itself (P-Tuning v2)."""
     encoder_hidden_size: int | None = None
     """Hidden width h of the reparameterisation MLP; None uses the key/value width d, as PEFT does."""
+    prefix_init: str | None = None
+    """How a directly trained prefix (prefix_projection false) starts; None: the method's default (random here,
+    vocab for P-Tuning v2; always random through the MLP). "random": N(0, 1), as PEFT and the papers' code.
+    "vocab": the frozen model's own keys and values for N random vocabulary tokens, so at step 0 the model sees
+    what looks like N real tokens before the input (Li & Liang §7: real activations beat random ones), instead
+    of N(0, 1) keys that swamp every layer's attention."""
 
     def __post_init__(self):
         if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
@@ -62,6 +69,13 @@ class PrefixTuningConfig(MethodConfig):
             not isinstance(self.encoder_hidden_size, int) or self.encoder_hidden_size <= 0
         ):
             raise ValueError(f"encoder_hidden_size must be a positive integer, got {self.encoder_hidden_size!r}")
+        if self.prefix_init is None:
+            self.prefix_init = "random" if self.prefix_projection else self.default_prefix_init
+        if self.prefix_init not in ("random", "vocab"):
+            raise ValueError(f"prefix_init must be random or vocab, got {self.prefix_init!r}")
+        if self.prefix_init != "random" and self.prefix_projection:
+            raise ValueError("prefix_init vocab sets the prefix itself: it needs prefix_projection false (the MLP's "
+                             "output cannot be set)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,12 +267,30 @@ def attach_prefix(model: nn.Module, config: PrefixTuningConfig) -> PrefixEncoder
     check_architecture(model)
     freeze(model)
     shape = PrefixShape.of(model)
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    tokens = torch.randint(0, vocab_size, (1, config.num_virtual_tokens)) if config.prefix_init == "vocab" else None
     encoder = PrefixEncoder(config.num_virtual_tokens, shape, config.prefix_projection,
                             config.encoder_hidden_size or shape.token_dim,
                             device=model.get_input_embeddings().weight.device)
+    if tokens is not None:
+        with torch.no_grad():
+            encoder.embedding.weight.copy_(own_key_values(model, tokens.to(encoder.embedding.weight.device)))
     # A submodule, so the trainer's optimiser, .to() and the trainable-parameter count all see it.
     model.prefix_encoder = encoder
     return encoder
+
+
+@torch.no_grad()
+def own_key_values(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The flat prefix ``[N, num_layers·2·token_dim]`` that reproduces the model's own cache for ``tokens``
+    ``[1, N]`` at positions 0..N-1: the inverse of ``PrefixEncoder.key_values``."""
+    was_training = model.training
+    model.eval()
+    cache = model(input_ids=tokens, use_cache=True).past_key_values
+    model.train(was_training)
+    per_layer = [t[0] for layer in cache.layers for t in (layer.keys, layer.values)]  # [kv_heads, N, head_dim] each
+    stacked = torch.stack(per_layer)  # [num_layers·2, kv_heads, N, head_dim]
+    return stacked.permute(2, 0, 1, 3).reshape(tokens.shape[1], -1).float()
 
 
 def config_from_peft(data: dict[str, Any], model: nn.Module) -> dict[str, Any]:
@@ -270,8 +302,9 @@ def config_from_peft(data: dict[str, Any], model: nn.Module) -> dict[str, Any]:
     if saved != (shape.num_layers, shape.num_kv_heads, shape.token_dim):
         raise ValueError(f"prefix adapter shape (num_layers, num_attention_heads, token_dim) = {saved} does not fit "
                          f"this model: {(shape.num_layers, shape.num_kv_heads, shape.token_dim)}")
+    # The saved values replace the initial prefix, so the cheap random init is enough.
     return dict(num_virtual_tokens=data["num_virtual_tokens"], prefix_projection=bool(data.get("prefix_projection")),
-                encoder_hidden_size=data.get("encoder_hidden_size"))
+                encoder_hidden_size=data.get("encoder_hidden_size"), prefix_init="random")
 
 
 @register
