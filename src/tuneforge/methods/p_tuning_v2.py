@@ -50,4 +50,4 @@ class PTuningV2(PrefixTuning):
     name = "p_tuning_v2"
     config_class = PTuningV2Config
     aliases = ("ptuning_v2", "deep_prompt_tuning")
-    default_learning_rate = 1e-2  # raw N(0, 1) prefixes need large steps (the authors use 5e-3..1e-2)
+    default_learning_rate = 1e-2  # the raw prefix has no MLP to amplify updates (the authors use 5e-3..1e-2)
