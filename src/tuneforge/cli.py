@@ -93,9 +93,9 @@ def cmd_train(args: argparse.Namespace, extra: list[str] = ()) -> int:
           f"({100 * m['trainable_params'] / m['total_params']:.3f}%)")
     if "loss" in m:
         print(f"final train loss: {m['loss']:.4f}" + (f", eval loss: {m['eval_loss']:.4f}" if "eval_loss" in m else ""))
-    changes = [f"{key[5:]} {m[key.replace('eval_', 'eval_before_', 1)]:.4g} -> {m[key]:.4g}" for key in m
-               if key.startswith("eval_") and not key.startswith("eval_before_")
-               and key.replace("eval_", "eval_before_", 1) in m]
+    before = {k[len("eval_before_"):]: v for k, v in m.items() if k.startswith("eval_before_")}
+    changes = [f"{name} {value:.4g} -> {m['eval_' + name]:.4g}" for name, value in before.items()
+               if f"eval_{name}" in m]
     if changes:
         print("held-out eval, before -> after: " + ", ".join(changes))
     if "exact_match_after" in m:

@@ -41,7 +41,10 @@ ASSETS = Path(__file__).parent / "assets"
 DEMO_DIR = ASSETS / "demo"
 
 
-UNITS_KEY = "_units"  # a micro-batch's loss units, counted on the host before the batch moves to the device
+# A micro-batch's loss units and tokens, counted on the host before the batch moves to the device: reading them
+# back from the device would stall the step.
+UNITS_KEY = "_units"
+TOKENS_KEY = "_tokens"
 
 
 class TrainingDiverged(RuntimeError):
@@ -235,8 +238,9 @@ class Trainer:
             items = [self.train_items[i] for i in sampler.take(c.micro_batch)]
             batch = self.objective.collate(items)
             units = self.objective.units(batch)  # counted on the CPU copy: no device sync in the step
+            tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            batch[UNITS_KEY] = units
+            batch[UNITS_KEY], batch[TOKENS_KEY] = units, tokens
             out.append(batch)
         return out
 
@@ -281,7 +285,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         out = {k: float(v) / total_units for k, v in sums.items()}
         out["units"] = total_units
-        out["tokens"] = sum(int(b["attention_mask"].sum()) for b in batches if "attention_mask" in b)
+        out["tokens"] = sum(b[TOKENS_KEY] if TOKENS_KEY in b else int(b["attention_mask"].sum())
+                            for b in batches if TOKENS_KEY in b or "attention_mask" in b)
         if grad_norm is not None:
             out["grad_norm"] = grad_norm
         return out

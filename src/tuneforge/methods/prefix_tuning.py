@@ -268,6 +268,7 @@ def attach_prefix(model: nn.Module, config: PrefixTuningConfig) -> PrefixEncoder
     freeze(model)
     shape = PrefixShape.of(model)
     vocab_size = model.get_input_embeddings().weight.shape[0]
+    # Drawn before the encoder's own random init, so the seed alone fixes which tokens the prefix imitates.
     tokens = torch.randint(0, vocab_size, (1, config.num_virtual_tokens)) if config.prefix_init == "vocab" else None
     encoder = PrefixEncoder(config.num_virtual_tokens, shape, config.prefix_projection,
                             config.encoder_hidden_size or shape.token_dim,

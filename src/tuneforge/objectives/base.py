@@ -80,6 +80,8 @@ class Objective:
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: TrainContext
              ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss summed over the batch's units, and metric sums. Metrics may be detached 0-d tensors: the
+        trainer adds them up on the device and reads them once per optimiser step, so no metric forces a sync."""
         raise NotImplementedError
 
     def setup(self, model: nn.Module, ctx: TrainContext) -> None:

@@ -163,14 +163,14 @@ class DPO(PairObjective):
             # trainer divides the summed loss by the number of pairs.
             nll = chosen_nll(policy_chosen, chosen_lengths)
             loss = loss + c.rpo_alpha * nll * len(policy_chosen)
-            metrics["nll/chosen"] = nll.item() * len(policy_chosen)
+            metrics["nll/chosen"] = nll.detach() * len(policy_chosen)
         return loss, {
             **metrics,
-            "loss": loss.item(),
-            "rewards/chosen": chosen_rewards.sum().item(),
-            "rewards/rejected": rejected_rewards.sum().item(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).sum().item(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).sum().item(),
-            "logps/chosen": policy_chosen.detach().sum().item(),
-            "logps/rejected": policy_rejected.detach().sum().item(),
+            "loss": loss.detach(),
+            "rewards/chosen": chosen_rewards.sum(),
+            "rewards/rejected": rejected_rewards.sum(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).sum(),
+            "logps/chosen": policy_chosen.detach().sum(),
+            "logps/rejected": policy_rejected.detach().sum(),
         }

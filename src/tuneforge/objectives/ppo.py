@@ -412,8 +412,7 @@ class PPO(Objective):
             entropy = torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
         loss = losses.sum()
         units = int(keep.sum())
-        metrics = {"loss": loss.item(), "entropy": entropy.sum().item(),
-                   **{k: v.sum().item() for k, v in stats.items()}}
+        metrics = {"loss": loss.detach(), "entropy": entropy.sum(), **{k: v.detach().sum() for k, v in stats.items()}}
         # Rollout statistics are one number per step; the trainer divides metric sums by the step's units,
         # so they travel as value × units.
         metrics.update({k: v * units for k, v in batch["rollout_stats"].items()})

@@ -119,8 +119,8 @@ class Reward(PairObjective):
         losses = reward_loss(chosen, rejected, batch.get("margin"), self.config.center_rewards_coefficient)
         loss = losses.sum()
         c, r = chosen.detach(), rejected.detach()
-        return loss, {"loss": loss.item(), "accuracy": (c > r).sum().item(), "rewards/chosen": c.sum().item(),
-                      "rewards/rejected": r.sum().item(), "rewards/margins": (c - r).sum().item()}
+        return loss, {"loss": loss.detach(), "accuracy": (c > r).sum(), "rewards/chosen": c.sum(),
+                      "rewards/rejected": r.sum(), "rewards/margins": (c - r).sum()}
 
     def save(self, directory) -> None:
         save_reward_head(self.head, directory, getattr(self.tokenizer, "chat_template", None))
