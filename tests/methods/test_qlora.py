@@ -263,3 +263,157 @@ def test_config_checks_and_registry():
     bnb_config = qlora_quantization_config(QLoRAConfig(), torch.bfloat16)
     assert (bnb_config.load_in_4bit, bnb_config.bnb_4bit_quant_type, bnb_config.bnb_4bit_use_double_quant,
             bnb_config.bnb_4bit_compute_dtype) == (True, "nf4", True, torch.bfloat16)
+
+
+# -- bitsandbytes' packed CPU layout (AVX-512 BF16) ---------------------------------------------------------------
+# bitsandbytes repacks a 4-bit layer for a bf16 inference kernel during a gradient-free eval pass on CPUs with
+# AVX-512 BF16; tuneforge keeps that layout off (methods/qlora.py says why). The conversion itself is plain torch,
+# so the tests force it on every CPU; the kernel that runs on packed weights exists only on AVX-512 BF16 CPUs.
+
+def has_avx512bf16() -> bool:
+    import bitsandbytes.functional as F
+
+    return bool(getattr(F, "has_avx512bf16", lambda: False)())
+
+
+def fits_cpu_packed_layout(layer: nn.Module) -> bool:
+    """bitsandbytes' own conditions in _convert_weight_packed_for_cpu (block_n 32, whole blocks per row)."""
+    out_features, in_features = layer.weight.quant_state.shape
+    return out_features % 32 == 0 and in_features % layer.weight.blocksize == 0
+
+
+def force_cpu_packing_(model: nn.Module) -> int:
+    """Pack every layer bitsandbytes could pack, as its Linear4bit.forward does on an AVX-512 BF16 CPU."""
+    import bitsandbytes.functional as F
+
+    packed = 0
+    for layer in model.modules():
+        if type(layer).__name__ == "Linear4bit" and fits_cpu_packed_layout(layer):
+            layer.weight.data, layer.weight.quant_state = F._convert_weight_packed_for_cpu(
+                layer.weight.data, layer.weight.quant_state)
+            packed += 1
+    return packed
+
+
+def four_bit_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n.removesuffix(".base_layer"): m for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"}
+
+
+def round_scales_to_bf16_(model: nn.Module) -> None:
+    """What packing does to the block scales (without double quantisation), for a reference that never packed."""
+    for layer in four_bit_layers(model).values():
+        layer.weight.quant_state.absmax = layer.weight.quant_state.absmax.bfloat16().float()
+
+
+def odd_llama(hidden: int = 48, intermediate: int = 80, seed: int = 0) -> nn.Module:
+    """Shapes bitsandbytes' packed conversion cannot take: in_features below the block size, out_features not a
+    multiple of 32 (they crashed inside bitsandbytes before)."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=intermediate,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+
+
+def lora_grads(model: nn.Module, handle, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.train()
+    model(input_ids=x, labels=x).loss.backward()
+    grads = {n: p.grad.clone() for n, p in handle.trainable_parameters()}
+    model.zero_grad()
+    return grads
+
+
+@pytest.mark.parametrize("shape", [(48, 80), (32, 64), (64, 128)])
+def test_any_layer_shape_evaluates_generates_and_trains(shape):
+    model = odd_llama(*shape)
+    handle = attach(model, QLoRAConfig(r=4, init_lora_weights=False))
+    x = tokens(length=8)
+    model.eval()
+    with torch.no_grad():  # the gradient-free eval pass that made bitsandbytes pack (and crash on odd shapes)
+        before = model(x).logits
+        out = model.generate(x, max_new_tokens=4, do_sample=False)
+    assert out.shape == (2, 12)
+    assert handle.summary()["quantization"]["cpu_packed_layers"] == 0
+    grads = lora_grads(model, handle, x)
+    assert all(g.abs().sum() > 0 for g in grads.values())
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, before)
+
+
+def test_an_eval_pass_leaves_the_training_gradients_unchanged():
+    # Packable shapes: on an AVX-512 BF16 CPU bitsandbytes' default would pack here, and the packed matmul has no
+    # backward, so the LoRA factors below each packed layer would get a gradient without the base path's share.
+    x = tokens(length=8)
+    fresh = odd_llama(64, 128)
+    fresh_handle = attach(fresh, QLoRAConfig(r=4, init_lora_weights=False))
+    evaluated = odd_llama(64, 128)
+    evaluated_handle = attach(evaluated, QLoRAConfig(r=4, init_lora_weights=False))
+    evaluated.eval()
+    with torch.no_grad():
+        evaluated(x)
+    expected, got = lora_grads(fresh, fresh_handle, x), lora_grads(evaluated, evaluated_handle, x)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_attach_unpacks_a_model_bitsandbytes_packed(double_quant):
+    """A 4-bit model that ran bitsandbytes' CPU inference kernel before QLoRA was attached (forced on every CPU)."""
+    config = QLoRAConfig(r=4, bnb_4bit_use_double_quant=double_quant)
+    reference, model = odd_llama(64, 128), odd_llama(64, 128)
+    quantize_model_(reference, config)
+    quantize_model_(model, config)
+    if not double_quant:  # packing rounds the block scales to bf16 for good; the rest must come back exactly
+        round_scales_to_bf16_(reference)
+    assert force_cpu_packing_(model) == 14  # every projection of this shape fits the packed layout
+    assert quantization_summary(model)["cpu_packed_layers"] == 14
+
+    handle = attach(model, config)
+    assert handle.summary()["quantization"]["cpu_packed_layers"] == 0
+    x = tokens()
+    with torch.no_grad():
+        expected, got = reference.eval()(x).logits, model.eval()(x).logits
+    if double_quant:
+        # bitsandbytes' way back re-quantises the 8-bit scales from their de-quantised values: close, not exact.
+        assert (got - expected).abs().max() < 0.02 * expected.std()
+    else:
+        assert torch.equal(got, expected)
+        restored, original = four_bit_layers(model), four_bit_layers(reference)
+        assert restored.keys() == original.keys()
+        for name, layer in original.items():
+            assert torch.equal(restored[name].weight.data, layer.weight.data), name
+            assert torch.equal(restored[name].weight.quant_state.absmax, layer.weight.quant_state.absmax), name
+
+
+def test_merge_dequantises_a_packed_layer_exactly():
+    config = QLoRAConfig(r=4, init_lora_weights=False, bnb_4bit_use_double_quant=False)
+    unpacked, packed = odd_llama(64, 128), odd_llama(64, 128)
+    handles = [attach(m, config) for m in (unpacked, packed)]
+    handles[1].load_state_dict(handles[0].state_dict())
+    round_scales_to_bf16_(unpacked)
+    assert force_cpu_packing_(packed) == 14  # as if something ran bitsandbytes' kernel after attach
+    merged = [merge_to_16bit(h, torch.float32) for h in handles]
+    for a, b in zip(merged[0].state_dict().values(), merged[1].state_dict().values()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not has_avx512bf16(), reason="bitsandbytes packs 4-bit weights only on AVX-512 BF16 CPUs")
+def test_a_transformers_4bit_model_that_bitsandbytes_packed_trains_correctly(tmp_path):
+    """The real path on this CPU: transformers' 4-bit loader leaves packing on, an inference pass packs, QLoRA's
+    attach takes the model back to the portable layout and its gradients equal a never-packed twin's."""
+    odd_llama(64, 128).save_pretrained(tmp_path)
+    config = QLoRAConfig(r=4, init_lora_weights=False, bnb_4bit_use_double_quant=False)
+    load = dict(quantization_config=qlora_quantization_config(config, torch.float32), device_map={"": "cpu"},
+                dtype=torch.float32)
+    x = tokens(length=8)
+    used = AutoModelForCausalLM.from_pretrained(tmp_path, **load).eval()
+    with torch.no_grad():
+        used(x)  # bitsandbytes' own packed kernel runs here
+    assert quantization_summary(used)["cpu_packed_layers"] == 14
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path, **load)
+    round_scales_to_bf16_(fresh)
+    handles = [attach(m, config) for m in (fresh, used)]
+    handles[1].load_state_dict(handles[0].state_dict())
+    expected, got = lora_grads(fresh, handles[0], x), lora_grads(used, handles[1], x)
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name

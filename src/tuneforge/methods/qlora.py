@@ -13,6 +13,10 @@ A 4-bit base comes from one of two places:
     this itself when the model is not 4-bit yet.
 Both quantise the same layers with the same bitsandbytes call, so they give bit-identical weights.
 
+bitsandbytes' packed CPU layout is kept off (see ``keep_training_layout_``): on CPUs with AVX-512 BF16 it would
+repack a layer's weight during any gradient-free eval pass into an inference-only layout with no backward, bf16
+arithmetic, and shape limits that crash inside bitsandbytes.
+
 The adapter is saved as plain PEFT LoRA: quantisation belongs to the base model. ``merge_to_16bit`` de-quantises
 the base, folds the LoRA update in, and returns an ordinary float model; ``merge_with_report`` also says how far
 its logits moved from the unmerged 4-bit model.
@@ -155,7 +159,61 @@ def quantize_model_(model: nn.Module, config: QLoRAConfig) -> list[str]:
         replace_module(model, name, quantize_linear(model.get_submodule(name), config))
     # transformers sets this flag after a 4-bit load; PEFT reads it to pick its bitsandbytes LoRA layers.
     model.is_loaded_in_4bit = True
+    keep_training_layout_(model)
     return names
+
+
+# -- bitsandbytes' packed CPU layout ---------------------------------------------------------------------------
+# On a CPU with AVX-512 BF16, bitsandbytes (>= 0.49) repacks a Linear4bit's weight the first time the layer runs in
+# eval mode on an input without gradients (an eval pass, generation), for a bf16 inference kernel, and keeps it
+# packed from then on. For a model that trains, that layout is wrong three ways, each measured on bitsandbytes 0.50:
+#   * its matmul has no backward: after one eval pass, training sends no gradient through the frozen base to the
+#     layer's input, so every LoRA factor below the layer gets a wrong gradient, silently;
+#   * it computes in bf16 whatever bnb_4bit_compute_dtype says, so evaluation no longer matches training;
+#   * the conversion exists only for out_features divisible by 32 and in_features divisible by the block size;
+#     any other layer crashes inside bitsandbytes (``shape '[32, 0]' is invalid``, ``N must be divisible by
+#     block_n``); packing rounds the block scales to bf16 for good, and its inverse scrambles them without double
+#     quantisation (unpack_cpu_layout_ repairs that).
+# So tuneforge keeps every 4-bit layer in bitsandbytes' portable layout, on every CPU and GPU: all layers, whatever
+# their shape, stay 4-bit and compute in the compute dtype, with gradients.
+
+
+def cpu_packed(layer: nn.Module) -> bool:
+    """Whether bitsandbytes has repacked this 4-bit layer for its AVX-512 BF16 inference kernel."""
+    state = getattr(layer.weight, "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def unpack_cpu_layout_(layer: nn.Module) -> None:
+    """Bring a layer bitsandbytes packed for its CPU inference kernel back to the portable layout, in place."""
+    import bitsandbytes.functional as F
+
+    if not cpu_packed(layer):
+        return
+    data, state = F._convert_weight_packed_for_cpu_inverse(layer.weight.data, layer.weight.quant_state)
+    if state.absmax.dim() == 2:
+        # bitsandbytes (0.50) restores the per-block scales only under double quantisation; otherwise it leaves them
+        # in the kernel's [blocks per row, out_features] bf16 layout, which dequantize_4bit reads in the wrong order
+        # (max error 2.2 on N(0, 1) weights). One float32 scale per block, row-major, as before packing (their bf16
+        # rounding at packing time cannot be undone).
+        state.absmax = state.absmax.T.reshape(-1).float()
+    layer.weight.data, layer.weight.quant_state = data, state
+    layer.quant_state = state
+
+
+def keep_training_layout_(model: nn.Module) -> int:
+    """Turn bitsandbytes' packed CPU layout off for every 4-bit layer of ``model`` (see above), unpacking any
+    layer already packed (a model that ran inference before QLoRA was attached). Returns how many were unpacked."""
+    unpacked = 0
+    for layer in model.modules():
+        if not is_4bit(layer):
+            continue
+        if hasattr(layer, "support_avx512bf16_for_cpu"):  # bitsandbytes' own per-layer switch (0.49+)
+            layer.support_avx512bf16_for_cpu = False
+        if cpu_packed(layer):
+            unpack_cpu_layout_(layer)
+            unpacked += 1
+    return unpacked
 
 
 def quantization_summary(model: nn.Module) -> dict[str, Any]:
@@ -171,6 +229,8 @@ def quantization_summary(model: nn.Module) -> dict[str, Any]:
         "compute_dtype": str(layers[0].compute_dtype).removeprefix("torch."),
         "quant_storage": str(weight.quant_storage).removeprefix("torch."),
         "num_4bit_layers": len(layers),
+        # 0 unless something bypassed keep_training_layout_: bitsandbytes' inference-only CPU layout (see above).
+        "cpu_packed_layers": sum(cpu_packed(m) for m in layers),
     }
 
 
@@ -181,11 +241,8 @@ def dequantize(layer: nn.Module) -> torch.Tensor:
     """The float32 [out, in] weight a 4-bit layer stands for."""
     import bitsandbytes.functional as F
 
-    data, state = layer.weight.data, layer.weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        # On AVX512-BF16 CPUs bitsandbytes repacks weights for its inference kernel; undo that first.
-        data, state = F._convert_weight_packed_for_cpu_inverse(data, state)
-    return F.dequantize_4bit(data, state).float()
+    unpack_cpu_layout_(layer)  # a model that ran bitsandbytes' CPU inference kernel before it reached us
+    return F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
 
 
 def dense_linear(layer: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> nn.Module:
@@ -318,6 +375,7 @@ class QLoRA(LoRA):
     def attach(cls, model: nn.Module, config: QLoRAConfig) -> QLoRAHandle:
         if not is_4bit_model(model):
             quantize_model_(model, config)
+        keep_training_layout_(model)  # transformers' 4-bit loader leaves bitsandbytes' packing switch on
         return QLoRAHandle(model, config, attach_lora(model, config))
 
     @classmethod
