@@ -8,6 +8,7 @@
 from .config import RunConfig, load_config
 from .evaluate import evaluate, exact_match, perplexity
 from .generate import generate
+from .inference import load_for_inference
 from .methods import attach, available_methods, get_method, load_adapter
 from .methods.adalora import AdaLoRAConfig
 from .methods.adapter import AdapterConfig
@@ -24,6 +25,6 @@ from .trainer import train
 __version__ = "0.1.0"
 
 __all__ = ["RunConfig", "load_config", "evaluate", "exact_match", "perplexity", "generate", "attach",
-           "available_methods", "get_method", "load_adapter", "load_model", "train", "FullConfig", "LoRAConfig",
-           "QLoRAConfig", "AdaLoRAConfig", "AdapterConfig", "PromptTuningConfig", "PTuningConfig",
-           "PrefixTuningConfig", "PTuningV2Config"]
+           "available_methods", "get_method", "load_adapter", "load_for_inference", "load_model", "train",
+           "FullConfig", "LoRAConfig", "QLoRAConfig", "AdaLoRAConfig", "AdapterConfig", "PromptTuningConfig",
+           "PTuningConfig", "PrefixTuningConfig", "PTuningV2Config"]

@@ -1,8 +1,9 @@
-"""What goes to disk: PEFT-format adapters, resumable training state, merged models.
+"""Training state on disk: atomic checkpoint directories, RNG state, and resumable optimiser/scheduler state.
 
 Every directory is written under a temporary name and renamed into place, so a run killed at any moment leaves
-either the previous checkpoint or the new one, never half of one. Weights are safetensors; the training state
-(optimiser, scheduler, RNG) is a torch file loaded with ``weights_only=True`` (no arbitrary unpickling).
+either the previous checkpoint or the new one, never half of one. Trainable tensors are safetensors; the training
+state (optimiser, scheduler, RNG) is a torch file loaded with ``weights_only=True`` (no arbitrary unpickling).
+Adapter files (``adapter_config.json`` + ``adapter_model.safetensors``) are ``tuneforge.methods.adapter_files``'s.
 """
 
 from __future__ import annotations
@@ -17,42 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .methods.base import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, MethodHandle, write_json
-
-TUNEFORGE_ADAPTER_META = "tuneforge_adapter.json"
 TRAINING_STATE = "training_state.pt"
-
-
-def save_adapter(handle: MethodHandle, directory: str | Path, base_model_name_or_path: str | None = None) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's format) and tuneforge's metadata."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = handle.adapter_config()
-    config["base_model_name_or_path"] = base_model_name_or_path or getattr(handle.model, "name_or_path", None)
-    write_json(directory / ADAPTER_CONFIG_NAME, config)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in handle.state_dict().items()}
-    save_file(tensors, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-    # PEFT drops keys it does not know from adapter_config.json, so tuneforge's own facts live beside it.
-    meta = {"method": type(handle.config).method, "options": jsonable(handle.config.to_dict()), **handle.summary()}
-    write_json(directory / TUNEFORGE_ADAPTER_META, jsonable(meta))
-    return directory
-
-
-def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(directory) / ADAPTER_WEIGHTS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS_NAME} in {directory}")
-    return load_file(str(path))
-
-
-def jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    return value
 
 
 class atomic_directory:

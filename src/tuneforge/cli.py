@@ -12,6 +12,8 @@ from typing import Any
 import yaml
 
 from .config import RunConfig, load_config
+from .inference import default_model, load_for_inference
+from .methods.adapter_files import TUNEFORGE_ADAPTER_META
 
 log = logging.getLogger("tuneforge")
 
@@ -115,44 +117,9 @@ def summarise(value: Any) -> str:
         numbers = [v for v in value.values() if isinstance(v, (int, float))]
         if len(numbers) == len(value):
             return (f"{len(value)} modules, total {sum(numbers)}, min {min(numbers)}, max {max(numbers)} "
-                    "(per module: tuneforge_adapter.json)")
-        return f"{len(value)} entries (see tuneforge_adapter.json)"
+                    f"(per module: {TUNEFORGE_ADAPTER_META})")
+        return f"{len(value)} entries (see {TUNEFORGE_ADAPTER_META})"
     return value if isinstance(value, str) else json.dumps(value)
-
-
-def load_for_inference(model_name: str, adapter: str | None, device: str | None = None):
-    from .data.template import ensure_chat_template
-    from .methods import load_adapter, method_for_adapter
-    from .models import load_model
-
-    kwargs: dict[str, Any] = {}
-    if adapter:
-        meta = Path(adapter) / "tuneforge_adapter.json"
-        if meta.is_file():
-            info = json.loads(meta.read_text())
-            kwargs = method_for_adapter(adapter).model_load_kwargs(info.get("options", {}))
-    model, tokenizer = load_model(model_name, device=device, **kwargs)
-    ensure_chat_template(tokenizer)
-    handle = load_adapter(model, adapter) if adapter else None
-    model.eval()
-    return model, tokenizer, handle
-
-
-def default_model(adapter: str | None, model: str | None) -> str:
-    """--model, else the base recorded in the adapter's config, else the embedded default."""
-    from .models import DEFAULT_MODEL
-
-    if model:
-        return model
-    if adapter:
-        for name in ("tuneforge.yaml", "adapter_config.json"):
-            path = Path(adapter) / name
-            if path.is_file():
-                data = yaml.safe_load(path.read_text())
-                base = data.get("model") or data.get("base_model_name_or_path")
-                if base:
-                    return base
-    return DEFAULT_MODEL
 
 
 def cmd_generate(args: argparse.Namespace, extra: list[str] = ()) -> int:

@@ -2,20 +2,27 @@
 
 Every key can be written in the YAML file or given as a flag (``learning_rate: 1e-4`` or
 ``--learning-rate 1e-4``); flags win. Method options live under ``method_options`` (``lora_r`` in YAML is also
-accepted as ``--lora-r`` and lands in ``method_options.r``). Unknown keys are errors that name the key.
+accepted as ``--lora-r`` and lands in ``method_options.r``: each method and objective declares its own prefix).
+
+Resolution and validation happen here, before anything loads: the method and objective names (aliases included)
+resolve through their registries to one canonical name, and their options are built into the method's and the
+objective's typed option dataclasses, so an unknown key or a bad value is an error naming it, not a surprise
+after the model has loaded.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .methods.base import METHODS, Method, MethodConfig
 from .models import DEFAULT_MODEL
+from .objectives.base import OBJECTIVES, Objective, ObjectiveConfig
+from .options import option_names
 
 
 class RunConfig(BaseModel):
@@ -84,10 +91,29 @@ class RunConfig(BaseModel):
     overwrite: bool = Field(False, description="Allow training into an output directory that holds a finished run.")
     progress: bool = Field(True, description="Show a progress bar.")
 
-    @field_validator("method", "objective")
-    @classmethod
-    def _canonical(cls, value: str) -> str:
-        return value.strip().lower().replace("-", "_")
+    @model_validator(mode="after")
+    def _resolve_method_and_objective(self) -> "RunConfig":
+        # Aliases become the one canonical name everything downstream sees; options are checked by building them.
+        self.method = METHODS.get(self.method).name
+        self.objective = OBJECTIVES.get(self.objective).name
+        self.method_config()
+        self.objective_config()
+        return self
+
+    @property
+    def method_class(self) -> type[Method]:
+        return METHODS.get(self.method)
+
+    @property
+    def objective_class(self) -> type[Objective]:
+        return OBJECTIVES.get(self.objective)
+
+    def method_config(self) -> MethodConfig:
+        return self.method_class.config_class.from_dict(dict(self.method_options))
+
+    def objective_config(self) -> ObjectiveConfig:
+        run_level = {"max_length_policy": self.max_length_policy, "seed": self.seed}
+        return self.objective_class.config_class.from_dict({**run_level, **self.objective_options})
 
     @property
     def micro_batch(self) -> int:
@@ -100,30 +126,16 @@ class RunConfig(BaseModel):
         return self.batch_size // self.micro_batch
 
 
-# Flag prefixes that route into method_options, e.g. --lora-r 16 -> method_options.r = 16.
-METHOD_OPTION_PREFIXES = ("lora_", "qlora_", "adalora_", "adapter_", "prompt_", "prefix_", "p_tuning_v2_", "p_tuning_",
-                          "full_")
-OBJECTIVE_OPTION_PREFIXES = ("sft_", "dpo_", "ppo_", "reward_", "pretrain_")
-# Options whose own names start with a prefix (PEFT's names are kept as they are).
-NATIVE_PREFIXED = {"lora_alpha", "lora_dropout", "prompt_tuning_init", "prompt_tuning_init_text", "prefix_projection"}
-
-
 def route_key(key: str, value: Any, out: dict[str, Any]) -> None:
-    """Put ``key=value`` where it belongs: a RunConfig field, a method option or an objective option."""
+    """Put ``key=value`` where it belongs: a RunConfig field, or a method's / objective's option by its prefix."""
     key = key.replace("-", "_")
     if key in RunConfig.model_fields:
         out[key] = value
         return
-    if key in NATIVE_PREFIXED:
-        out.setdefault("method_options", {})[key] = value
-        return
-    for prefix in METHOD_OPTION_PREFIXES:
-        if key.startswith(prefix):
-            out.setdefault("method_options", {})[key[len(prefix):]] = value
-            return
-    for prefix in OBJECTIVE_OPTION_PREFIXES:
-        if key.startswith(prefix):
-            out.setdefault("objective_options", {})[key[len(prefix):]] = value
+    for section, registry in (("method_options", METHODS), ("objective_options", OBJECTIVES)):
+        routed = registry.route(key)
+        if routed is not None:
+            out.setdefault(section, {})[routed[1]] = value
             return
     raise ConfigError(f"unknown config key {key!r}")
 
@@ -168,16 +180,21 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     try:
         return RunConfig(**values)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(describe_error(err) for err in e.errors())
         raise ConfigError(f"{source}: {problems}") from None
+
+
+def describe_error(err: dict[str, Any]) -> str:
+    """One pydantic error as ``field: message`` (a whole-config check has no field)."""
+    message = err["msg"].removeprefix("Value error, ")
+    where = ".".join(map(str, err["loc"]))
+    return f"{where}: {message}" if where else message
 
 
 def options_for_new_method(options: dict[str, Any], method: str, source: str) -> dict[str, Any]:
     """A flag switched the method: keep the file's method options the new method has (LoRA's r for QLoRA), and
     say which were left behind (the demo's LoRA rank means nothing to prompt tuning)."""
-    from .methods import get_method
-
-    known = {f.name for f in dataclasses.fields(get_method(method).config_class)}
+    known = set(option_names(METHODS.get(method).config_class))
     kept = {k: v for k, v in options.items() if k in known}
     dropped = sorted(set(options) - set(kept))
     if dropped:

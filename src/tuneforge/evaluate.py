@@ -17,7 +17,7 @@ from .data.batching import apply_max_length, pad_batch
 from .data.formats import Example, examples_of_kind
 from .data.template import ensure_chat_template, tokenize_chat
 from .generate import eval_mode, generate
-from .objectives.base import token_cross_entropy_sum
+from .objectives.logprobs import token_cross_entropy_sum
 
 
 def normalise_answer(text: str) -> str:

@@ -16,6 +16,7 @@ from torch import nn
 from .data.batching import left_pad
 from .data.formats import Message
 from .data.template import ensure_chat_template, prompt_ids
+from .methods.kv_cache import cache_kwarg, output_cache
 
 
 @contextlib.contextmanager
@@ -66,8 +67,11 @@ def _generate_batch(model: nn.Module, prompts: list[list[int]], pad_id: int, sto
     ids, mask = left_pad(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    # The cache keyword and output field are `cache` from transformers 5.24, `past_key_values` before; the old names
+    # still work there but warn on every call.
+    cache_key = cache_kwarg(model)
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = output_cache(out)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     stop_tensor = torch.tensor(sorted(stops), device=device) if stops else None
     generated: list[torch.Tensor] = []
@@ -81,9 +85,9 @@ def _generate_batch(model: nn.Module, prompts: list[list[int]], pad_id: int, sto
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)  # finished rows keep feeding pad
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
+                    logits_to_keep=1, **{cache_key: cache})
+        cache = output_cache(out)
         next_pos = next_pos + 1
     rows = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in prompts]
     return rows

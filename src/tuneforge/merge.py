@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .inference import default_model, load_for_inference
+
 
 def merge_adapter(adapter_dir: str | Path, output: str | Path, model_name: str | None = None,
                   device: str | None = None) -> dict[str, Any]:
@@ -14,24 +16,18 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, model_name: str |
 
     The report compares the merged model's logits with the unmerged adapter's on a fixed probe text: merging
     is exact up to float rounding for a float base; a 4-bit base is dequantised first (QLoRA), which is where
-    any difference comes from.
+    any difference comes from. A method that cannot merge raises ValueError (``MethodHandle.merge_and_unload``).
     """
-    from .cli import default_model, load_for_inference
-
     model_name = default_model(str(adapter_dir), model_name)
     model, tokenizer, handle = load_for_inference(model_name, str(adapter_dir), device)
-    merge_16bit = getattr(handle, "merge_to_16bit", None)
+    if handle is None:
+        raise ValueError(f"{adapter_dir} holds a whole model (full fine-tuning), not an adapter: there is nothing "
+                         "to merge; use it as --model directly")
     probe = tokenizer("The quick brown fox jumps over the lazy dog. 1 2 3", return_tensors="pt")
     probe = {k: v.to(next(model.parameters()).device) for k, v in probe.items()}
     with torch.no_grad():
         before = model(**probe).logits.float()
-    if merge_16bit is not None:  # QLoRA: dequantise, merge, write a 16-bit model
-        merged = merge_16bit()
-    elif hasattr(handle, "merge_and_unload"):
-        merged = handle.merge_and_unload()
-    else:
-        raise ValueError(f"{adapter_dir}: a {type(handle.config).method!r} adapter cannot be merged into the base "
-                         "weights (only the LoRA family can); load it with --adapter instead")
+    merged = handle.merge_and_unload()
     with torch.no_grad():
         after = merged(**probe).logits.float()
     output = Path(output)

@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,10 +30,9 @@ from . import checkpoint as ckpt
 from .config import RunConfig, save_config
 from .data.formats import Example, load_examples
 from .data.template import ensure_chat_template
-from .methods import get_method
 from .methods.base import MethodHandle
 from .models import load_model
-from .objectives import TrainContext, get_objective
+from .objectives import TrainContext
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +145,7 @@ def lr_lambda(config: RunConfig, total_steps: int):
 
 
 def learning_rate(config: RunConfig) -> float:
-    return config.learning_rate if config.learning_rate is not None else get_method(config.method).default_learning_rate
+    return config.learning_rate if config.learning_rate is not None else config.method_class.default_learning_rate
 
 
 def build_optimizer(named: list[tuple[str, nn.Parameter]], config: RunConfig) -> torch.optim.Optimizer:
@@ -165,22 +164,21 @@ class Trainer:
         self.config = config
         self.output = Path(config.output)
         seed_everything(config.seed)
-        method_cls = get_method(config.method)
+        self.method = config.method_class
         if model is None:
             model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype,
                                           trust_remote_code=config.trust_remote_code,
-                                          **method_cls.model_load_kwargs(dict(config.method_options)))
+                                          **self.method.model_load_kwargs(dict(config.method_options)))
         self.model, self.tokenizer = model, tokenizer
         ensure_chat_template(tokenizer, override=config.chat_template)
-        self.objective = get_objective(config.objective)(
-            tokenizer, {"max_length_policy": config.max_length_policy, "seed": config.seed,
-                        **config.objective_options})
-        method_config = method_cls.config_class.from_dict(dict(config.method_options))
-        if hasattr(method_config, "bind_tokenizer"):  # e.g. prompt tuning initialised from a hard prompt's text
-            method_config.bind_tokenizer(tokenizer)
-        # Full fine-tuning changes every weight, so DPO / PPO need a frozen copy taken before training starts.
-        self.reference_model = self._frozen_copy(model) if self._needs_reference_copy() else None
-        self.handle = method_cls.attach(model, method_config)
+        self.objective = config.objective_class(tokenizer, config.objective_config())
+        method_config = config.method_config()
+        method_config.bind_tokenizer(tokenizer)  # e.g. prompt tuning initialised from a hard prompt's text
+        # A method that changes the base weights has no adapter to switch off: DPO / PPO need a frozen copy,
+        # taken before training starts.
+        needs_copy = self.objective.needs_reference and self.method.trains_base_weights
+        self.reference_model = self._frozen_copy(model) if needs_copy else None
+        self.handle = self.method.attach(model, method_config)
         self._upcast_trainable()
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -189,14 +187,11 @@ class Trainer:
     def _upcast_trainable(self) -> None:
         # As PEFT's autocast_adapter_dtype: adapters train in float32 even over a bf16 base (bf16 AdamW updates
         # round small steps away). Full fine-tuning keeps the model's dtype.
-        if self.config.method == "full":
+        if self.method.trains_base_weights:
             return
         for _, p in self.handle.trainable_parameters():
             if p.dtype in (torch.float16, torch.bfloat16):
                 p.data = p.data.float()
-
-    def _needs_reference_copy(self) -> bool:
-        return bool(getattr(self.objective, "needs_reference", False)) and self.config.method == "full"
 
     @staticmethod
     def _frozen_copy(model: nn.Module) -> nn.Module:
@@ -208,10 +203,7 @@ class Trainer:
     # -- parameters ---------------------------------------------------------------------------------
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         named = list(self.handle.trainable_parameters())
-        extra = getattr(self.objective, "extra_parameters", None)
-        if extra is not None:
-            named += [(f"objective.{n}", p) for n, p in extra()]
-        return named
+        return named + [(f"objective.{n}", p) for n, p in self.objective.extra_parameters()]
 
     def parameter_report(self) -> dict[str, int]:
         trainable = sum(p.numel() for _, p in self.trainable())
@@ -224,9 +216,8 @@ class Trainer:
         self.train_items = self.objective.prepare(train, c.max_length, "train")
         self.eval_items = self.objective.prepare(eval_, c.max_length, "eval") if eval_ else []
         # PPO turns each batch of prompts into several optimiser steps (ppo epochs x mini-batches).
-        per_batch = getattr(self.objective, "optimizer_steps_per_batch", lambda: 1)()
         batches = max(1, int(math.ceil(c.epochs * len(self.train_items) / c.batch_size)))
-        self.total_steps = c.max_steps or batches * per_batch
+        self.total_steps = c.max_steps or batches * self.objective.optimizer_steps_per_batch()
         # Heads an objective adds (reward, value) must exist before the optimiser and the parameter report.
         self.objective.setup(self.model, self.ctx)
 
@@ -244,15 +235,13 @@ class Trainer:
             out.append(batch)
         return out
 
-    def step_groups(self, sampler: EpochSampler) -> Iterator[list[dict[str, torch.Tensor]]]:
-        """Each item is one optimiser step's micro-batches. PPO's objective rolls out first and yields several."""
-        plan = getattr(self.objective, "optimizer_steps", None)
-        while True:
-            if plan is None:
-                yield self.micro_batches(sampler)
-            else:  # one rollout over the whole batch of prompts; micro-batching happens inside the plan
-                items = [self.train_items[i] for i in sampler.take(self.config.batch_size)]
-                yield from plan(self.model, self.objective.collate(items), self.ctx)
+    def next_steps(self, sampler: EpochSampler) -> list[list[dict[str, torch.Tensor]]]:
+        """The optimiser steps (each a list of micro-batches) that the next batch of examples feeds: one, or for
+        an online objective (PPO) a rollout on the batch and the several steps it makes."""
+        if not self.objective.online:
+            return [self.micro_batches(sampler)]
+        items = [self.train_items[i] for i in sampler.take(self.config.batch_size)]
+        return self.objective.rollout_steps(self.model, self.objective.collate(items), self.ctx)
 
     def optimizer_step(self, batches: list[dict[str, torch.Tensor]], step: int) -> dict[str, float]:
         total_units = sum(b[UNITS_KEY] if UNITS_KEY in b else self.objective.units(b) for b in batches)
@@ -316,7 +305,7 @@ class Trainer:
         self._check_output_dir()
         self.output.mkdir(parents=True, exist_ok=True)
         save_config(c, self.output / "tuneforge.yaml")
-        self.handle.total_steps = self.total_steps
+        self.handle.begin_training(self.total_steps)
         self.optimizer = build_optimizer(self.trainable(), c)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(c, self.total_steps))
         sampler = EpochSampler(len(self.train_items), c.seed)
@@ -333,9 +322,11 @@ class Trainer:
         bar = _progress(c, self.total_steps, start)
         last: dict[str, float] = {}
         t0, tokens = time.perf_counter(), 0
-        groups = self.step_groups(sampler)
+        queued: list[list[dict[str, torch.Tensor]]] = []
         for step in range(start, self.total_steps):
-            last = self.optimizer_step(next(groups), step)
+            if not queued:
+                queued = self.next_steps(sampler)
+            last = self.optimizer_step(queued.pop(0), step)
             tokens += last.get("tokens", 0)
             done = step + 1
             last.update(step=done, lr=self.scheduler.get_last_lr()[0],
@@ -431,10 +422,8 @@ class Trainer:
 
     def save_final(self) -> None:
         self.handle.save(self.output, base_model_name_or_path=self.config.model)
-        save_extra = getattr(self.objective, "save", None)
-        if save_extra is not None:
-            save_extra(self.output)
-        if self.config.method == "full":
+        self.objective.save(self.output)
+        if self.method.trains_base_weights:
             self.tokenizer.save_pretrained(self.output)
 
 
@@ -457,7 +446,7 @@ def generation_metric(trainer: Trainer, examples: list[Example], base: bool) -> 
     c = trainer.config
     if not (c.eval_generate and examples and all(e.kind == "chat" for e in examples)):
         return None
-    if base and c.method != "full":
+    if base and not trainer.method.trains_base_weights:
         with trainer.handle.disabled():
             return exact_match(trainer.model, trainer.tokenizer, examples, max_new_tokens=c.eval_max_new_tokens,
                                limit=c.eval_limit)

@@ -171,7 +171,7 @@ def test_pruned_adapter_round_trips_through_peft_and_tuneforge(lockstep, tmp_pat
 def test_training_reduces_loss_prunes_to_budget_and_keeps_the_base():
     model = tiny("gpt2").train()
     handle = attach(model, AdaLoRAConfig(init_r=4, target_r=2, lora_alpha=32, tinit=2, tfinal=2, deltaT=1))
-    handle.total_steps = 10  # what the trainer does when total_step is unset
+    handle.begin_training(10)  # what the trainer does when total_step is unset
     before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k and "ranknum" not in k}
     optimizer = torch.optim.AdamW([p for _, p in handle.trainable_parameters()], lr=2e-2)
     x = tokens(batch=4, length=12)
@@ -270,6 +270,6 @@ def test_config_options_and_errors():
     with pytest.raises(RuntimeError, match="run length"):
         handle.after_step(0)
     with pytest.raises(ValueError, match="budgeting phase"):
-        handle.total_steps = 4
+        handle.begin_training(4)
     assert handle.extra_loss().requires_grad
     assert AdaLoRA.attach(tiny(), AdaLoRAConfig(orth_reg_weight=0)).extra_loss() is None

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 from conftest import fit, train_and_reload
-from tuneforge.checkpoint import TUNEFORGE_ADAPTER_META
 from tuneforge.methods import attach, get_method, load_adapter, method_for_adapter
+from tuneforge.methods.adapter_files import TUNEFORGE_ADAPTER_META
 from tuneforge.methods.adapter import Adapter, AdapterConfig, BottleneckAdapter
 
 pytestmark = pytest.mark.usefixtures("single_thread")

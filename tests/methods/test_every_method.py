@@ -69,7 +69,7 @@ def test_method_contract(name, sft_batch, tmp_path):
     original = {id(p) for p in original_params}
 
     handle = method.attach(model, method.config_class())
-    handle.total_steps = 3  # the trainer sets this before training (AdaLoRA's schedule needs it)
+    handle.begin_training(3)  # the trainer calls this before training (AdaLoRA's schedule needs it)
     trainable = handle.trainable_parameters()
     assert handle.num_trainable_parameters() == sum(p.numel() for _, p in trainable) > 0
     assert all(p.requires_grad for _, p in trainable)

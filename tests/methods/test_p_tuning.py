@@ -12,10 +12,11 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from conftest import fit, train_and_reload
-from tuneforge.checkpoint import TUNEFORGE_ADAPTER_META
 from tuneforge.data.batching import left_pad
 from tuneforge.generate import generate_ids
 from tuneforge.methods import attach, get_method, load_adapter, method_for_adapter
+from tuneforge.methods.adapter_files import TUNEFORGE_ADAPTER_META
+from tuneforge.methods.kv_cache import cache_kwarg, output_cache
 from tuneforge.methods.p_tuning import PTuning, PTuningConfig
 
 peft = pytest.importorskip("peft")
@@ -134,8 +135,8 @@ def test_cached_left_padded_generation_equals_recomputation():
                 torch.testing.assert_close(out.logits[row, -1], recomputed, rtol=1e-4, atol=1e-5)
                 seq.append(int(token[row]))
             mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
-            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
-                        past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
+                        logits_to_keep=1, **{cache_kwarg(model): output_cache(out)})
             next_pos = next_pos + 1
     tokenizer = SimpleNamespace(eos_token_id=None, pad_token_id=0)
     batched = generate_ids(model, tokenizer, prompts, max_new_tokens=steps, batch_size=3)

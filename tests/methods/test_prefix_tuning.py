@@ -8,13 +8,27 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
+from packaging.version import Version
 
 from tuneforge.config import route_key
 from tuneforge.methods import attach, get_method, load_adapter, method_for_adapter
+from tuneforge.methods.kv_cache import cache_kwarg, output_cache
 from tuneforge.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
-from tuneforge.objectives.base import token_cross_entropy_sum
+from tuneforge.objectives.logprobs import token_cross_entropy_sum
 
 peft = pytest.importorskip("peft")
+
+# PEFT 0.21.2's PeftModelForCausalLM.prepare_inputs_for_generation looks for the KV cache under
+# model_kwargs["past_key_values"] only; transformers 5.24's generate hands it over as "cache". PEFT then takes every
+# decoding step for the first one and puts a fresh prefix cache under "past_key_values" beside generate's "cache";
+# the model's forward keeps "cache" (with a FutureWarning) and drops "past_key_values": the prefix is never used.
+PEFT_GENERATE_MISSES_CACHE = pytest.mark.xfail(
+    condition=Version(peft.__version__) == Version("0.21.2")
+    and Version(transformers.__version__).release >= (5, 24),
+    reason="PEFT 0.21.2 reads model_kwargs['past_key_values'] in prepare_inputs_for_generation; transformers 5.24 "
+           "passes the cache as 'cache', so PEFT's prefix goes in as a second, ignored past_key_values",
+    strict=True)
 
 N = 5  # virtual tokens
 VOCAB = 96
@@ -227,8 +241,8 @@ def cached_greedy(model, ids, mask, new_tokens: int):
         tokens.append(nxt)
         mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
         positions = positions[:, -1:] + 1
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
-                    past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
+                    logits_to_keep=1, **{cache_kwarg(model): output_cache(out)})
     return torch.stack(tokens, dim=1)
 
 
@@ -259,14 +273,25 @@ def test_cached_generation_matches_recompute_and_unpadded(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @torch.no_grad()
-def test_hf_generate_matches_our_loop_and_peft(arch):
+def test_hf_generate_matches_our_loop(arch):
+    """HF generate through the hook == our cached loop == recomputation without a cache."""
+    model, _ = ours(tiny(arch))
+    ids, mask = batch()
+    hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)[:, ids.shape[1]:]
+    assert torch.equal(hf, cached_greedy(model, ids, mask, 8))
+    assert torch.equal(hf, recomputed_greedy(model, ids, mask, 8))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@PEFT_GENERATE_MISSES_CACHE
+@torch.no_grad()
+def test_hf_generate_matches_peft(arch):
     base = tiny(arch)
     model, handle = ours(base)
     reference = peft_prefix(base, projection=True)
     reference.prompt_encoder["default"].load_state_dict(handle.encoder.state_dict())
     ids, mask = batch()
     hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)[:, ids.shape[1]:]
-    assert torch.equal(hf, cached_greedy(model, ids, mask, 8))
     peft_tokens = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     assert torch.equal(hf, peft_tokens[:, ids.shape[1]:])
 

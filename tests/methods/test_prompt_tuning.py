@@ -9,16 +9,31 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
+from packaging.version import Version
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 from conftest import train_and_reload
-from tuneforge.checkpoint import TUNEFORGE_ADAPTER_META
 from tuneforge.generate import generate_ids
 from tuneforge.methods import attach, get_method, load_adapter, method_for_adapter
+from tuneforge.methods.adapter_files import TUNEFORGE_ADAPTER_META
+from tuneforge.methods.kv_cache import cache_kwarg, output_cache
 from tuneforge.methods.prompt_tuning import PromptTuning, PromptTuningConfig, text_init_ids
-from tuneforge.objectives.base import token_cross_entropy_sum
+from tuneforge.objectives.logprobs import token_cross_entropy_sum
 
 peft = pytest.importorskip("peft")
+
+# PEFT 0.21.2's PeftModelForCausalLM.prepare_inputs_for_generation looks for the KV cache under
+# model_kwargs["past_key_values"] only; transformers 5.24's generate hands it over as "cache". PEFT then takes every
+# decoding step for the first one and prepends the N virtual-token embeddings again, so they pile up in the cache
+# (N + 1 new positions per step) and its generate diverges from its own forward.
+PEFT_GENERATE_MISSES_CACHE = pytest.mark.xfail(
+    condition=Version(peft.__version__) == Version("0.21.2")
+    and Version(transformers.__version__).release >= (5, 24),
+    reason="PEFT 0.21.2 reads model_kwargs['past_key_values'] in prepare_inputs_for_generation; transformers 5.24 "
+           "passes the cache as 'cache', so PEFT re-prepends the virtual tokens at every decoding step",
+    strict=True)
+
 # Noise from the oracle: PEFT drops position ids of prompt methods, and calls a deprecated transformers API.
 pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.filterwarnings("ignore:Position ids are not supported", "ignore:`is_gradient_checkpointing`")]
@@ -273,7 +288,7 @@ def greedy_with_cache(model, prompts: list[list[int]], steps: int) -> tuple[list
             tokens.append(out.logits[:, -1].argmax(-1))
             mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
             out = model(input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=next_pos,
-                        past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+                        use_cache=True, logits_to_keep=1, **{cache_kwarg(model): output_cache(out)})
             next_pos = next_pos + 1
     return torch.stack(tokens, 1).tolist(), logits
 
@@ -304,9 +319,9 @@ def test_cached_left_padded_generation_equals_recomputation(arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_hf_generate_works_and_matches_peft(arch):
+def test_hf_generate_works(arch):
+    """HF generate through the hooks == our cached loop == recomputation without a cache, row by row."""
     model, handle = prompted(arch)
-    reference = peft_prompt_model(arch, handle.prompt.embedding.weight)
     from tuneforge.data.batching import left_pad
 
     ids, mask = left_pad(PROMPTS, 0)
@@ -314,6 +329,15 @@ def test_hf_generate_works_and_matches_peft(arch):
     assert ours[:, :ids.shape[1]].equal(ids)
     expected = greedy_with_cache(model, PROMPTS, 5)[0]
     assert ours[:, ids.shape[1]:].tolist() == expected
+    assert expected == [greedy_without_cache(model, prompt, 5)[0] for prompt in PROMPTS]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@PEFT_GENERATE_MISSES_CACHE
+def test_hf_generate_matches_peft(arch):
+    model, handle = prompted(arch)
+    reference = peft_prompt_model(arch, handle.prompt.embedding.weight)
+    expected = greedy_with_cache(model, PROMPTS, 5)[0]
     # PEFT numbers left-padded rows differently (its positions ignore the padding); unpadded rows must agree.
     single = torch.tensor([PROMPTS[1]])
     theirs = reference.generate(input_ids=single, attention_mask=torch.ones_like(single), max_new_tokens=5,

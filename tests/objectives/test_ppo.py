@@ -167,7 +167,7 @@ def test_lora_policy_starts_at_the_reference_and_only_the_adapter_moves(tokenize
     obj.setup(model, ctx)  # also turns GPT-2's dropout off, so rollout and update log-probs agree
     params = [p for _, p in handle.trainable_parameters()] + [p for _, p in obj.extra_parameters()]
     opt = torch.optim.AdamW(params, lr=1e-2)
-    steps = list(obj.optimizer_steps(model, obj.collate(items), ctx))
+    steps = obj.rollout_steps(model, obj.collate(items), ctx)
     assert len(steps) == 2 * 2 and all(len(s) == 1 for s in steps)
     assert steps[0][0]["rollout_stats"]["kl"] == 0.0  # LoRA starts at the base: policy == reference exactly
     for i, group in enumerate(steps):

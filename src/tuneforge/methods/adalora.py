@@ -16,21 +16,19 @@ surviving triplets.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from .base import (
-    ADAPTER_CONFIG_NAME,
     PEFT_PREFIX,
     Method,
     MethodConfig,
     MethodHandle,
     Switchable,
+    cast_model,
     find_target_modules,
     freeze,
     in_out_features,
@@ -254,6 +252,9 @@ class AdaLoRAHandle(MethodHandle):
             check_schedule(self.config, value)
         self._total_steps = value
 
+    def begin_training(self, total_steps: int) -> None:
+        self.total_steps = total_steps
+
     # -- training hooks -------------------------------------------------------------------------------------
     def extra_loss(self) -> torch.Tensor | None:
         """orth_reg_weight · mean over every P and Q of ‖PᵀP − I‖_F / ‖QQᵀ − I‖_F — PEFT's form of the paper's
@@ -436,9 +437,12 @@ class AdaLoRAHandle(MethodHandle):
         for layer in self.layers().values():
             layer.unmerge()
 
-    def merge_and_unload(self) -> nn.Module:
+    def merge_and_unload(self, dtype: torch.dtype | str | None = None) -> nn.Module:
         """Fold every update into its base layer and put the plain layers back: a standard HF model again."""
         self.merge()
+        return cast_model(self.remove(), dtype)
+
+    def remove(self) -> nn.Module:
         for name, layer in self.layers().items():
             replace_module(self.model, name, layer.base_layer)
         self.module_names = []
@@ -473,12 +477,12 @@ class AdaLoRA(Method):
         return AdaLoRAHandle(model, config, names, target_modules)
 
     @classmethod
-    def load(cls, model: nn.Module, adapter_dir: str | Path) -> AdaLoRAHandle:
-        from ..checkpoint import read_adapter_weights
+    def config_from_saved(cls, saved: dict[str, Any], options: dict[str, Any], model: nn.Module) -> AdaLoRAConfig:
+        return AdaLoRAConfig(**config_from_peft(saved))
 
-        data = json.loads((Path(adapter_dir) / ADAPTER_CONFIG_NAME).read_text())
-        handle = cls.attach(model, AdaLoRAConfig(**config_from_peft(data)))
-        if data.get("rank_pattern"):
-            handle.resize_by_rank_pattern(data["rank_pattern"])
-        handle.load_state_dict(read_adapter_weights(adapter_dir))
+    @classmethod
+    def attach_saved(cls, model: nn.Module, config: AdaLoRAConfig, saved: dict[str, Any]) -> AdaLoRAHandle:
+        handle = cls.attach(model, config)
+        if saved.get("rank_pattern"):  # the ranks pruning left: the saved factors have those shapes
+            handle.resize_by_rank_pattern(saved["rank_pattern"])
         return handle

@@ -16,8 +16,6 @@ OPT ``self_attn``/``fc2``. The adapters are children of their block: ``<block>.a
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -242,19 +240,12 @@ class Adapter(Method):
         return attach_adapters(model, config)
 
     @classmethod
-    def load(cls, model: nn.Module, adapter_dir: str | Path) -> AdapterHandle:
-        from ..checkpoint import read_adapter_weights
-
-        path = Path(adapter_dir) / ADAPTER_CONFIG_NAME
-        data = json.loads(path.read_text())
-        if data.get("peft_type") != PEFT_TYPE:
-            raise ValueError(f"{path}: peft_type {data.get('peft_type')!r}, expected {PEFT_TYPE!r}")
-        config = AdapterConfig(
-            placement=data["placement"], bottleneck_size=data["bottleneck_size"],
-            reduction_factor=data.get("reduction_factor", 16), non_linearity=data["non_linearity"],
-            train_layer_norms=data.get("train_layer_norms", False), attention_module=data.get("attention_module"),
-            ffn_module=data.get("ffn_module"),
+    def config_from_saved(cls, saved: dict[str, Any], options: dict[str, Any], model: nn.Module) -> AdapterConfig:
+        if saved.get("peft_type") != PEFT_TYPE:
+            raise ValueError(f"{ADAPTER_CONFIG_NAME}: peft_type {saved.get('peft_type')!r}, expected {PEFT_TYPE!r}")
+        return AdapterConfig(
+            placement=saved["placement"], bottleneck_size=saved["bottleneck_size"],
+            reduction_factor=saved.get("reduction_factor", 16), non_linearity=saved["non_linearity"],
+            train_layer_norms=saved.get("train_layer_norms", False), attention_module=saved.get("attention_module"),
+            ffn_module=saved.get("ffn_module"),
         )
-        handle = attach_adapters(model, config)
-        handle.load_state_dict(read_adapter_weights(adapter_dir))
-        return handle

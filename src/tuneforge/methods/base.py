@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
@@ -22,32 +21,28 @@ from typing import Any, Callable, ClassVar, Iterator
 import torch
 from torch import nn
 
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+from ..options import Options
+from ..registry import Registry
+# Adapter files (names, save / read) live in adapter_files.py; the file names stay importable from here.
+from .adapter_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME  # noqa: F401
+
 # PEFT prefixes saved keys of LoRA-style methods with the PeftModel's own attribute path.
 PEFT_PREFIX = "base_model.model."
 
-_REGISTRY: dict[str, type["Method"]] = {}
-
 
 @dataclasses.dataclass
-class MethodConfig:
+class MethodConfig(Options):
     """Base class of every method's config. Subclasses are dataclasses with one documented field per option."""
 
+    kind: ClassVar[str] = "method"
     method: ClassVar[str] = ""
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "MethodConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown option(s) for method {cls.method!r}: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        return cls(**values)
+    def owner_name(cls) -> str:
+        return cls.method
+
+    def bind_tokenizer(self, tokenizer: Any) -> None:
+        """Called by the trainer with the run's tokenizer before ``attach`` (prompt tuning's TEXT init reads it)."""
 
 
 class Method:
@@ -56,6 +51,14 @@ class Method:
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
     aliases: ClassVar[tuple[str, ...]] = ()
+    flag_prefix: ClassVar[str] = ""
+    """Prefix of the method's options on the command line (``--lora-r 16``); default: the name."""
+    trains_base_weights: ClassVar[bool] = False
+    """The method changes the base weights themselves (full fine-tuning): there is no adapter to switch off, so a
+    reference model (DPO, PPO) is a frozen copy, the weights keep the model's dtype, and the run saves the
+    tokenizer beside the model."""
+    peft_type: ClassVar[str | None] = None
+    """PEFT's ``peft_type`` for this method's files (None: PEFT has no such method, or another class reads them)."""
     # The peak learning rate used when a run does not set one. Methods differ by orders of magnitude: full
     # fine-tuning moves pretrained weights (~1e-5), soft prompts start from nothing (~1e-2).
     default_learning_rate: ClassVar[float] = 2e-4
@@ -71,33 +74,34 @@ class Method:
 
     @classmethod
     def load(cls, model: nn.Module, adapter_dir: str | Path) -> "MethodHandle":
-        """Attach with the config saved in ``adapter_dir`` and load its weights."""
-        raise NotImplementedError
+        """Attach with the config saved in ``adapter_dir`` (tuneforge's or PEFT's files) and load its weights.
+
+        The one loading template: a method says how its config is read back (``config_from_saved``) and, where it
+        differs from training, how it attaches for saved weights (``attach_saved``)."""
+        from .adapter_files import read_adapter_config, read_adapter_weights, read_tuneforge_meta
+
+        saved = read_adapter_config(adapter_dir)
+        options = (read_tuneforge_meta(adapter_dir) or {}).get("options", {})
+        handle = cls.attach_saved(model, cls.config_from_saved(saved, options, model), saved)
+        handle.load_state_dict(read_adapter_weights(adapter_dir))
+        return handle
+
+    @classmethod
+    def config_from_saved(cls, saved: dict[str, Any], options: dict[str, Any], model: nn.Module) -> MethodConfig:
+        """The config an adapter was saved with: ``saved`` is its ``adapter_config.json`` (PEFT's fields),
+        ``options`` tuneforge's own record of the options (empty for PEFT's files)."""
+        raise NotImplementedError(f"{cls.name} adapters cannot be loaded")
+
+    @classmethod
+    def attach_saved(cls, model: nn.Module, config: MethodConfig, saved: dict[str, Any]) -> "MethodHandle":
+        """Attach before saved weights are copied in (default: ``attach``; a prompt skips its initialisation)."""
+        return cls.attach(model, config)
 
 
-def register(method_cls: type[Method]) -> type[Method]:
-    for name in (method_cls.name, *method_cls.aliases):
-        _REGISTRY[canonical_name(name)] = method_cls
-    return method_cls
-
-
-def canonical_name(name: str) -> str:
-    return name.strip().lower().replace("-", "_")
-
-
-def get_method(name: str) -> type[Method]:
-    from . import _load_all  # noqa: F401  (importing the package registers every method)
-
-    key = canonical_name(name)
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
-    return _REGISTRY[key]
-
-
-def available_methods() -> list[str]:
-    from . import _load_all  # noqa: F401
-
-    return sorted({cls.name for cls in _REGISTRY.values()})
+METHODS: Registry[Method] = Registry("method", "tuneforge.methods")
+register = METHODS.register
+get_method = METHODS.get
+available_methods = METHODS.names
 
 
 class MethodHandle:
@@ -150,7 +154,7 @@ class MethodHandle:
         raise NotImplementedError
 
     def save(self, directory: str | Path, base_model_name_or_path: str | None = None) -> Path:
-        from ..checkpoint import save_adapter
+        from .adapter_files import save_adapter
 
         return save_adapter(self, directory, base_model_name_or_path)
 
@@ -169,12 +173,30 @@ class MethodHandle:
                 m.adapter_enabled = p
 
     def merge(self) -> None:
-        raise NotImplementedError(f"{type(self.config).method} cannot be merged into the base weights")
+        """Fold the update into the base weights in place (the modules stay, so ``unmerge`` can undo it)."""
+        raise NotImplementedError(self._not_mergeable())
 
     def unmerge(self) -> None:
-        raise NotImplementedError(f"{type(self.config).method} cannot be merged into the base weights")
+        raise NotImplementedError(self._not_mergeable())
+
+    def merge_and_unload(self, dtype: torch.dtype | str | None = None) -> nn.Module:
+        """Fold the update into the base weights and return a plain Hugging Face model in ``dtype`` (default: the
+        model's own). ``tuneforge merge`` calls this; the handle is spent afterwards. Only the LoRA family (and
+        full fine-tuning, which has nothing to fold) can."""
+        raise ValueError(self._not_mergeable())
+
+    def remove(self) -> nn.Module:
+        """Take the method's modules and hooks off without merging: the model is the plain base model again."""
+        raise NotImplementedError(f"{type(self.config).method} cannot be removed from the model in place")
+
+    def _not_mergeable(self) -> str:
+        return (f"a {type(self.config).method!r} adapter cannot be merged into the base weights (only the LoRA "
+                "family can); load it with --adapter instead")
 
     # -- training hooks (no-ops unless a method needs them) -----------------------------------------
+    def begin_training(self, total_steps: int) -> None:
+        """Called once before the first step with the run's length (AdaLoRA's rank schedule needs it)."""
+
     def extra_loss(self) -> torch.Tensor | None:
         """A regulariser added to the objective's loss each micro-batch (AdaLoRA's orthogonality term)."""
         return None
@@ -220,6 +242,13 @@ def count_parameters(model: nn.Module) -> int:
             n *= 2 * p.element_size()
         total += n
     return total
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype | str | None) -> nn.Module:
+    """``model`` in ``dtype`` (a torch dtype or its name); unchanged when None."""
+    if dtype is None:
+        return model
+    return model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
 
 
 def freeze(model: nn.Module) -> None:
@@ -285,11 +314,6 @@ def wrap_modules(model: nn.Module, names: list[str], make: Callable[[str, nn.Mod
 def short_target_names(names: list[str]) -> list[str]:
     """The distinct last components (``q_proj``, ``c_attn``): what PEFT's ``target_modules`` list holds."""
     return sorted({n.rsplit(".", 1)[-1] for n in names})
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    # PEFT writes indented, sorted JSON with sets as lists.
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def model_dims(model: nn.Module) -> dict[str, int]:

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Iterator
 import torch
 from torch import nn
 
-from .base import Method, MethodConfig, MethodHandle, register
+from .base import Method, MethodConfig, MethodHandle, cast_model, register
 
 
 @dataclasses.dataclass
@@ -53,6 +53,9 @@ class FullHandle(MethodHandle):
     def unmerge(self) -> None:
         pass
 
+    def merge_and_unload(self, dtype: torch.dtype | str | None = None) -> nn.Module:
+        return cast_model(self.model, dtype)  # already a plain model
+
 
 @register
 class Full(Method):
@@ -60,7 +63,7 @@ class Full(Method):
     config_class = FullConfig
     aliases = ("full_finetune", "full_ft")
     default_learning_rate = 2e-5
-    peft_type = None
+    trains_base_weights = True
 
     @classmethod
     def attach(cls, model: nn.Module, config: FullConfig) -> FullHandle:

@@ -11,26 +11,25 @@ model's own state-dict keys are PEFT's saved keys (PEFT only adds ``base_model.m
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from .base import (
-    ADAPTER_CONFIG_NAME,
     Method,
     MethodConfig,
     MethodHandle,
     Switchable,
+    cast_model,
     find_target_modules,
     freeze,
     in_out_features,
     linear_like,
     register,
+    replace_module,
     wrap_modules,
 )
 
@@ -209,11 +208,12 @@ class LoRAHandle(MethodHandle):
         for _, layer in self.lora_layers():
             layer.unmerge()
 
-    def merge_and_unload(self) -> nn.Module:
+    def merge_and_unload(self, dtype: torch.dtype | str | None = None) -> nn.Module:
         """Fold every update into its base layer and put the plain layers back: a standard HF model again."""
-        from .base import replace_module
-
         self.merge()
+        return cast_model(self.remove(), dtype)
+
+    def remove(self) -> nn.Module:
         for name, layer in self.lora_layers():
             replace_module(self.model, name, layer.base_layer)
         return self.model
@@ -275,10 +275,5 @@ class LoRA(Method):
         return LoRAHandle(model, config, attach_lora(model, config))
 
     @classmethod
-    def load(cls, model: nn.Module, adapter_dir: str | Path) -> LoRAHandle:
-        from ..checkpoint import read_adapter_weights
-
-        data = json.loads((Path(adapter_dir) / ADAPTER_CONFIG_NAME).read_text())
-        handle = cls.attach(model, cls.config_class(**config_from_peft(data)))
-        handle.load_state_dict(read_adapter_weights(adapter_dir))
-        return handle
+    def config_from_saved(cls, saved: dict[str, Any], options: dict[str, Any], model: nn.Module) -> LoRAConfig:
+        return cls.config_class(**config_from_peft(saved))

@@ -142,7 +142,7 @@ class PTuning(Method):
     @classmethod
     def load(cls, model: nn.Module, adapter_dir: str | Path) -> PTuningHandle:
         """The saved prompt as a fixed, frozen prompt (the encoder that produced it is not saved)."""
-        from ..checkpoint import read_adapter_weights
+        from .adapter_files import read_adapter_weights
 
         data = read_peft_prompt_config(adapter_dir, cls.peft_type, model)
         config = PTuningConfig(

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .base import ADAPTER_CONFIG_NAME, Method, MethodConfig, MethodHandle, Switchable, freeze, model_dims, register
+from .kv_cache import cache_from_kwargs, cache_kwarg, output_cache, set_cache
 
 # Layer kinds whose attention appends to a DynamicCache (a prefix has nowhere to go in a linear-attention layer).
 _ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
@@ -156,13 +157,16 @@ class PrefixInjector:
         sig = inspect.signature(model.forward)
         self.positional = [p.name for p in sig.parameters.values()
                            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        # Where the prefix cache goes when the caller brings none: `cache` from transformers 5.24, else
+        # `past_key_values` (passing the old name to a 5.24 model warns on every training step).
+        self.cache_key = cache_kwarg(model)
         self.hook = model.register_forward_pre_hook(self, with_kwargs=True)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if not self.encoder.adapter_enabled:
             return None  # disabled(): the untouched base model
         if module.training and any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules()):
-            # transformers' checkpointed layers drop past_key_values, which would silently drop the prefix.
+            # transformers' checkpointed layers drop the KV cache, which would silently drop the prefix.
             raise RuntimeError("prefix tuning injects through the KV cache, which transformers' gradient "
                                "checkpointing disables; turn gradient checkpointing off")
         kwargs = {**dict(zip(self.positional, args)), **kwargs}
@@ -171,9 +175,13 @@ class PrefixInjector:
             tokens = kwargs.get("inputs_embeds")
         batch_size = tokens.shape[0]
         n = self.encoder.num_virtual_tokens
-        cache = kwargs.get("past_key_values")
+        # generate passes `cache` from transformers 5.24 on, older callers `past_key_values`: read either, so a
+        # decoding step is never mistaken for a first call (which would put the prefix in the cache again).
+        key, cache = cache_from_kwargs(kwargs)
         if cache is None or cache.get_seq_length() == 0:
-            kwargs["past_key_values"] = self.prefix_cache(batch_size, cache)
+            # Back under the caller's keyword (the model's own when none was passed), never under both: given both,
+            # 5.24 warns and uses `cache` alone.
+            set_cache(kwargs, key or self.cache_key, self.prefix_cache(batch_size, cache))
         mask = kwargs.get("attention_mask")
         if mask is not None:
             if mask.dim() != 2:
@@ -287,7 +295,7 @@ def own_key_values(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     ``[1, N]`` at positions 0..N-1: the inverse of ``PrefixEncoder.key_values``."""
     was_training = model.training
     model.eval()
-    cache = model(input_ids=tokens, use_cache=True).past_key_values
+    cache = output_cache(model(input_ids=tokens, use_cache=True))  # `.past_key_values` warns from transformers 5.24
     model.train(was_training)
     per_layer = [t[0] for layer in cache.layers for t in (layer.keys, layer.values)]  # [kv_heads, N, head_dim] each
     stacked = torch.stack(per_layer)  # [num_layers·2, kv_heads, N, head_dim]
@@ -312,6 +320,7 @@ def config_from_peft(data: dict[str, Any], model: nn.Module) -> dict[str, Any]:
 class PrefixTuning(Method):
     name = "prefix_tuning"
     config_class = PrefixTuningConfig
+    flag_prefix = "prefix"  # --prefix-num-virtual-tokens 20
     aliases = ("prefix",)
     peft_type = "PREFIX_TUNING"
     # The MLP amplifies updates: 1e-3 brings SmolLM2-135M's demo SFT loss from 0.64 to <0.01 in 30 steps.
@@ -323,7 +332,7 @@ class PrefixTuning(Method):
 
     @classmethod
     def load(cls, model: nn.Module, adapter_dir: str | Path) -> PrefixTuningHandle:
-        from ..checkpoint import read_adapter_weights
+        from .adapter_files import read_adapter_weights
 
         data = json.loads((Path(adapter_dir) / ADAPTER_CONFIG_NAME).read_text())
         handle = cls.attach(model, cls.config_class(**config_from_peft(data, model)))

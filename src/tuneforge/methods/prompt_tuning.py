@@ -125,6 +125,7 @@ class PromptTuning(Method):
     name = "prompt_tuning"
     aliases = ("soft_prompt",)
     config_class = PromptTuningConfig
+    flag_prefix = "prompt"  # --prompt-num-virtual-tokens 20
     peft_type = "PROMPT_TUNING"
     # Free vectors trained from a frozen model need large steps: PEFT's causal-LM prompt-tuning example uses 3e-2
     # (Lester et al. used 0.3 with Adafactor).
@@ -137,7 +138,7 @@ class PromptTuning(Method):
     @classmethod
     def load(cls, model: nn.Module, adapter_dir: str | Path) -> PromptTuningHandle:
         """The saved prompt, trainable again (training can continue from it)."""
-        from ..checkpoint import read_adapter_weights
+        from .adapter_files import read_adapter_weights
 
         data = read_peft_prompt_config(adapter_dir, cls.peft_type, model)
         config = PromptTuningConfig(num_virtual_tokens=data["num_virtual_tokens"],

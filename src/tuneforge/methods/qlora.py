@@ -25,14 +25,12 @@ its logits moved from the unmerged 4-bit model.
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
-from .base import ADAPTER_CONFIG_NAME, output_embedding_names, register, replace_module
+from .base import output_embedding_names, register, replace_module
 from .lora import LoRA, LoRAConfig, LoRAHandle, LoRALinear, attach_lora, config_from_peft
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -345,10 +343,11 @@ class QLoRAHandle(LoRAHandle):
                            "tuneforge.methods.qlora.merge_to_16bit(handle, dtype) (it de-quantises first)")
 
     def merge_to_16bit(self, dtype: torch.dtype | str | None = None) -> nn.Module:
-        """See the module function ``merge_to_16bit``; ``tuneforge merge`` calls this."""
+        """See the module function ``merge_to_16bit``."""
         return merge_to_16bit(self, dtype)
 
     def merge_and_unload(self, dtype: torch.dtype | str | None = None) -> nn.Module:
+        """De-quantise, fold the update in, return a plain float model (``merge_to_16bit``)."""
         return merge_to_16bit(self, dtype)
 
     def summary(self) -> dict[str, Any]:
@@ -360,7 +359,7 @@ class QLoRA(LoRA):
     name = "qlora"
     aliases = ("q_lora",)
     config_class = QLoRAConfig
-    # A PEFT "LORA" adapter loads as LoRA (on a 4-bit base too); tuneforge_adapter.json records "qlora".
+    # A PEFT "LORA" adapter loads as LoRA (on a 4-bit base too); tuneforge's own record says "qlora".
     peft_type = None
 
     @classmethod
@@ -379,15 +378,7 @@ class QLoRA(LoRA):
         return QLoRAHandle(model, config, attach_lora(model, config))
 
     @classmethod
-    def load(cls, model: nn.Module, adapter_dir: str | Path) -> QLoRAHandle:
-        from ..checkpoint import TUNEFORGE_ADAPTER_META, read_adapter_weights
-
-        adapter_dir = Path(adapter_dir)
-        options = config_from_peft(json.loads((adapter_dir / ADAPTER_CONFIG_NAME).read_text()))
-        meta = adapter_dir / TUNEFORGE_ADAPTER_META
-        if meta.is_file():  # the quantisation options live only in tuneforge's record
-            saved = json.loads(meta.read_text()).get("options", {})
-            options.update({k: v for k, v in saved.items() if k.startswith("bnb_4bit_")})
-        handle = cls.attach(model, QLoRAConfig(**options))
-        handle.load_state_dict(read_adapter_weights(adapter_dir))
-        return handle
+    def config_from_saved(cls, saved: dict[str, Any], options: dict[str, Any], model: nn.Module) -> QLoRAConfig:
+        # The quantisation options live only in tuneforge's record (PEFT's file describes the LoRA part).
+        quantisation = {k: v for k, v in options.items() if k.startswith("bnb_4bit_")}
+        return QLoRAConfig(**config_from_peft(saved), **quantisation)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .base import available_methods, get_method
+from .base import METHODS, available_methods, get_method
 
 
 def parameter_counts(model, overrides: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
@@ -26,19 +26,15 @@ def parameter_counts(model, overrides: dict[str, dict[str, Any]] | None = None) 
 
 
 def methods_table(model_name: str | None, flags: dict[str, Any]) -> str:
-    from ..config import METHOD_OPTION_PREFIXES, NATIVE_PREFIXED
     from ..models import DEFAULT_MODEL, load_model
 
     overrides: dict[str, dict[str, Any]] = {}
     for key, value in flags.items():
-        for prefix in METHOD_OPTION_PREFIXES:
-            if key.startswith(prefix):
-                method = prefix.rstrip("_")
-                option = key if key in NATIVE_PREFIXED else key[len(prefix):]
-                overrides.setdefault(method, {})[option] = value
-                break
-        else:
+        routed = METHODS.route(key)  # --prefix-num-virtual-tokens 20 -> prefix_tuning's num_virtual_tokens
+        if routed is None:
             raise ValueError(f"unknown option --{key.replace('_', '-')} (method options look like --lora-r 16)")
+        method, option = routed
+        overrides.setdefault(method.name, {})[option] = value
     model, _ = load_model(model_name or DEFAULT_MODEL, device="cpu", dtype="float32")
     lines = [f"{'method':<16}{'trainable':>14}{'of total':>16}{'%':>10}{'default lr':>12}"]
     for row in parameter_counts(model, overrides):

@@ -8,7 +8,8 @@ virtual positions from the output. The model keeps its class, signature and ``ge
 
 What the pre-hook changes, call by call:
 
-* first call (no cache, or an empty one): ``input_ids`` become ``inputs_embeds`` with the prompt in front; the
+* first call (no cache, or an empty one, under either keyword, ``cache`` or ``past_key_values``: see
+  ``kv_cache.py``): ``input_ids`` become ``inputs_embeds`` with the prompt in front; the
   attention mask gets ``N`` ones in front; position ids become ``0..N-1`` for the virtual tokens and the caller's
   positions ``+ N`` for the real ones (without position ids the model numbers ``0..N+T-1`` itself, as in PEFT);
   labels get ``N`` ignored entries, and the first real label is ignored too because, as without virtual tokens,
@@ -33,6 +34,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .base import ADAPTER_CONFIG_NAME, MethodConfig, MethodHandle, Switchable, model_dims
+from .kv_cache import cache_from_kwargs
 
 IGNORE_INDEX = -100
 # The attribute of the causal LM that holds the prompt module, so that its parameters train, move and count with
@@ -64,7 +66,9 @@ class VirtualTokens(nn.Module, Switchable):
             return (), kwargs
         if kwargs.get("return_dict") is False:
             raise ValueError("virtual-token methods need return_dict=True outputs to strip the virtual positions")
-        if cached_length(kwargs.get("past_key_values")) > 0:
+        # The cache arrives as `cache` from transformers 5.24's generate, as `past_key_values` from older versions
+        # or a caller's older code: reading only one name would take every decoding step for a first call.
+        if cached_length(cache_from_kwargs(kwargs)[1]) > 0:
             self.pending.append((0, False))
             return (), extend_decoding_inputs(kwargs, self.num_virtual_tokens)
         kwargs = prepend_prompt(model, self, kwargs)

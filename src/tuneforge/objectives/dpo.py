@@ -26,7 +26,8 @@ from torch import nn
 from ..data.formats import Example
 from ..data.preference import PairItem
 from ..data.template import IGNORE_INDEX
-from .base import ObjectiveConfig, PairObjective, TrainContext, disable_dropout, register, sequence_logps
+from .base import ObjectiveConfig, PairObjective, TrainContext, disable_dropout, register
+from .logprobs import sequence_logps
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +104,11 @@ class DPO(PairObjective):
     name = "dpo"
     aliases = ("direct_preference_optimization",)
     purpose = "DPO"
-    needs_reference = True  # full fine-tuning: the trainer loads a separate frozen copy
+    config_class = DPOConfig
+    needs_reference = True
 
     def __init__(self, tokenizer, options: dict[str, Any] | None = None):
         super().__init__(tokenizer, options)
-        self.config = DPOConfig.from_dict(self.options)
         self.prepared: list[PairItem] = []  # every split's pairs, for precomputing reference log-probs
 
     def prepare(self, examples: list[Example], max_length: int, split: str = "train") -> list[PairItem]:

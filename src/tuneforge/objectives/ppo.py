@@ -14,7 +14,8 @@ Each prompt batch is one rollout, then several optimiser steps on it:
 
 The value head is a ``Linear(hidden, 1)`` on the policy's final hidden states (a shared backbone, as TRL's
 ``AutoModelForCausalLMWithValueHead``); the trainer optimises it with the method's parameters. The trainer
-calls :meth:`PPO.optimizer_steps` per prompt batch and runs each yielded list of micro-batches as one step.
+hands each batch of prompts to :meth:`PPO.rollout_steps` (an online objective) and runs each returned list of
+micro-batches as one optimiser step.
 """
 
 from __future__ import annotations
@@ -26,10 +27,9 @@ import inspect
 import logging
 import math
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data.batching import pad_batch
@@ -37,8 +37,8 @@ from ..data.formats import Example, examples_of_kind
 from ..data.preference import PromptItem, prompts_within, tokenize_prompt
 from ..data.template import IGNORE_INDEX, Tokenized
 from ..generate import generate_ids, stop_token_ids
-from .base import (Objective, ObjectiveConfig, TrainContext, _accepts_logits_to_keep, disable_dropout, register,
-                   target_logits)
+from .base import Objective, ObjectiveConfig, TrainContext, disable_dropout, register
+from .logprobs import action_outputs, target_logits, token_logps
 
 log = logging.getLogger(__name__)
 
@@ -217,23 +217,6 @@ class ValueHead(nn.Module):
         return self.summary(hidden.float()).squeeze(-1)
 
 
-def action_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits ``[n, vocab]``, targets ``[n]`` and final hidden states ``[n, hidden]`` at the positions that
-    predict a labelled token, and that ``[batch, time]`` position mask (row-major, as the flat tensors)."""
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    kwargs = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs)
-    logits = out.logits if out.logits.dim() == 2 else out.logits[:, -labels.shape[1]:][keep]
-    hidden = out.hidden_states[-1][:, -labels.shape[1]:][keep]  # a prompt-tuning method's virtual tokens first
-    return logits, labels[:, 1:][keep[:, :-1]], hidden, keep
-
-
-def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return -F.cross_entropy(logits.float(), targets, reduction="none")
-
-
 def spread(flat: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Put per-action values back on the ``[batch, time]`` grid (zero elsewhere)."""
     out = torch.zeros(keep.shape, dtype=flat.dtype, device=flat.device)
@@ -249,11 +232,12 @@ class PPO(Objective):
     name = "ppo"
     aliases = ("rlhf", "ppo_rlhf")
     kinds = ("prompt", "preference")  # a preference record contributes its prompt
-    needs_reference = True  # full fine-tuning: the trainer loads a separate frozen copy
+    config_class = PPOConfig
+    needs_reference = True
+    online = True
 
     def __init__(self, tokenizer, options: dict[str, Any] | None = None):
         super().__init__(tokenizer, options)
-        self.config = PPOConfig.from_dict(self.options)
         self.kl_coef = self.config.kl_coef
         self.rollouts = 0  # seeds each rollout's sampling; checkpointed
         self.value_head: ValueHead | None = None
@@ -372,20 +356,22 @@ class PPO(Objective):
         """How many optimiser steps one batch of prompts becomes (the trainer sizes the run with it)."""
         return self.config.num_ppo_epochs * self.config.num_mini_batches
 
-    def optimizer_steps(self, model: nn.Module, prompt_batch: dict[str, Any], ctx: TrainContext
-                        ) -> Iterator[list[dict[str, Any]]]:
-        """Roll out once, then yield ``num_ppo_epochs × num_mini_batches`` optimiser steps of micro-batches."""
+    def rollout_steps(self, model: nn.Module, prompt_batch: dict[str, Any], ctx: TrainContext
+                      ) -> list[list[dict[str, Any]]]:
+        """Roll out once; ``num_ppo_epochs × num_mini_batches`` optimiser steps of micro-batches on it."""
         c = self.config
         rollout, stats = self.rollout(model, prompt_batch["items"], ctx)
         n = rollout["input_ids"].shape[0]
         mini = math.ceil(n / c.num_mini_batches)
         micro = c.micro_batch_size or mini
         generator = torch.Generator().manual_seed(c.seed * 1_000_003 + self.rollouts)
+        steps = []
         for _ in range(c.num_ppo_epochs):
             order = torch.randperm(n, generator=generator)
             for start in range(0, n, mini):
                 rows = order[start:start + mini]
-                yield [self._rows(rollout, rows[i:i + micro], stats) for i in range(0, len(rows), micro)]
+                steps.append([self._rows(rollout, rows[i:i + micro], stats) for i in range(0, len(rows), micro)])
+        return steps
 
     @staticmethod
     def _rows(rollout: dict[str, torch.Tensor], rows: torch.Tensor, stats: dict[str, float]) -> dict[str, Any]:

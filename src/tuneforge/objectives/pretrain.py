@@ -7,20 +7,31 @@ in the original pretraining of GPT-style models; EOS tells the model where a doc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from typing import ClassVar
 
 from ..data.batching import pack_blocks
 from ..data.formats import Example, examples_of_kind
 from ..data.template import Tokenized, tokenize_text
-from .base import NextTokenObjective, register
+from .base import NextTokenObjective, ObjectiveConfig, register
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PretrainConfig(ObjectiveConfig):
+    """Continued pretraining has no options of its own (the block length is the run's max_length)."""
+
+    objective: ClassVar[str] = "pretrain"
+
 
 @register
 class Pretrain(NextTokenObjective):
     name = "pretrain"
     aliases = ("continued_pretraining", "clm", "causal_lm")
     kinds = ("text",)
+    config_class = PretrainConfig
 
     def prepare(self, examples: list[Example], max_length: int, split: str = "train") -> list[Tokenized]:
         examples = examples_of_kind(examples, self.kinds, "continued pretraining")

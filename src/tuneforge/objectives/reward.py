@@ -13,7 +13,6 @@ It is saved beside the method's files as ``reward_head.safetensors``, so :func:`
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,7 +26,8 @@ from torch import nn
 from ..data.batching import pad_batch
 from ..data.formats import Message
 from ..data.preference import tokenize_response
-from .base import ObjectiveConfig, PairObjective, TrainContext, _accepts_logits_to_keep, disable_dropout, register
+from .base import ObjectiveConfig, PairObjective, TrainContext, disable_dropout, register
+from .logprobs import accepts_logits_mask
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def hidden_size_of(model: nn.Module) -> int:
 
 def last_token_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Final hidden state at each row's last real token: ``[batch, hidden]``."""
-    kwargs: dict[str, Any] = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}  # skip the vocabulary
+    kwargs: dict[str, Any] = {"logits_to_keep": 1} if accepts_logits_mask(model) else {}  # skip the vocabulary
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs)
     hidden = out.hidden_states[-1][:, -input_ids.shape[1]:]  # a prompt-tuning method's virtual tokens come first
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
@@ -95,10 +95,10 @@ class Reward(PairObjective):
     name = "reward"
     aliases = ("reward_model", "rm", "reward_modeling", "reward_modelling")
     purpose = "reward modelling"
+    config_class = RewardConfig
 
     def __init__(self, tokenizer, options: dict[str, Any] | None = None):
         super().__init__(tokenizer, options)
-        self.config = RewardConfig.from_dict(self.options)
         self.head: RewardHead | None = None
 
     def setup(self, model: nn.Module, ctx: TrainContext) -> None:
@@ -187,24 +187,19 @@ def load_reward_model(model_name: str | None, adapter_dir: str | Path, *, device
     ``adapter_dir`` holds the method's files (an adapter, or a whole model for full fine-tuning) and
     ``reward_head.safetensors``. ``model_name`` is the base model; None reads it from the adapter's config.
     """
-    # Loading composes a model, a method and a head, as the trainer does; imported here so that the objective
-    # module itself stays independent of methods.
+    # The backbone loads as for inference (the adapter's method picks how its base loads: QLoRA in 4 bits);
+    # imported here so that the objective module itself depends on neither methods nor the loader.
     from ..data.template import ensure_chat_template
-    from ..methods import load_adapter
-    from ..models import load_model
+    from ..inference import is_full_model_dir, load_for_inference, recorded_base_model
 
     adapter_dir = Path(adapter_dir)
     head, chat_template = load_reward_head(adapter_dir)
-    if (adapter_dir / "config.json").is_file():  # full fine-tuning saved a whole model
-        model, tokenizer = load_model(str(adapter_dir), device=device, dtype=dtype)
-    else:
-        if model_name is None:
-            config_path = adapter_dir / "adapter_config.json"
-            model_name = json.loads(config_path.read_text()).get("base_model_name_or_path")
-            if not model_name:
-                raise ValueError(f"{config_path} names no base model; pass the base model (--model)")
-        model, tokenizer = load_model(model_name, device=device, dtype=dtype)
-        load_adapter(model, adapter_dir)
+    if model_name is None and not is_full_model_dir(adapter_dir):  # full fine-tuning saved a whole model
+        model_name = recorded_base_model(adapter_dir)
+        if not model_name:
+            raise ValueError(f"{adapter_dir}: neither tuneforge.yaml nor adapter_config.json names a base model; "
+                             "pass the base model (--model)")
+    model, tokenizer, _ = load_for_inference(model_name or str(adapter_dir), adapter_dir, device=device, dtype=dtype)
     if chat_template:
         tokenizer.chat_template = chat_template
     ensure_chat_template(tokenizer)

@@ -39,7 +39,8 @@ def _add_prompt_eval(sub) -> None:
                        description="Run each prompt template over the same labelled records with one model "
                        "(greedy decoding) and print one row per template: metric, mean output length in "
                        "tokens, wall time. Built-in templates: " + ", ".join(builtin_template_names()))
-    p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, HF directory, .gguf or hub id")
+    p.add_argument("--model", help="embedded name, HF directory, .gguf or hub id (default: the --adapter's base "
+                   f"model, else {DEFAULT_MODEL})")
     p.add_argument("--adapter", help="a saved adapter directory to attach (tuneforge or PEFT format)")
     p.add_argument("--data", required=True, help="labelled records (.jsonl/.json/.csv/.parquet)")
     p.add_argument("--templates", nargs="+", required=True, metavar="YAML",
@@ -80,6 +81,9 @@ def run_prompt_eval(args: argparse.Namespace) -> int:
     except (TemplateError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from tuneforge.inference import default_model
+
+    args.model = default_model(args.adapter, args.model)
     model, tokenizer = load_model_for_cli(args.model, args.adapter, args.device)
     try:
         results = evaluate_prompts(model, tokenizer, templates, records, args.metric,
@@ -117,15 +121,12 @@ def run_prompt_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_model_for_cli(name: str, adapter: str | None, device: str | None) -> tuple[Any, Any]:
-    """``load_model`` plus an optional adapter; the one place the CLI touches model weights."""
-    from tuneforge.models import load_model
+def load_model_for_cli(name: str | None, adapter: str | None, device: str | None) -> tuple[Any, Any]:
+    """Base model plus an optional adapter, through ``tuneforge.inference`` (so a QLoRA adapter gets its 4-bit base);
+    the one place these commands touch model weights. ``name`` None: the adapter's base, else the default."""
+    from tuneforge.inference import default_model, load_for_inference
 
-    model, tokenizer = load_model(name, device=device)
-    if adapter:
-        from tuneforge.methods import load_adapter
-
-        load_adapter(model, adapter)
+    model, tokenizer, _ = load_for_inference(default_model(adapter, name), adapter, device)
     return model, tokenizer
 
 
@@ -181,7 +182,7 @@ def _add_synth(subparsers) -> None:
     teacher.add_argument("--teacher-url", help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1; "
                          "without it a local model writes the data")
     teacher.add_argument("--teacher-model", help=f"model name on the server; local: a tuneforge model name "
-                         f"(default {DEFAULT_MODEL})")
+                         f"(default: the --adapter's base model, else {DEFAULT_MODEL})")
     teacher.add_argument("--api-key-env", help="environment variable holding the API key (default: "
                          "OPENAI_API_KEY if set); the key itself is never printed")
     teacher.add_argument("--concurrency", type=int, default=4, help="HTTP requests in flight at once")
@@ -268,7 +269,9 @@ def make_teacher(args: argparse.Namespace):
         return TeacherClient(args.teacher_url, args.teacher_model, api_key=_api_key(args.api_key_env),
                              timeout=args.timeout, max_retries=args.max_retries, concurrency=args.concurrency,
                              seed=args.seed)
-    name = args.teacher_model or DEFAULT_MODEL
+    from tuneforge.inference import default_model
+
+    name = default_model(args.adapter, args.teacher_model)
     model, tokenizer = load_model_for_cli(name, args.adapter, args.device)
     return LocalTeacher(model, tokenizer, name=name, batch_size=args.batch_size, seed=args.seed)
 

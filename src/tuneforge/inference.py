@@ -1,0 +1,87 @@
+"""Load a base model plus a saved adapter for inference: the one loader behind generate, eval, merge, prompt
+evaluation, the local synth teacher and reward scoring.
+
+The adapter's method decides how its base model loads (``Method.model_load_kwargs`` with the options tuneforge
+recorded beside the adapter, see ``read_tuneforge_meta``): a QLoRA adapter gets its base straight in 4 bits with
+the quantisation it was trained with, so what is served is what was trained. A directory holding a whole model
+(full fine-tuning) is loaded as the model itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from .data.template import ensure_chat_template
+from .methods import load_adapter
+from .methods.adapter_files import ADAPTER_CONFIG_NAME, is_adapter_dir, method_for_adapter, read_tuneforge_meta
+from .methods.base import MethodHandle
+from .models import DEFAULT_MODEL, load_model
+
+log = logging.getLogger(__name__)
+
+RUN_CONFIG_NAME = "tuneforge.yaml"
+
+
+def recorded_base_model(adapter: str | Path) -> str | None:
+    """The base model a run / adapter directory names: ``tuneforge.yaml``'s ``model``, else ``adapter_config.json``'s
+    ``base_model_name_or_path``; None when neither names one."""
+    for name, key in ((RUN_CONFIG_NAME, "model"), (ADAPTER_CONFIG_NAME, "base_model_name_or_path")):
+        path = Path(adapter) / name
+        if path.is_file():
+            data = yaml.safe_load(path.read_text())  # JSON is YAML
+            base = data.get(key) if isinstance(data, dict) else None
+            if base:
+                return str(base)
+    return None
+
+
+def default_model(adapter: str | Path | None, model: str | None) -> str:
+    """The base model to load: ``model`` (--model) if given, else the one the adapter directory records (its
+    ``tuneforge.yaml``, then its ``adapter_config.json``), else the embedded default."""
+    if model:
+        return model
+    return (recorded_base_model(adapter) if adapter else None) or DEFAULT_MODEL
+
+
+def is_full_model_dir(path: str | Path) -> bool:
+    """A Hugging Face model directory (full fine-tuning saves one) rather than an adapter."""
+    return (Path(path) / "config.json").is_file() and not is_adapter_dir(path)
+
+
+def model_load_kwargs(adapter: str | Path) -> dict[str, Any]:
+    """What the adapter's method needs ``load_model`` to do for its base (QLoRA: a 4-bit quantization_config)."""
+    meta = read_tuneforge_meta(adapter)
+    if meta is None:  # PEFT's files: plain LoRA-family adapters on a float base
+        return {}
+    return method_for_adapter(adapter).model_load_kwargs(meta.get("options", {}))
+
+
+def load_for_inference(model_name: str, adapter: str | Path | None, device: str | torch.device | None = None,
+                       dtype: torch.dtype | str | None = None) -> tuple[nn.Module, Any, MethodHandle | None]:
+    """``(model, tokenizer, handle)``: ``model_name`` loaded the way the adapter's method asks, the adapter attached
+    (``handle`` is None without one), a chat template ensured, eval mode.
+
+    ``adapter`` may also be a whole model directory (full fine-tuning): that model is loaded instead of
+    ``model_name`` and ``handle`` is None.
+    """
+    kwargs: dict[str, Any] = {}
+    if adapter and is_full_model_dir(adapter):
+        if model_name != str(adapter):
+            log.info("%s holds a whole model (full fine-tuning): loading it instead of %s", adapter, model_name)
+        model_name, adapter = str(adapter), None
+    elif adapter:
+        kwargs = model_load_kwargs(adapter)
+    model, tokenizer = load_model(model_name, device=device, dtype=dtype, **kwargs)
+    ensure_chat_template(tokenizer)
+    handle = load_adapter(model, adapter) if adapter else None
+    model.eval()
+    return model, tokenizer, handle
+
+
+__all__ = ["default_model", "load_for_inference", "recorded_base_model", "model_load_kwargs", "is_full_model_dir"]

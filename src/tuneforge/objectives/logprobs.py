@@ -1,0 +1,94 @@
+"""Log-probabilities of labelled tokens: the one place every objective (and evaluation) gets them from.
+
+Logits are computed only where a loss needs them: transformers' ``logits_to_keep`` takes a boolean mask of
+positions, so the vocabulary projection (a large share of a small model's compute) and its float32 logits never
+touch prompt or padding positions. Older transformers releases accept only an int / index tensor there; those
+fall back to full logits, indexed afterwards (same numbers, more memory).
+
+Labels are aligned with ``input_ids`` (Hugging Face's convention): position t predicts ``labels[t + 1]``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.template import IGNORE_INDEX
+
+# Per model class: whether its forward takes a boolean logits_to_keep mask. Keyed weakly by class, so nothing is
+# stored on the user's model and a class that proves unable (IndexError) is remembered.
+_MASK_SUPPORT: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+
+
+def accepts_logits_mask(model: nn.Module) -> bool:
+    """Whether ``model`` computes logits only at a boolean ``[batch, time]`` mask of positions."""
+    cls = type(model)
+    if cls not in _MASK_SUPPORT:
+        import transformers.modeling_utils as mu
+
+        # Releases without slice_logits_to_keep accept an int / index tensor only.
+        _MASK_SUPPORT[cls] = ("logits_to_keep" in inspect.signature(model.forward).parameters
+                              and hasattr(mu, "slice_logits_to_keep"))
+    return _MASK_SUPPORT[cls]
+
+
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """``[batch, time]`` mask of the positions that predict a labelled token (the last position predicts none)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
+def target_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict a supervised label, flattened: ``([n, vocab], [n] targets)``."""
+    keep = supervised_positions(labels)
+    targets = labels[:, 1:][keep[:, :-1]]
+    if accepts_logits_mask(model):
+        try:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        except IndexError:  # a release that indexes hidden states with logits_to_keep as a 1-D slice
+            _MASK_SUPPORT[type(model)] = False
+        else:
+            if logits.dim() == 2:  # transformers gathered only the kept positions
+                return logits, targets
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return logits[keep], targets
+
+
+def action_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As ``target_logits``, plus the final hidden states ``[n, hidden]`` at the same positions (a value or reward
+    head reads them) and the ``[batch, time]`` position mask (row-major, as the flat tensors)."""
+    keep = supervised_positions(labels)
+    kwargs = {"logits_to_keep": keep} if accepts_logits_mask(model) else {}
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs)
+    logits = out.logits if out.logits.dim() == 2 else out.logits[:, -labels.shape[1]:][keep]
+    hidden = out.hidden_states[-1][:, -labels.shape[1]:][keep]  # a prompt-tuning method's virtual tokens first
+    return logits, labels[:, 1:][keep[:, :-1]], hidden, keep
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) per row of ``logits``, in float32."""
+    return -F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def token_cross_entropy_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over supervised tokens, and their count."""
+    logits, targets = target_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+    return loss, int(targets.numel())
+
+
+def sequence_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   labels: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(label) over each row's supervised tokens: ``[batch]`` (DPO's sequence log-probability)."""
+    logits, targets = target_logits(model, input_ids, attention_mask, labels)
+    logps = token_logps(logits, targets)
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels[:, 1:])
+    row_of_token = rows[labels[:, 1:] != IGNORE_INDEX]
+    return torch.zeros(labels.shape[0], device=logps.device, dtype=logps.dtype).index_add(0, row_of_token, logps)
