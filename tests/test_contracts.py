@@ -113,3 +113,13 @@ def test_behaviour_is_declared_by_the_method_and_objective():
     assert [m.name for m in METHODS.classes() if m.trains_base_weights] == ["full"]
     assert sorted(o.name for o in OBJECTIVES.classes() if o.needs_reference) == ["dpo", "ppo"]
     assert [o.name for o in OBJECTIVES.classes() if o.online] == ["ppo"]
+
+
+def test_train_help_lists_every_option_under_its_flag():
+    from tuneforge.cli import _config_help
+
+    text = _config_help()
+    for flag in ("--learning-rate", "--lora-r", "--lora-alpha", "--qlora-bnb-4bit-quant-type", "--prefix-projection",
+                 "--prompt-tuning-init-text", "--p-tuning-v2-num-virtual-tokens", "--sft-train-on-prompt",
+                 "--dpo-beta", "--ppo-kl-coef", "--reward-center-rewards-coefficient"):
+        assert f"  {flag} " in text, flag

@@ -289,9 +289,20 @@ def _inference_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config_help() -> str:
-    lines = []
-    for name, f in RunConfig.model_fields.items():
-        lines.append(f"  --{name.replace('_', '-'):<24} {f.description}")
+    """Every run key, then every method's and objective's options under their declared flag prefix."""
+    from .methods.base import METHODS
+    from .objectives.base import OBJECTIVES
+
+    lines = [f"  --{name.replace('_', '-'):<32} {f.description}" for name, f in RunConfig.model_fields.items()]
+    for title, registry in (("Method options", METHODS), ("Objective options", OBJECTIVES)):
+        for prefix, cls in reversed(registry.flag_prefixes().items()):
+            section = "method_options" if registry is METHODS else "objective_options"
+            lines.append(f"\n{title}: {cls.name} (--{prefix.replace('_', '-')}-OPTION; in YAML under {section})")
+            for option, (default, text) in cls.config_class.describe().items():
+                if option in RunConfig.model_fields:  # run-level keys the trainer passes on (seed, max_length_policy)
+                    continue
+                flag = option if option.startswith(prefix + "_") else f"{prefix}_{option}"
+                lines.append(f"  --{flag.replace('_', '-'):<32} {text} [default: {default}]")
     return "\n".join(lines)
 
 
