@@ -14,14 +14,13 @@ PEFT; to keep training, resume from a training checkpoint (it holds the encoder'
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from .base import Method, MethodConfig, freeze, model_dims, register
-from .virtual_tokens import PromptEmbedding, VirtualTokens, VirtualTokensHandle, install, read_peft_prompt_config
+from .virtual_tokens import PromptEmbedding, VirtualTokens, VirtualTokensHandle, check_peft_prompt_config, install
 
 ENCODER_TYPES = ("MLP", "LSTM")
 
@@ -140,18 +139,17 @@ class PTuning(Method):
         return attach_p_tuning(model, config)
 
     @classmethod
-    def load(cls, model: nn.Module, adapter_dir: str | Path) -> PTuningHandle:
-        """The saved prompt as a fixed, frozen prompt (the encoder that produced it is not saved)."""
-        from .adapter_files import read_adapter_weights
-
-        data = read_peft_prompt_config(adapter_dir, cls.peft_type, model)
-        config = PTuningConfig(
+    def config_from_saved(cls, saved: dict[str, Any], options: dict[str, Any], model: nn.Module) -> PTuningConfig:
+        data = check_peft_prompt_config(saved, cls.peft_type, model)
+        return PTuningConfig(
             num_virtual_tokens=data["num_virtual_tokens"],
             encoder_reparameterization_type=data.get("encoder_reparameterization_type") or "MLP",
             encoder_hidden_size=data.get("encoder_hidden_size"),
             encoder_num_layers=data.get("encoder_num_layers", 2),
             encoder_dropout=data.get("encoder_dropout", 0.0),
         )
-        handle = attach_fixed_prompt(model, config)
-        handle.load_state_dict(read_adapter_weights(adapter_dir))
-        return handle
+
+    @classmethod
+    def attach_saved(cls, model: nn.Module, config: PTuningConfig, saved: dict[str, Any]) -> PTuningHandle:
+        """The saved prompt as a fixed, frozen prompt (the encoder that produced it is not saved, as PEFT)."""
+        return attach_fixed_prompt(model, config)

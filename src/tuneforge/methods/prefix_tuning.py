@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from .base import ADAPTER_CONFIG_NAME, Method, MethodConfig, MethodHandle, Switchable, freeze, model_dims, register
+from .base import Method, MethodConfig, MethodHandle, Switchable, freeze, model_dims, register
 from .kv_cache import cache_from_kwargs, cache_kwarg, output_cache, set_cache
 
 # Layer kinds whose attention appends to a DynamicCache (a prefix has nowhere to go in a linear-attention layer).
@@ -331,10 +329,6 @@ class PrefixTuning(Method):
         return PrefixTuningHandle(model, config, attach_prefix(model, config))
 
     @classmethod
-    def load(cls, model: nn.Module, adapter_dir: str | Path) -> PrefixTuningHandle:
-        from .adapter_files import read_adapter_weights
-
-        data = json.loads((Path(adapter_dir) / ADAPTER_CONFIG_NAME).read_text())
-        handle = cls.attach(model, cls.config_class(**config_from_peft(data, model)))
-        handle.load_state_dict(read_adapter_weights(adapter_dir))
-        return handle
+    def config_from_saved(cls, saved: dict[str, Any], options: dict[str, Any], model: nn.Module
+                          ) -> PrefixTuningConfig:
+        return cls.config_class(**config_from_peft(saved, model))

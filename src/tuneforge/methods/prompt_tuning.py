@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from .base import Method, MethodConfig, freeze, register
-from .virtual_tokens import PromptEmbedding, VirtualTokensHandle, install, read_peft_prompt_config
+from .virtual_tokens import PromptEmbedding, VirtualTokensHandle, check_peft_prompt_config, install
 
 INIT_CHOICES = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
 
@@ -136,16 +135,17 @@ class PromptTuning(Method):
         return attach_prompt(model, config)
 
     @classmethod
-    def load(cls, model: nn.Module, adapter_dir: str | Path) -> PromptTuningHandle:
-        """The saved prompt, trainable again (training can continue from it)."""
-        from .adapter_files import read_adapter_weights
+    def config_from_saved(cls, saved: dict[str, Any], options: dict[str, Any], model: nn.Module
+                          ) -> PromptTuningConfig:
+        data = check_peft_prompt_config(saved, cls.peft_type, model)
+        return PromptTuningConfig(num_virtual_tokens=data["num_virtual_tokens"],
+                                  prompt_tuning_init=data.get("prompt_tuning_init") or "RANDOM",
+                                  prompt_tuning_init_text=data.get("prompt_tuning_init_text"),
+                                  tokenizer_name_or_path=data.get("tokenizer_name_or_path"))
 
-        data = read_peft_prompt_config(adapter_dir, cls.peft_type, model)
-        config = PromptTuningConfig(num_virtual_tokens=data["num_virtual_tokens"],
-                                    prompt_tuning_init=data.get("prompt_tuning_init") or "RANDOM",
-                                    prompt_tuning_init_text=data.get("prompt_tuning_init_text"),
-                                    tokenizer_name_or_path=data.get("tokenizer_name_or_path"))
-        # The saved values replace any initialisation, so the init text is not tokenised again (as PEFT).
-        handle = attach_prompt(model, config, initialise=False)
-        handle.load_state_dict(read_adapter_weights(adapter_dir))
-        return handle
+    @classmethod
+    def attach_saved(cls, model: nn.Module, config: PromptTuningConfig, saved: dict[str, Any]
+                     ) -> PromptTuningHandle:
+        """The saved prompt, trainable again (training can continue from it). The saved values replace any
+        initialisation, so the init text is not tokenised again (as PEFT)."""
+        return attach_prompt(model, config, initialise=False)

@@ -25,8 +25,6 @@ are counted from ``N``, so a padded row computes what the same row computes alon
 from __future__ import annotations
 
 import inspect
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -265,10 +263,9 @@ class VirtualTokensHandle(MethodHandle):
         return self.model
 
 
-def read_peft_prompt_config(adapter_dir: str | Path, peft_type: str, model: nn.Module) -> dict[str, Any]:
-    """The saved ``adapter_config.json``, checked against ``model`` (hidden size, decoder-only)."""
-    path = Path(adapter_dir) / ADAPTER_CONFIG_NAME
-    data = json.loads(path.read_text())
+def check_peft_prompt_config(data: dict[str, Any], peft_type: str, model: nn.Module) -> dict[str, Any]:
+    """A saved ``adapter_config.json``, checked against ``model`` (hidden size, decoder-only)."""
+    path = ADAPTER_CONFIG_NAME
     if data.get("peft_type") != peft_type:
         raise ValueError(f"{path}: peft_type {data.get('peft_type')!r}, expected {peft_type!r}")
     if (data.get("num_transformer_submodules") or 1) != 1:
