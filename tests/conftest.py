@@ -6,6 +6,7 @@ models are built from configs (Llama-style with grouped-query attention, GPT-2 w
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -45,8 +46,38 @@ def build_tokenizer():
 
 
 @pytest.fixture(scope="session")
-def tokenizer():
+def tokenizer_source():
+    """The tokenizer exactly as built (once per session: training it takes seconds). No test should change it; tests
+    use ``tokenizer``."""
     return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_source):
+    """The test tokenizer. A test may change it in place (a chat template, a pad token, added tokens, padding or
+    truncation on the backend), and ``_pristine_tokenizer`` puts it back exactly as built before every test, so no
+    result depends on which tests ran first. (It is one session-scoped object reset around every test, rather than a
+    new copy per test, because module-scoped fixtures use it too; they, set up between two tests, see it as built.)"""
+    return copy.deepcopy(tokenizer_source)
+
+
+@pytest.fixture(autouse=True)
+def _pristine_tokenizer(request):
+    # Higher-scoped fixtures are set up first, so when the test uses ``tokenizer`` it already exists here.
+    if "tokenizer" not in request.fixturenames:
+        yield
+        return
+    shared, source = request.getfixturevalue("tokenizer"), request.getfixturevalue("tokenizer_source")
+    reset_tokenizer(shared, source)
+    yield
+    reset_tokenizer(shared, source)
+
+
+def reset_tokenizer(tokenizer, source) -> None:
+    """Give ``tokenizer`` the whole state of a fresh copy of ``source`` (Python attributes and the Rust backend)."""
+    fresh = copy.deepcopy(source)
+    tokenizer.__dict__.clear()
+    tokenizer.__dict__.update(fresh.__dict__)
 
 
 def tiny_config(arch: str, vocab_size: int):
@@ -97,9 +128,10 @@ def save_tiny_model_dir(path: Path, arch: str, tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
-    """A Llama-style tiny model saved as a Hugging Face directory (for CLI tests)."""
-    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), "llama", tokenizer)
+def tiny_model_dir(tmp_path_factory, tokenizer_source) -> Path:
+    """A Llama-style tiny model saved as a Hugging Face directory (for CLI tests), with the tokenizer as built: not
+    the shared one, whose state depends on the test that happens to create this directory."""
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), "llama", copy.deepcopy(tokenizer_source))
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -131,7 +163,7 @@ def single_thread():
 def fit(model, handle, batch: dict, steps: int, lr: float = 1e-2) -> list[float]:
     """``steps`` AdamW steps of the method's trainable parameters on one batch; the token-mean losses, so a test
     can check that training reduces the loss."""
-    from tuneforge.objectives.base import token_cross_entropy_sum
+    from tuneforge.objectives.logprobs import token_cross_entropy_sum
 
     optimizer = torch.optim.AdamW([p for _, p in handle.trainable_parameters()], lr=lr)
     model.train()

@@ -15,9 +15,10 @@ import tuneforge
 from conftest import make_tiny_model, write_jsonl
 from tuneforge import checkpoint as ckpt
 from tuneforge.data.formats import load_examples
+from tuneforge.data.template import tokenize_chat
 from tuneforge.methods.lora import LoRAHandle
 from tuneforge.objectives.sft import SFT
-from tuneforge.trainer import EpochSampler, Trainer, TrainingDiverged
+from tuneforge.trainer import EpochSampler, Trainer, TrainingDiverged, training_examples
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -50,6 +51,15 @@ def adapter_tensors(run_dir) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "adapter_model.safetensors"))
 
 
+def metrics_log(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def lora_targets(model) -> list[tuple[str, torch.nn.Linear]]:
+    """The layers LoRA's default ``all-linear`` adapts: every linear layer but the output head."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+
+
 @pytest.mark.parametrize("method,lr,steps", [("lora", 1e-2, 16), ("full", 2e-3, 8)])
 def test_training_reduces_loss(tmp_path, tokenizer, sft_file, method, lr, steps):
     model = make_tiny_model("llama", len(tokenizer))
@@ -57,13 +67,18 @@ def test_training_reduces_loss(tmp_path, tokenizer, sft_file, method, lr, steps)
     before = data_loss(copy.deepcopy(model), _templated(tok), sft_file)
     result = tuneforge.train(config(tmp_path, sft_file, method=method, learning_rate=lr, max_steps=steps), model, tok)
     after = data_loss(result.model, result.tokenizer, sft_file)
-    assert result.steps == steps and math.isfinite(result.final_loss)
+    log = metrics_log(result.output)
+    assert result.steps == steps and [m["step"] for m in log] == list(range(1, steps + 1))
+    assert result.final_loss == pytest.approx(log[-1]["loss"], abs=1e-6)  # the last step's loss, as logged
     assert after < before - 0.2, (before, after)  # from ~ln(vocab): a tiny random model learns slowly
-    assert result.metrics["trainable_params"] > 0
+    fresh = make_tiny_model("llama", len(tokenizer))
+    base_params = sum(p.numel() for p in fresh.parameters())
     if method == "full":
-        assert result.metrics["trainable_params"] == result.metrics["total_params"]
-    else:
-        assert result.metrics["trainable_params"] < result.metrics["total_params"]
+        assert result.metrics["trainable_params"] == result.metrics["total_params"] == base_params
+    else:  # the default LoRA: r = 8 on every linear layer but the head, r x (in + out) parameters each
+        lora_params = 8 * sum(m.in_features + m.out_features for _, m in lora_targets(fresh))
+        assert result.metrics["trainable_params"] == lora_params
+        assert result.metrics["total_params"] == base_params + lora_params
 
 
 def _templated(tokenizer):
@@ -87,8 +102,11 @@ def test_lora_training_leaves_base_bit_identical(tmp_path, tokenizer, sft_file):
             assert ".lora_" in name, name
     assert seen == len(snapshot)  # every base tensor is still the same object, untouched
     saved = adapter_tensors(tmp_path / "run")
-    assert saved and all(".lora_" in k for k in saved)
-    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in saved.items())  # B moved from 0
+    # Exactly A and B of every adapted layer (PEFT's names), and every B moved from its zero initialisation.
+    targets = [n for n, _ in lora_targets(make_tiny_model("qwen2", len(tokenizer)))]
+    assert len(targets) == 14 and sorted(saved) == sorted(f"base_model.model.{n}.lora_{ab}.weight" for n in targets
+                                                          for ab in "AB")
+    assert all(v.abs().sum() > 0 for k, v in saved.items() if k.endswith("lora_B.weight"))
 
 
 # -- gradient accumulation -----------------------------------------------------------------------------------
@@ -237,24 +255,54 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, tokenizer, sft_file,
     assert last.name == "step-4"
     trainable, state = ckpt.load_training_state(last)
     assert state["progress"]["step"] == 4
-    assert trainable and all(torch.isfinite(t).all() for t in trainable.values())
     assert not (run / "adapter_model.safetensors").exists()
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no half-written dirs
+    assert [m["step"] for m in metrics_log(run)] == [1, 2, 3, 4]  # the NaN step is not logged
 
-    # The kept checkpoint resumes (the fault is gone): it is a complete, loadable training state.
+    # The kept checkpoint is exactly the state after step 4 of the same run without the fault ...
     monkeypatch.setattr(SFT, "loss", original)
+    reference = train(config(tmp_path, sft_file, "reference", max_steps=8, save_every=2), tokenizer)
+    want, _ = ckpt.load_training_state(reference.output / "checkpoints" / "step-4")
+    assert trainable.keys() == want.keys() and all(torch.equal(trainable[k], want[k]) for k in want)
+    # ... and resumes (the fault is gone) to that run's final weights and losses.
     resumed = train(config(tmp_path, sft_file, max_steps=8, save_every=2, resume=True), tokenizer)
-    assert resumed.steps == 8 and math.isfinite(resumed.final_loss)
+    assert resumed.steps == 8
+    got, final = adapter_tensors(run), adapter_tensors(reference.output)
+    assert got.keys() == final.keys()
+    for key in final:
+        torch.testing.assert_close(got[key], final[key], rtol=0, atol=1e-7)
+    assert [m["loss"] for m in metrics_log(run)] == pytest.approx([m["loss"] for m in metrics_log(reference.output)],
+                                                                   abs=1e-6)
 
 
 def test_metrics_log_and_eval(tmp_path, tokenizer, sft_file):
-    result = train(config(tmp_path, sft_file, max_steps=4, eval_split=0.25, eval_every=2), tokenizer)
+    # Two of the four held-out answers are made what the untrained base answers greedily: the exact match logged
+    # before training (LoRA's base: the adapter switched off) must then be exactly 2 / 4.
+    held_out = training_examples(config(tmp_path, sft_file, eval_split=0.25))[1]
+    base_answers = tuneforge.exact_match(make_tiny_model("llama", len(tokenizer)), _templated(copy.deepcopy(tokenizer)),
+                                         held_out)["predictions"]
+    assert len(held_out) == 4 and all(a.strip() for a in base_answers[:2])
+    rows = [json.loads(line) for line in sft_file.read_text().splitlines()]
+    for example, answer in zip(held_out[:2], base_answers):
+        rows[int(example.source.rsplit(":", 1)[1]) - 1]["output"] = answer  # source: "file:line"
+    data = write_jsonl(tmp_path / "with_base_answers.jsonl", rows)
+    cfg = config(tmp_path, data, max_steps=4, eval_split=0.25, eval_every=2)
+    train_examples, eval_examples = training_examples(cfg)
+    result = train(cfg, tokenizer)
     lines = [json.loads(line) for line in (result.output / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in lines if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3, 4]
-    for m in steps:
-        assert math.isfinite(m["loss"]) and m["tokens"] > 0 and m["units"] > 0 and "grad_norm" in m
-    assert steps[0]["lr"] > steps[2]["lr"] > steps[3]["lr"] == 0.0  # cosine decay to 0 by the last step
+    assert all(m["grad_norm"] > 0 for m in steps)
+    # The first three steps of 4 records are one epoch of the 12 training records, each seen once: the units
+    # (supervised tokens) and tokens they log add up to the data's.
+    tok = _templated(copy.deepcopy(tokenizer))
+    items = [tokenize_chat(tok, e) for e in train_examples]
+    assert len(items) == 12
+    assert sum(m["units"] for m in steps[:3]) == sum(i.num_supervised for i in items)
+    assert sum(m["tokens"] for m in steps[:3]) == sum(len(i.input_ids) for i in items)
+    # The rate the scheduler holds after each step: cosine from 1e-2 (no warm-up) to 0 by the last step.
+    assert [m["lr"] for m in steps] == pytest.approx([0.5e-2 * (1 + math.cos(math.pi * k / 4)) for k in (1, 2, 3, 4)],
+                                                     abs=1e-6)
     assert "eval_loss" in steps[1] and "eval_loss" not in steps[0]
     before, final = [m for m in lines if "eval_loss" in m and "loss" not in m]  # before the first step, at the end
     assert final["step"] == 4 and result.metrics["eval_loss"] == pytest.approx(final["eval_loss"], abs=1e-6)
@@ -262,8 +310,9 @@ def test_metrics_log_and_eval(tmp_path, tokenizer, sft_file):
     assert result.metrics["eval_before_loss"] == pytest.approx(before["eval_loss"], abs=1e-6)
     assert final["eval_loss"] < before["eval_loss"]  # four steps at lr 1e-2 learn the tiny eval split's format
     # Chat eval data: exact match of generated answers, before (base) and after training, is logged too.
-    assert 0.0 <= lines[-1]["exact_match_before"] <= 1.0 and 0.0 <= lines[-1]["exact_match_after"] <= 1.0
-    assert result.metrics["exact_match_after"] == lines[-1]["exact_match_after"]
+    assert lines[-1]["exact_match_before"] == result.metrics["exact_match_before"] == 0.5
+    after = tuneforge.exact_match(result.model, result.tokenizer, eval_examples)["exact_match"]
+    assert lines[-1]["exact_match_after"] == result.metrics["exact_match_after"] == after
     saved = (result.output / "tuneforge.yaml").read_text()
     assert "eval_every: 2" in saved and "max_steps: 4" in saved
 
@@ -283,6 +332,12 @@ def test_finished_run_is_not_overwritten(tmp_path, tokenizer, sft_file):
     train(config(tmp_path, sft_file, max_steps=2, overwrite=True, seed=1), tokenizer)
     after = adapter_tensors(tmp_path / "run")
     assert any(not torch.equal(before[k], after[k]) for k in before)
+    # Overwriting trains from scratch: bit for bit the run the same config makes in an empty directory.
+    fresh = train(config(tmp_path, sft_file, "fresh", max_steps=2, seed=1), tokenizer)
+    assert after.keys() == adapter_tensors(fresh.output).keys()
+    assert all(torch.equal(after[k], v) for k, v in adapter_tensors(fresh.output).items())
+    untimed = [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in metrics_log(fresh.output)]
+    assert [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in metrics_log(tmp_path / "run")] == untimed
 
 
 def test_batch_size_must_be_a_multiple_of_micro_batch(tmp_path, sft_file):

@@ -59,18 +59,68 @@ def test_hard_prompt_text_keeps_task_wording_and_drops_the_query(bench):
     assert not any(r["input"] in text for r in records)
 
 
-def test_compare_runs_every_row_on_a_tiny_model(bench, tokenizer, tmp_path, single_thread):
+def prompt_kind(messages: list[dict[str, str]]) -> str:
+    """Which of the bench's prompts this is: the records' own, the two candidate templates, or few-shot."""
+    system = next((m["content"] for m in messages if m["role"] == "system"), "")
+    if sum(m["role"] == "user" for m in messages) > 1:
+        return "few-shot"
+    if system.startswith("You convert dates"):
+        return "dates"
+    return "data" if system else "zero_shot"
+
+
+# What each row answers, so its scores are known: (which load() made the model, prompt kind) -> (a, b): the first a
+# records get the reference, the next b the reference with a trailing period (wrong strictly, right leniently),
+# the rest "no idea". Model 0 is the base; 1, 2, 3 are trained: prompt tuning (text init, vocab init), LoRA.
+SCRIPT = {(0, "data"): (1, 0), (0, "zero_shot"): (0, 1), (0, "dates"): (2, 1), (0, "few-shot"): (3, 1),
+          (1, "data"): (4, 0), (2, "data"): (0, 2), (3, "data"): (1, 2)}
+
+
+def test_compare_runs_every_row_on_a_tiny_model(bench, tokenizer, tmp_path, single_thread, monkeypatch):
     train_path = _subset(DEMO / "train.jsonl", tmp_path / "train.jsonl", 24)
     eval_path = _subset(DEMO / "eval.jsonl", tmp_path / "eval.jsonl", 4)
+    references = {r["input"]: r["output"] for r in bench.read_records(train_path) + bench.read_records(eval_path)}
+    models, calls = [], []
+
+    def load():
+        models.append(make_tiny_model("llama", len(tokenizer)))
+        return models[-1], tokenizer
+
+    real_generate = bench.generate
+
+    def scripted(model, tok, prompts, **kwargs):
+        outputs = real_generate(model, tok, prompts, **kwargs)  # every row really generates through its model
+        assert len(outputs) == len(prompts)
+        key = (next(i for i, m in enumerate(models) if m is model), prompt_kind(prompts[0]))
+        calls.append(key)
+        exact, period = SCRIPT[key]
+        # The query is the last user turn; the longest record input it holds is its own ("5 March" is in "15 March").
+        refs = [references[max((k for k in references if k in p[-1]["content"]), key=len)] for p in prompts]
+        return [ref if j < exact else ref + "." if j < exact + period else "no idea" for j, ref in enumerate(refs)]
+
+    monkeypatch.setattr(bench, "generate", scripted)
     templates = [load_template("zero_shot"), load_template(ROOT / "examples" / "prompting" / "dates_zero_shot.yaml")]
-    report = bench.compare(lambda: (make_tiny_model("llama", len(tokenizer)), tokenizer), train_path=train_path,
+    report = bench.compare(load, train_path=train_path,
                            eval_path=eval_path, templates=templates, steps=2, batch_size=4, max_length=96,
                            eval_limit=4, select_on=2, few_shot_k=2, max_new_tokens=4, gen_batch_size=4,
                            workdir=tmp_path / "runs", model_name="tiny-llama", control_init=True)
     data, zero, few, pt, control, lora = report["rows"]
     assert [r["method"] for r in report["rows"]] == ["base", "base", "base", "prompt tuning", "prompt tuning", "LoRA"]
-    assert all(r["n"] == 4 and 0.0 <= r["exact_match"] <= r["exact_match_lenient"] for r in report["rows"])
-    assert len(report["selection"]) == 2 and zero["prompt"].startswith(report["selected_template"])
+    # Each row is scored on its own model and prompts: base rows on the base (selection on 2 training records
+    # first), trained rows each on the model its own run trained.
+    assert calls == [(0, "data"), (0, "zero_shot"), (0, "dates"), (0, "dates"), (0, "few-shot"), (1, "data"),
+                     (2, "data"), (3, "data")]
+    # Strict exact match counts the exact answers only; the lenient column also the ones with a trailing period.
+    assert [(r["n"], r["exact_match"], r["exact_match_lenient"]) for r in report["rows"]] == [
+        (4, 0.25, 0.25), (4, 0.5, 0.75), (4, 0.75, 1.0), (4, 1.0, 1.0), (4, 0.0, 0.5), (4, 0.25, 0.75)]
+    eval_refs = [r["output"] for r in bench.read_records(eval_path)]
+    assert lora["samples"] == [{"reference": eval_refs[0], "output": eval_refs[0]},
+                               {"reference": eval_refs[1], "output": eval_refs[1] + "."},
+                               {"reference": eval_refs[2], "output": eval_refs[2] + "."}]
+    # The template with the better exact match on the selection records wins (2 / 2 against 0 / 2).
+    assert [(s["template"], s["n"], s["exact_match"], s["exact_match_lenient"]) for s in report["selection"]] == [
+        ("zero_shot", 2, 0.0, 0.5), ("dates_zero_shot", 2, 1.0, 1.0)]
+    assert report["selected_template"] == "dates_zero_shot" and zero["prompt"] == "dates_zero_shot, zero-shot"
     assert few["prompt_tokens"] > zero["prompt_tokens"] + 10  # two solved examples make the prompt longer
     n_virtual = report["settings"]["num_virtual_tokens"]
     assert n_virtual == len(tokenizer(report["init_text"])["input_ids"])
@@ -83,7 +133,12 @@ def test_compare_runs_every_row_on_a_tiny_model(bench, tokenizer, tmp_path, sing
     assert (tmp_path / "runs" / "prompt_tuning-text" / "adapter_model.safetensors").is_file()
     adapter = json.loads((tmp_path / "runs" / "prompt_tuning-text" / "adapter_config.json").read_text())
     assert adapter["prompt_tuning_init_text"] == report["init_text"]
-    assert "|" in bench.markdown_table(report) and "prompt tuning" in bench.markdown_table(report)
+    table = bench.markdown_table(report).splitlines()
+    assert len(table) == 2 + 6
+    for line, (exact, lenient) in zip(table[2:], [("0.250 (1/4)", "0.250"), ("0.500 (2/4)", "0.750"),
+                                                  ("0.750 (3/4)", "1.000"), ("1.000 (4/4)", "1.000"),
+                                                  ("0.000 (0/4)", "0.500"), ("0.250 (1/4)", "0.750")]):
+        assert line.split(" | ")[2:4] == [exact, lenient], line
 
 
 def test_every_row_is_scored_strictly_with_a_lenient_column_beside(bench):
