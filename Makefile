@@ -86,3 +86,9 @@ test-latest:
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) $(LOCK_VENV) runs
+
+# The README's chart, docs/demo_report.png: the overview of the report that a fresh demo run writes.
+.PHONY: report-demo
+report-demo: $(STAMP)
+	$(BIN)/tuneforge train --output runs/demo
+	cp runs/demo/report/overview.png docs/demo_report.png

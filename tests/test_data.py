@@ -287,3 +287,78 @@ def test_pad_batch_right_pads_with_ignored_labels():
     assert batch["input_ids"].tolist() == [[1, 2, 3, 9, 9], [1, 2, 3, 4, 5]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert batch["labels"].tolist() == [[-100, 2, 3, -100, -100], [-100, 2, 3, 4, 5]]
+
+
+# -- bad files: each a DataError / FileNotFoundError naming the file and line, never a raw traceback ---------------
+
+LATIN1 = '{"instruction": "caf\xe9", "output": "x"}\n'.encode("latin-1")  # é as the single byte 0xe9
+BAD_FILES = [
+    ("latin1.jsonl", json.dumps(ALPACA).encode() + b"\n" + LATIN1,
+     DataError, r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at column 21\)"),
+    ("latin1.json", b'[\n  {"text": "ok"},\n  ' + LATIN1[:-1] + b"\n]",
+     DataError, r"latin1.json:3: not UTF-8 text \(byte 0xe9 at column 23\)"),
+    ("latin1.csv", b"instruction,output\nok,fine\ncaf\xe9,x\n", DataError, r"latin1.csv:3: not UTF-8 text"),
+    ("extra.csv", b"instruction,output\na,b,c\n", DataError, r"extra.csv:2: 1 more value\(s\) than the header"),
+    ("deep.jsonl", b"[" * 100_000 + b"\n", DataError, r"deep.jsonl:1: malformed JSON"),
+    ("huge.jsonl", b'{"text": ' + b"9" * 5000 + b"}\n", DataError, r"huge.jsonl:1: malformed JSON"),
+    ("bom.jsonl", b"\xef\xbb\xbf" + json.dumps(TEXT).encode() + b"\n", None, None),  # a BOM is fine
+]
+
+
+@pytest.mark.parametrize("name,content,error,message", BAD_FILES, ids=[c[0] for c in BAD_FILES])
+def test_bad_bytes_name_the_file_and_line(tmp_path, name, content, error, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    if error is None:
+        assert load_examples(path)[0].text == TEXT["text"]
+        return
+    with pytest.raises(error, match=message) as e:
+        load_examples(path)
+    assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
+
+
+def test_a_directory_named_like_a_data_file(tmp_path):
+    (tmp_path / "x.jsonl").mkdir()
+    with pytest.raises(DataError, match=r"x.jsonl is a directory, not a data file"):
+        load_examples(tmp_path / "x.jsonl")
+
+
+def fake_hub_datasets(monkeypatch, error):
+    """huggingface_hub's metadata call raising ``error``; datasets itself must never be reached."""
+    import datasets
+    from huggingface_hub import HfApi
+
+    asked = []
+
+    def repo_info(self, name, repo_type=None, timeout=None):
+        asked.append((name, repo_type, timeout))
+        raise error
+
+    def load_dataset(*args, **kwargs):
+        raise AssertionError("datasets.load_dataset was called for a name the hub does not have")
+
+    monkeypatch.setattr(HfApi, "repo_info", repo_info)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return asked
+
+
+def test_a_missing_path_with_one_slash_is_not_a_wait_on_the_network(tmp_path, monkeypatch):
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from tuneforge.hub import PROBE_TIMEOUT_S
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # conftest sets it; this test asks a fake hub
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    asked = fake_hub_datasets(monkeypatch, RepositoryNotFoundError.__new__(RepositoryNotFoundError))
+    with pytest.raises(FileNotFoundError, match=r"^data 'nosuchdir/mydata': no such local file or directory "
+                                                r"\(not tried as a hub dataset id: HF_DATASETS_OFFLINE is set\)$"):
+        load_examples("nosuchdir/mydata")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+    with pytest.raises(FileNotFoundError, match=r"^data 'nosuchdir/mydata': no such local file or directory, and "
+                                                r"the hub has no dataset 'nosuchdir/mydata' \(or it is private\)$"):
+        load_examples("nosuchdir/mydata:test")
+    assert asked == [("nosuchdir/mydata", "dataset", PROBE_TIMEOUT_S)]  # one short request, the split cut off
+    with pytest.raises(FileNotFoundError, match="data file not found: nosuchdir/mydata.jsonl"):
+        load_examples("nosuchdir/mydata.jsonl")  # a file name, never a hub id
+    assert len(asked) == 1

@@ -12,8 +12,10 @@ from typing import Any
 import yaml
 
 from .config import RunConfig, load_config
+from .errors import TuneforgeError
 from .inference import default_model, load_for_inference
 from .methods.adapter_files import TUNEFORGE_ADAPTER_META
+from .distributed import is_main_process
 
 log = logging.getLogger("tuneforge")
 
@@ -67,6 +69,19 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
     return out
 
 
+def pop_nproc_per_node(tokens: list[str]) -> tuple[int | None, list[str]]:
+    """``--nproc-per-node N`` (a launcher flag, not a config key) and the remaining tokens."""
+    for i, token in enumerate(tokens):
+        key, eq, value = token.partition("=")
+        if key in ("--nproc-per-node", "--nproc_per_node"):
+            if not eq:
+                value = tokens[i + 1] if i + 1 < len(tokens) else ""
+            if not value.isdigit() or int(value) < 1:
+                raise SystemExit(f"tuneforge: --nproc-per-node needs a positive number of processes, got {value!r}")
+            return int(value), tokens[:i] + tokens[i + (1 if eq else 2):]
+    return None, tokens
+
+
 def config_from_args(config_path: str | None, extra: list[str]) -> RunConfig:
     overrides = parse_overrides(extra)
     if config_path is None and overrides.get("data") is None:
@@ -84,11 +99,18 @@ def cmd_train(args: argparse.Namespace, extra: list[str] = ()) -> int:
 
     # The YAML file is the first pass-through argument (see build_parser for why it is not a positional).
     extra = list(extra)
+    nproc, extra = pop_nproc_per_node(extra)
+    if nproc is not None:
+        from .distributed import launch_torchrun
+
+        return launch_torchrun(nproc, ["train", *extra])  # this same command, one process per device
     config_path = extra.pop(0) if extra and not extra[0].startswith("-") else None
     config = config_from_args(config_path, extra)
     log.info("model=%s method=%s objective=%s output=%s", config.model, config.method, config.objective,
              config.output)
     result = train(config)
+    if not is_main_process():  # one report per run, not one per torchrun process
+        return 0
     m = result.metrics
     print(f"trained {result.steps} steps -> {result.output}")
     print(f"trainable parameters: {m['trainable_params']:,} of {m['total_params']:,} "
@@ -108,6 +130,9 @@ def cmd_train(args: argparse.Namespace, extra: list[str] = ()) -> int:
         print(line)
     for key, value in (result.handle.summary() if result.handle else {}).items():
         print(f"{key}: {summarise(value)}")
+    from .report import write_report
+
+    print(f"report: {write_report([result.output])}")  # charts of metrics.jsonl and an HTML page (tuneforge report)
     return 0
 
 
@@ -269,7 +294,10 @@ def _extensions():
     """Subcommands that live beside their feature (prompting, alignment)."""
     found = []
     for module, attr in (("tuneforge.prompting.cli", "add_subcommands"),
-                         ("tuneforge.objectives.cli_alignment", "add_subcommands")):
+                         ("tuneforge.objectives.cli_alignment", "add_subcommands"),
+                         ("tuneforge.serve.cli", "add_subcommands"),
+                         ("tuneforge.convert_cli", "add_subcommands"),
+                         ("tuneforge.report", "add_subcommands")):
         try:
             mod = __import__(module, fromlist=[attr])
         except ModuleNotFoundError as e:
@@ -317,10 +345,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return (args.func(args, extra) if getattr(args, "passthrough", False) else args.func(args)) or 0
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+    except (TuneforgeError, OSError, ValueError, KeyError) as e:  # the user's to fix; anything else is a bug
         if args.verbose:
             raise
-        print(f"tuneforge: error: {e}", file=sys.stderr)
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() is its repr
+        print(f"tuneforge: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .methods.base import METHODS, Method, MethodConfig
 from .models import DEFAULT_MODEL
 from .objectives.base import OBJECTIVES, Objective, ObjectiveConfig
 from .options import option_names
+from .tracking import tracker_names
 
 
 class RunConfig(BaseModel):
@@ -43,6 +44,11 @@ class RunConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bf16 on a GPU that supports it, float32 on CPU.")
     device: str | None = Field(None, description="cpu, cuda, cuda:1 ...; default: cuda if available.")
+    distributed: Literal["ddp", "fsdp"] | None = Field(
+        None, description="Under torchrun: ddp (a replica per rank) or fsdp (FSDP2, weights sharded per decoder "
+        "block); default: fsdp for full fine-tuning, ddp for adapter methods.")
+    fsdp_cpu_offload: bool = Field(False, description="FSDP: keep sharded parameters, gradients and optimiser "
+                                   "state in CPU memory (slower; for models that do not fit otherwise).")
 
     # -- data ---------------------------------------------------------------------------------------
     data: str | None = Field(None, description="Training data file (jsonl/json/csv/parquet) or hub id; default: "
@@ -50,50 +56,63 @@ class RunConfig(BaseModel):
     eval_data: str | None = Field(None, description="Held-out data; default: the demo's eval split, or "
                                   "eval_split of `data`.")
     data_format: str = Field("auto", description="auto, alpaca, messages, sharegpt, text, preference, prompt.")
-    eval_split: float = Field(0.0, description="Fraction of `data` held out for evaluation when eval_data is unset.")
+    eval_split: float = Field(0.0, ge=0.0, lt=1.0,
+        description="Fraction of `data` held out for evaluation when eval_data is unset.")
     chat_template: str | None = Field(None, description="Force a fallback template (chatml, alpaca, plain); "
                                       "default: the tokenizer's own, chatml if it has none.")
-    max_length: int = Field(512, description="Tokens per example (per block for pretraining).")
+    max_length: int = Field(512, ge=2, description="Tokens per example (per block for pretraining).")
     max_length_policy: Literal["drop", "truncate", "error"] = Field(
         "drop", description="What to do with longer examples; always counted and reported.")
 
     # -- optimisation ---------------------------------------------------------------------------------
-    epochs: float = Field(1.0, description="Passes over the data; max_steps, when set, wins.")
-    max_steps: int | None = Field(None, description="Optimiser steps to run (overrides epochs).")
-    batch_size: int = Field(8, description="Examples per optimiser step (micro_batch_size x accumulation).")
-    micro_batch_size: int | None = Field(None, description="Examples per forward pass; default batch_size. "
+    epochs: float = Field(1.0, gt=0, description="Passes over the data; max_steps, when set, wins.")
+    max_steps: int | None = Field(None, ge=1, description="Optimiser steps to run (overrides epochs).")
+    batch_size: int = Field(8, ge=1, description="Examples per optimiser step, over all ranks (micro_batch_size x "
+                            "accumulation x ranks).")
+    micro_batch_size: int | None = Field(None, ge=1, description="Examples per forward pass; default batch_size. "
                                          "Gradients accumulate over batch_size / micro_batch_size passes.")
-    learning_rate: float | None = Field(None, description="Peak LR; default: the method's own (LoRA 2e-4, full "
+    learning_rate: float | None = Field(None, gt=0, description="Peak LR; default: the method's own (LoRA 2e-4, full "
                                         "2e-5, soft prompts ~1e-2; see `tuneforge methods`).")
-    weight_decay: float = Field(0.0, description="AdamW decoupled weight decay.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
-    warmup_steps: int | None = Field(None, description="Linear warm-up steps; default: warmup_ratio of the run.")
-    warmup_ratio: float = Field(0.05, description="Warm-up as a fraction of all steps (when warmup_steps unset).")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warm-up steps; default: warmup_ratio of the run.")
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0,
+        description="Warm-up as a fraction of all steps (when warmup_steps unset).")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
-    max_grad_norm: float | None = Field(1.0, description="Clip the gradient norm; null disables clipping.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm (> 0); null disables clipping.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, "
                                          "~30% more time.")
     seed: int = Field(0, description="Seeds data order, dropout and initialisation.")
 
     # -- evaluation, logging, checkpoints ------------------------------------------------------------
     output: str = Field("runs/demo", description="Run directory: adapter, config, metrics, checkpoints.")
-    eval_every: int | None = Field(None, description="Evaluate the loss on eval data every N steps (and at end).")
+    eval_every: int | None = Field(None, ge=1, description="Evaluate the loss on eval data every N steps (and at end).")
     eval_before: bool = Field(True, description="Evaluate on the eval data once before the first step (logged as "
                               "step 0): the baseline for every later eval (reward, accuracy, loss).")
     eval_generate: bool = Field(True, description="At the start and end, generate answers for the eval data and "
                                 "report exact match (SFT on chat data).")
-    eval_max_new_tokens: int = Field(32, description="Generation budget for the exact-match evaluation.")
-    eval_limit: int | None = Field(None, description="Use at most this many eval records for exact match.")
-    log_every: int = Field(1, description="Write metrics.jsonl every N steps.")
-    save_every: int | None = Field(None, description="Checkpoint every N steps (atomic; resumable).")
-    keep_checkpoints: int = Field(2, description="How many step checkpoints to keep.")
+    eval_max_new_tokens: int = Field(32, ge=1, description="Generation budget for the exact-match evaluation.")
+    eval_limit: int | None = Field(None, ge=1, description="Use at most this many eval records for exact match.")
+    log_every: int = Field(1, ge=1, description="Write metrics.jsonl every N steps.")
+    save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (atomic; resumable).")
+    keep_checkpoints: int = Field(2, ge=1, description="How many step checkpoints to keep.")
     resume: bool = Field(False, description="Continue from the newest checkpoint in `output`.")
     overwrite: bool = Field(False, description="Allow training into an output directory that holds a finished run.")
     progress: bool = Field(True, description="Show a progress bar.")
+    report_to: list[str] = Field(default_factory=list, description="Experiment trackers that also get every metric "
+                                 "and this config: tensorboard, wandb, mlflow, trackio, comma-separated; none by "
+                                 "default (pip install \"tuneforge[track]\").")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _check_trackers(cls, value: Any) -> list[str]:
+        return tracker_names(value)  # "tensorboard,wandb", a list, or none; unknown names fail here
 
     @model_validator(mode="after")
     def _resolve_method_and_objective(self) -> "RunConfig":
         # Aliases become the one canonical name everything downstream sees; options are checked by building them.
+        if self.batch_size % self.micro_batch:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch}")
         self.method = METHODS.get(self.method).name
         self.objective = OBJECTIVES.get(self.objective).name
         self.method_config()
@@ -116,6 +135,12 @@ class RunConfig(BaseModel):
         return self.objective_class.config_class.from_dict({**run_level, **self.objective_options})
 
     @property
+    def distributed_strategy(self) -> str:
+        """ddp or fsdp: the one set, else FSDP where the base weights train (their optimiser state is the
+        memory to shard), DDP for adapter methods (small trainable state, no all-gather per layer)."""
+        return self.distributed or ("fsdp" if self.method_class.trains_base_weights else "ddp")
+
+    @property
     def micro_batch(self) -> int:
         return self.micro_batch_size or self.batch_size
 
@@ -129,6 +154,8 @@ class RunConfig(BaseModel):
 def route_key(key: str, value: Any, out: dict[str, Any]) -> None:
     """Put ``key=value`` where it belongs: a RunConfig field, or a method's / objective's option by its prefix."""
     key = key.replace("-", "_")
+    if key in ("method_options", "objective_options") and not isinstance(value, dict):
+        raise ConfigError(f"{key} must be a mapping of option: value, got {type(value).__name__} {value!r}")
     if key in RunConfig.model_fields:
         out[key] = value
         return

@@ -19,9 +19,15 @@ from torch import nn
 
 from .data.template import ensure_chat_template
 from .methods import load_adapter
-from .methods.adapter_files import ADAPTER_CONFIG_NAME, is_adapter_dir, method_for_adapter, read_tuneforge_meta
+from .methods.adapter_files import (
+    ADAPTER_CONFIG_NAME,
+    BASE_FINGERPRINT_KEY,
+    is_adapter_dir,
+    method_for_adapter,
+    read_tuneforge_meta,
+)
 from .methods.base import MethodHandle
-from .models import DEFAULT_MODEL, load_model
+from .models import DEFAULT_MODEL, load_model, model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +40,11 @@ def recorded_base_model(adapter: str | Path) -> str | None:
     for name, key in ((RUN_CONFIG_NAME, "model"), (ADAPTER_CONFIG_NAME, "base_model_name_or_path")):
         path = Path(adapter) / name
         if path.is_file():
-            data = yaml.safe_load(path.read_text())  # JSON is YAML
+            try:
+                data = yaml.safe_load(path.read_text())  # JSON is YAML
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} "
+                                 f"({' '.join(str(e).split())})") from None
             base = data.get(key) if isinstance(data, dict) else None
             if base:
                 return str(base)
@@ -47,6 +57,29 @@ def default_model(adapter: str | Path | None, model: str | None) -> str:
     if model:
         return model
     return (recorded_base_model(adapter) if adapter else None) or DEFAULT_MODEL
+
+
+def recorded_model_fingerprint(adapter: str | Path) -> str | None:
+    """The base model fingerprint the adapter's tuneforge record holds; None for PEFT's files or older records."""
+    meta = read_tuneforge_meta(adapter)
+    value = meta.get(BASE_FINGERPRINT_KEY) if meta else None
+    return value if isinstance(value, str) else None
+
+
+def check_base_model(adapter: str | Path, model_name: str) -> bool:
+    """Warn when ``model_name`` is not the base ``adapter`` was trained on (their fingerprints differ): the same
+    name can mean another model (a hub id, a folder that was replaced). True when it warned."""
+    recorded = recorded_model_fingerprint(adapter)
+    if recorded is None:
+        return False
+    current = model_fingerprint(model_name)
+    # None: a hub id, nothing local to hash. Another scheme version: the two hashes are not comparable.
+    if current is None or current.split(":")[0] != recorded.split(":")[0] or current == recorded:
+        return False
+    log.warning("%s was trained on a different base model than %s (fingerprint %s, this one %s): its outputs "
+                "will be wrong; pass --model with the base it was trained on", adapter, model_name,
+                recorded[:15], current[:15])
+    return True
 
 
 def is_full_model_dir(path: str | Path) -> bool:
@@ -78,10 +111,13 @@ def load_for_inference(model_name: str, adapter: str | Path | None, device: str 
     elif adapter:
         kwargs = model_load_kwargs(adapter)
     model, tokenizer = load_model(model_name, device=device, dtype=dtype, **kwargs)
+    if adapter:
+        check_base_model(adapter, model_name)
     ensure_chat_template(tokenizer)
     handle = load_adapter(model, adapter) if adapter else None
     model.eval()
     return model, tokenizer, handle
 
 
-__all__ = ["default_model", "load_for_inference", "recorded_base_model", "model_load_kwargs", "is_full_model_dir"]
+__all__ = ["default_model", "load_for_inference", "recorded_base_model", "recorded_model_fingerprint",
+           "check_base_model", "model_load_kwargs", "is_full_model_dir"]

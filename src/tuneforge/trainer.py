@@ -10,17 +10,20 @@ atomically, so a run killed at any moment resumes to the weights an uninterrupte
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -30,9 +33,12 @@ from . import checkpoint as ckpt
 from .config import RunConfig, save_config
 from .data.formats import Example, load_examples
 from .data.template import ensure_chat_template
+from .distributed import Distributed, full_state_dict, plain_state_dict, shard_model
+from .errors import ResumeMismatch, TrainingDiverged
 from .methods.base import MethodHandle
-from .models import load_model
+from .models import load_model, resolve_model_reference
 from .objectives import TrainContext
+from .tracking import Tracking
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +52,6 @@ UNITS_KEY = "_units"
 TOKENS_KEY = "_tokens"
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -160,13 +164,21 @@ def build_optimizer(named: list[tuple[str, nn.Parameter]], config: RunConfig) ->
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, model: nn.Module | None = None, tokenizer=None):
+    def __init__(self, config: RunConfig, model: nn.Module | None = None, tokenizer=None,
+                 tracking: Tracking | None = None):
         self.config = config
         self.output = Path(config.output)
+        self.model_reference = resolve_model_reference(config.model)
+        self.tracking = tracking or Tracking()  # experiment trackers (--report-to): train() opens and closes them
+        self._lock_depth = 0
+        self.run_record: dict[str, Any] = {}
         seed_everything(config.seed)
         self.method = config.method_class
+        # Under torchrun: join the process group; this rank's device (cuda:LOCAL_RANK, or the CPU with gloo).
+        self.dist = Distributed.from_env(config.distributed_strategy, config.device)
         if model is None:
-            model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype,
+            device = str(self.dist.device) if self.dist.enabled else config.device
+            model, tokenizer = load_model(config.model, device=device, dtype=config.dtype,
                                           trust_remote_code=config.trust_remote_code,
                                           **self.method.model_load_kwargs(dict(config.method_options)))
         self.model, self.tokenizer = model, tokenizer
@@ -182,7 +194,24 @@ class Trainer:
         self._upcast_trainable()
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.ctx = TrainContext(handle=self.handle, reference_model=self.reference_model)
+        self.train_model = self._wrap(model)  # the training forward's module: DDP / FSDP2 under torchrun, else model
+        self.ctx = TrainContext(handle=self.handle, reference_model=self.reference_model,
+                                sum_across_ranks=self.dist.sum_tensor if self.dist.enabled else None)
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if not self.dist.enabled:
+            return model
+        fsdp = self.dist.strategy == "fsdp"
+        if fsdp and self.objective.online:
+            # Rollouts generate different lengths per rank; FSDP's per-layer all-gathers would then wait forever.
+            raise ValueError(f"{self.config.objective} samples its own batches per rank: run it with --distributed ddp")
+        if fsdp and self.config.save_every:
+            raise ValueError("--save-every: sharded checkpoints of FSDP runs are not supported yet; use "
+                             "--distributed ddp to checkpoint, or run without --save-every")
+        mixed = fsdp and self.dist.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        if fsdp and self.reference_model is not None:  # the frozen copy is sharded the same way
+            shard_model(self.reference_model, mixed_precision=mixed, cpu_offload=self.config.fsdp_cpu_offload)
+        return self.dist.wrap(model, mixed_precision=mixed, cpu_offload=self.config.fsdp_cpu_offload)
 
     def _upcast_trainable(self) -> None:
         # As PEFT's autocast_adapter_dtype: adapters train in float32 even over a bf16 base (bf16 AdamW updates
@@ -218,15 +247,24 @@ class Trainer:
         # PPO turns each batch of prompts into several optimiser steps (ppo epochs x mini-batches).
         batches = max(1, int(math.ceil(c.epochs * len(self.train_items) / c.batch_size)))
         self.total_steps = c.max_steps or batches * self.objective.optimizer_steps_per_batch()
+        self.micro, self.accumulation = self.dist.local_batch(c.batch_size, c.micro_batch_size)
+        remainder = len(self.train_items) % c.batch_size
+        if remainder and self.dist.enabled and self.dist.is_main:
+            # Nothing is dropped: the epoch's last global batch is completed with the next epoch's first examples.
+            log.info("%d examples = %d global batches of %d + %d (completed from the next epoch), over %d ranks",
+                     len(self.train_items), len(self.train_items) // c.batch_size, c.batch_size, remainder,
+                     self.dist.world_size)
         # Heads an objective adds (reward, value) must exist before the optimiser and the parameter report.
         self.objective.setup(self.model, self.ctx)
+        self.dist.broadcast([p for _, p in self.objective.extra_parameters()])  # one starting head for all ranks
 
     def micro_batches(self, sampler: EpochSampler) -> list[dict[str, torch.Tensor]]:
         c = self.config
         device = next(self.model.parameters()).device
         out = []
-        for _ in range(c.accumulation_steps):
-            items = [self.train_items[i] for i in sampler.take(c.micro_batch)]
+        mine = self.dist.shard(sampler.take(c.batch_size))  # every rank draws the global batch, keeps its slice
+        for k in range(self.accumulation):
+            items = [self.train_items[i] for i in mine[k * self.micro:(k + 1) * self.micro]]
             batch = self.objective.collate(items)
             units = self.objective.units(batch)  # counted on the CPU copy: no device sync in the step
             tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
@@ -240,42 +278,51 @@ class Trainer:
         an online objective (PPO) a rollout on the batch and the several steps it makes."""
         if not self.objective.online:
             return [self.micro_batches(sampler)]
-        items = [self.train_items[i] for i in sampler.take(self.config.batch_size)]
-        return self.objective.rollout_steps(self.model, self.objective.collate(items), self.ctx)
+        items = [self.train_items[i] for i in self.dist.shard(sampler.take(self.config.batch_size))]
+        return self.objective.rollout_steps(self.model, self.objective.collate(items), self.ctx)  # rollouts per rank
 
     def optimizer_step(self, batches: list[dict[str, torch.Tensor]], step: int) -> dict[str, float]:
-        total_units = sum(b[UNITS_KEY] if UNITS_KEY in b else self.objective.units(b) for b in batches)
+        local_units = sum(b[UNITS_KEY] if UNITS_KEY in b else self.objective.units(b) for b in batches)
+        local_tokens = sum(b[TOKENS_KEY] if TOKENS_KEY in b else int(b["attention_mask"].sum())
+                           for b in batches if TOKENS_KEY in b or "attention_mask" in b)
+        # The units of the whole global batch (host counts, one small all-reduce): every rank divides by them.
+        total_units, total_tokens = (int(x) for x in self.dist.sum([local_units, local_tokens]).tolist())
         if total_units == 0:
-            raise TrainingDiverged(f"step {step}: the batch has no supervised unit")
+            raise TrainingDiverged(f"step {step + 1}: the batch has no supervised unit")
+        # DDP / FSDP average gradients over ranks; scaled by the world size, the average is the sum of every rank's
+        # loss over the global units: the single-process gradient of the same global batch.
         sums: dict[str, Any] = {}
         total_loss = 0.0
-        for batch in batches:
-            loss_sum, metrics = self.objective.loss(self.model, batch, self.ctx)
-            loss = loss_sum / total_units
+        for i, batch in enumerate(batches):
+            loss_sum, metrics = self.objective.loss(self.train_model, batch, self.ctx)
+            loss = loss_sum * self.dist.world_size / total_units
             extra = self.handle.extra_loss()
             if extra is not None:
                 loss = loss + extra / len(batches)
-            loss.backward()
+            with self.dist.accumulating(self.train_model, sync=i == len(batches) - 1):
+                loss.backward()
             total_loss = total_loss + loss.detach()
             for k, v in metrics.items():  # metric tensors stay on the device until the step ends: one sync
                 sums[k] = sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else float(v))
-        if not math.isfinite(float(total_loss)):
-            raise TrainingDiverged(f"step {step}: loss is {float(total_loss)}")
+        self.dist.average_gradients([p for _, p in self.objective.extra_parameters()])
+        keys = list(sums)  # the same objective code on every rank: the same keys in the same order
+        reduced = self.dist.sum([float(total_loss)] + [float(sums[k]) for k in keys]).tolist()
+        if not math.isfinite(reduced[0]):  # the same verdict on every rank: all stop together
+            raise TrainingDiverged(f"step {step + 1}: loss is {reduced[0]}; {self._kept()}")
         self.handle.after_backward(step)
         params = [p for _, p in self.trainable()]
         grad_norm = None
         if self.config.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
+            grad_norm = self.dist.clip_grad_norm(params, self.config.max_grad_norm)
             if not math.isfinite(grad_norm):
-                raise TrainingDiverged(f"step {step}: gradient norm is {grad_norm}")
+                raise TrainingDiverged(f"step {step + 1}: gradient norm is {grad_norm}; {self._kept()}")
         self.optimizer.step()
         self.handle.after_step(step)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        out = {k: float(v) / total_units for k, v in sums.items()}
+        out = {k: v / total_units for k, v in zip(keys, reduced[1:])}
         out["units"] = total_units
-        out["tokens"] = sum(b[TOKENS_KEY] if TOKENS_KEY in b else int(b["attention_mask"].sum())
-                            for b in batches if TOKENS_KEY in b or "attention_mask" in b)
+        out["tokens"] = total_tokens
         if grad_norm is not None:
             out["grad_norm"] = grad_norm
         return out
@@ -289,22 +336,37 @@ class Trainer:
         device = next(self.model.parameters()).device
         sums: dict[str, float] = {}
         units = 0
-        bs = self.config.micro_batch
-        for start in range(0, len(self.eval_items), bs):
-            batch = self.objective.collate(self.eval_items[start:start + bs])
+        starts = list(range(0, len(self.eval_items), self.micro))
+        # Batches go round-robin over the ranks; every rank runs the same number of forwards (FSDP's all-gathers
+        # pair up across ranks), a rank past the end repeating the last batch and discarding it.
+        rounds = -(-len(starts) // self.dist.world_size)
+        for j in (r * self.dist.world_size + self.dist.rank for r in range(rounds)):
+            start = starts[min(j, len(starts) - 1)]
+            batch = self.objective.collate(self.eval_items[start:start + self.micro])
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            units += self.objective.units(batch)
             _, metrics = self.objective.loss(self.model, batch, self.ctx)
+            if j >= len(starts):
+                continue
+            units += self.objective.units(batch)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         self.model.train(was_training)
+        if self.dist.enabled:  # eval loss and metrics over the whole eval set, every rank's share
+            gathered = self.dist.gather((sums, units))
+            units = sum(u for _, u in gathered)
+            keys = dict.fromkeys(k for s, _ in gathered for k in s)  # a rank may have had no batch
+            sums = {k: sum(s.get(k, 0.0) for s, _ in gathered) for k in keys}
         return {f"eval_{k}": v / max(units, 1) for k, v in sums.items()}
 
     def train(self) -> TrainResult:
+        with self.output_lock():
+            return self._train()
+
+    def _train(self) -> TrainResult:
         c = self.config
-        self._check_output_dir()
-        self.output.mkdir(parents=True, exist_ok=True)
-        save_config(c, self.output / "tuneforge.yaml")
+        # Rank 0 owns the run directory; the others wait for it (and stop with its error if it refuses the run).
+        self.dist.agreed(self._prepare_output if self.dist.is_main else lambda: None)
+        self.tracking.start(self.output, c.model_dump(mode="json"))
         self.handle.begin_training(self.total_steps)
         self.optimizer = build_optimizer(self.trainable(), c)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(c, self.total_steps))
@@ -312,20 +374,21 @@ class Trainer:
         start = self._resume(sampler) if c.resume else 0
         before: dict[str, float] = {}
         if start == 0:
-            (self.output / "metrics.jsonl").unlink(missing_ok=True)
+            if self.dist.is_main:
+                (self.output / "metrics.jsonl").unlink(missing_ok=True)
             before = self.evaluate_loss() if c.eval_before else {}
             if before:
                 self._log({"step": 0, **before})
-        else:
+        elif self.dist.is_main:
             self._drop_log_after(start)
         self.model.train()
-        bar = _progress(c, self.total_steps, start)
+        bar = _progress(c, self.total_steps, start) if self.dist.is_main else None
         last: dict[str, float] = {}
         t0, tokens = time.perf_counter(), 0
         queued: list[list[dict[str, torch.Tensor]]] = []
         for step in range(start, self.total_steps):
-            if not queued:
-                queued = self.next_steps(sampler)
+            if not queued:  # a data or reward-function error on one rank stops every rank with it
+                queued = self.dist.agreed(self.next_steps, sampler)
             last = self.optimizer_step(queued.pop(0), step)
             tokens += last.get("tokens", 0)
             done = step + 1
@@ -356,11 +419,55 @@ class Trainer:
                            self.handle, self.model, self.tokenizer)
 
     # -- persistence ----------------------------------------------------------------------------------
-    def _check_output_dir(self) -> None:
-        finished = (self.output / "tuneforge.yaml").exists() and (
-            (self.output / "adapter_model.safetensors").exists() or (self.output / "config.json").exists())
-        if finished and not (self.config.resume or self.config.overwrite):
+    @contextlib.contextmanager
+    def output_lock(self) -> Iterator[None]:
+        """Hold the run directory for this run (re-entrant within it): a second run into it is refused."""
+        owner = self.dist.is_main  # one lock per run: rank 0 holds it for every rank
+        if self._lock_depth == 0 and owner:
+            self.output.mkdir(parents=True, exist_ok=True)
+            self._lock = ckpt.OutputLock(self.output).__enter__()
+        self._lock_depth += 1
+        try:
+            yield
+        finally:
+            self._lock_depth -= 1
+            if self._lock_depth == 0 and owner:
+                self._lock.__exit__(None, None, None)
+
+    def _prepare_output(self) -> None:
+        """Refuse to clobber a finished or resumable run; clear what a killed process left; record this run."""
+        c, record = self.config, ckpt.read_run_record(self.output)
+        if record is not None:
+            finished = bool(record.get("finished"))
+        else:  # a run from before run.json existed
+            finished = (self.output / "tuneforge.yaml").exists() and (
+                (self.output / "adapter_model.safetensors").exists() or (self.output / "config.json").exists())
+        if finished and not (c.resume or c.overwrite):
             raise FileExistsError(f"{self.output} already holds a finished run; pass --overwrite or a new --output")
+        resumable = ckpt.latest_checkpoint(self.output)
+        if resumable is not None and not (c.resume or c.overwrite or finished):
+            raise FileExistsError(f"{self.output} holds an unfinished run with a checkpoint ({resumable.name}); "
+                                  "pass --resume to continue it, or --overwrite to start over")
+        ckpt.remove_leftovers(self.output)
+        if not c.resume or record is None:
+            # A new run owns the directory: the previous run's checkpoints and log would otherwise mix with its own
+            # (and be pruned by step number, or resumed as if they were this run's).
+            shutil.rmtree(self.output / "checkpoints", ignore_errors=True)
+            (self.output / "metrics.jsonl").unlink(missing_ok=True)
+            record = {"run_id": uuid.uuid4().hex, "finished": False}
+        self.run_record = {**record, "finished": False}
+        ckpt.write_run_record(self.output, self.run_record)
+        # A local base is recorded by absolute path: `generate --adapter` from another folder must find the same
+        # model, not take "mdl/tiny" for a hub id.
+        save_config(c.model_copy(update={"model": self.model_reference}), self.output / "tuneforge.yaml")
+
+    def _kept(self) -> str:
+        last = ckpt.latest_checkpoint(self.output)
+        return f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+
+    def resume_signature(self) -> dict[str, Any]:
+        """The settings a checkpoint's tensors and schedule depend on; ``--resume`` must not change them."""
+        return self.config.model_dump(mode="json", exclude=RESUMABLE_CHANGES)
 
     def _drop_log_after(self, step: int) -> None:
         # A run killed after its last checkpoint logged steps the resumed run does again: keep one record per step
@@ -378,8 +485,12 @@ class Trainer:
         path.write_text("".join(kept))
 
     def _log(self, metrics: dict[str, Any]) -> None:
+        if not self.dist.is_main:  # every rank holds the reduced values; one writes them
+            return
+        record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
         with open(self.output / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}) + "\n")
+            f.write(json.dumps(record) + "\n")
+        self.tracking.log(record)  # the trackers get exactly the values the file has
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         state = {n: p.detach() for n, p in self.trainable()}
@@ -389,20 +500,49 @@ class Trainer:
 
     def save_checkpoint(self, step: int, sampler: EpochSampler) -> Path:
         path = self.output / "checkpoints" / f"step-{step}"
+        # DDP replicas hold identical tensors: rank 0 writes them, with every rank's RNG (dropout differs per rank).
+        rngs = self.dist.gather(ckpt.rng_state())
+        self.dist.agreed(self._write_checkpoint if self.dist.is_main else lambda *a: None, path, step, sampler,
+                         rngs[0] if len(rngs) == 1 else {"ranks": rngs})
+        return path
+
+    def _write_checkpoint(self, path: Path, step: int, sampler: EpochSampler, rng: dict[str, Any]) -> None:
+        state = self._trainable_state()
+        check_finite(state, f"step {step}: trainable tensors", self._kept())  # a NaN is never a "good" checkpoint
+        progress = {"step": step, **sampler.state(), "run_id": self.run_record["run_id"],
+                    "signature": self.resume_signature()}
         with ckpt.atomic_directory(path) as tmp:
-            ckpt.save_training_state(tmp, self._trainable_state(), self.optimizer, self.scheduler,
-                                     {"step": step, **sampler.state()})
+            ckpt.save_training_state(tmp, state, self.optimizer, self.scheduler, progress, rng=rng)
         kept = sorted((int(p.name.split("-")[1]), p) for p in path.parent.glob("step-*") if p.name[5:].isdigit())
         for _, old in kept[:-self.config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
-        return path
 
     def _resume(self, sampler: EpochSampler) -> int:
-        path = ckpt.latest_checkpoint(self.output)
-        if path is None:
-            log.warning("--resume: no checkpoint in %s; starting from scratch", self.output)
-            return 0
-        trainable, state = ckpt.load_training_state(path)
+        """Continue from the newest checkpoint that reads back whole (a corrupt one falls back to the one before)."""
+        for path in ckpt.checkpoints_newest_first(self.output):
+            try:
+                trainable, state = ckpt.load_training_state(path)
+                check_finite(trainable, str(path), "")
+            except Exception as e:  # safetensors, torch and JSON each raise their own type for a damaged file
+                log.warning("--resume: %s is unreadable (%s); trying the checkpoint before it", path, e)
+                continue
+            self._check_resume_settings(path, state["progress"])
+            return self._restore(path, trainable, state, sampler)
+        log.warning("--resume: no usable checkpoint in %s; starting from scratch", self.output)
+        return 0
+
+    def _check_resume_settings(self, path: Path, progress: dict[str, Any]) -> None:
+        saved = progress.get("signature")
+        if saved is None:  # a checkpoint from before signatures were recorded
+            return
+        changed = sorted(k for k in set(saved) | set(self.resume_signature())
+                         if saved.get(k) != self.resume_signature().get(k))
+        if changed:
+            raise ResumeMismatch(f"--resume: {path} was written with different settings ({', '.join(changed)}); "
+                                 "resume with the run's own settings, or start a new run with --overwrite")
+
+    def _restore(self, path: Path, trainable: dict[str, torch.Tensor], state: dict[str, Any],
+                 sampler: EpochSampler) -> int:
         params = dict(self.trainable())
         with torch.no_grad():
             for name, p in params.items():
@@ -413,18 +553,62 @@ class Trainer:
         self.objective.load_training_state(_with_prefix(trainable, "objective_state."))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
+        ckpt.set_rng_state(self._own_rng(state["rng"]))
         progress = state["progress"]
         sampler.epoch, sampler.index = progress["epoch"], progress["index"]
         sampler._order = sampler._permutation()
         log.info("resumed from %s (step %d)", path, progress["step"])
         return int(progress["step"])
 
+    def _own_rng(self, rng: dict[str, Any]) -> dict[str, Any]:
+        """This rank's RNG state from a checkpoint (a distributed one holds one state per rank)."""
+        if "ranks" not in rng:
+            return rng
+        if len(rng["ranks"]) != self.dist.world_size:
+            log.warning("--resume: the checkpoint was written by %d ranks, this run has %d; random streams "
+                        "(dropout) continue from rank 0's", len(rng["ranks"]), self.dist.world_size)
+            return rng["ranks"][0]
+        return rng["ranks"][self.dist.rank]
+
     def save_final(self) -> None:
-        self.handle.save(self.output, base_model_name_or_path=self.config.model)
-        self.objective.save(self.output)
+        """Write the result into a staging directory, move it into place, then mark the run finished: a kill at any
+        moment leaves either no result or a whole one, never a truncated weight file that looks finished.
+
+        Rank 0 writes; under FSDP every rank first joins the all-gather of the full weights, which rank 0 then saves
+        through the method's own code, so the files are those a single process writes."""
+        if not (self.dist.enabled and self.dist.strategy == "fsdp"):
+            self.dist.agreed(self._write_final if self.dist.is_main else lambda *a: None, self._trainable_state())
+            return
+        full = full_state_dict(self.model)
+        final = {n: full[n] for n, _ in self.handle.trainable_parameters()} if self.dist.is_main else {}
+        with plain_state_dict(self.model, full):
+            self.dist.agreed(self._write_final if self.dist.is_main else lambda *a: None, final)
+
+    def _write_final(self, trainable: dict[str, torch.Tensor]) -> None:
+        check_finite(trainable, "final weights", self._kept())
+        staging = self.output / f".final.tmp{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        self.handle.save(staging, base_model_name_or_path=self.model_reference)
+        self.objective.save(staging)
         if self.method.trains_base_weights:
-            self.tokenizer.save_pretrained(self.output)
+            self.tokenizer.save_pretrained(staging)
+        ckpt.publish(staging, self.output)
+        self.run_record["finished"] = True
+        ckpt.write_run_record(self.output, self.run_record)
+
+
+# Settings --resume may change: where and how often things are written, evaluated and shown.
+RESUMABLE_CHANGES = {"output", "resume", "overwrite", "progress", "device", "trust_remote_code", "eval_every",
+                     "eval_before", "eval_generate", "eval_max_new_tokens", "eval_limit", "log_every", "save_every",
+                     "keep_checkpoints", "report_to", "distributed", "fsdp_cpu_offload"}
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str, kept: str) -> None:
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise TrainingDiverged(f"{what}: {len(bad)} tensor(s) hold NaN or infinite values ({', '.join(bad[:3])})"
+                               + (f"; {kept}" if kept else ""))
 
 
 def _with_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -441,17 +625,32 @@ def _progress(config: RunConfig, total: int, start: int):
 
 def generation_metric(trainer: Trainer, examples: list[Example], base: bool) -> dict[str, Any] | None:
     """Exact match of greedy answers on chat eval data; ``base=True`` measures the untouched base model."""
-    from .evaluate import exact_match
 
     c = trainer.config
     if not (c.eval_generate and examples and all(e.kind == "chat" for e in examples)):
         return None
     if base and not trainer.method.trains_base_weights:
         with trainer.handle.disabled():
-            return exact_match(trainer.model, trainer.tokenizer, examples, max_new_tokens=c.eval_max_new_tokens,
-                               limit=c.eval_limit)
-    return exact_match(trainer.model, trainer.tokenizer, examples, max_new_tokens=c.eval_max_new_tokens,
-                       limit=c.eval_limit)
+            return _exact_match_over_ranks(trainer, examples)
+    return _exact_match_over_ranks(trainer, examples)
+
+
+def _exact_match_over_ranks(trainer: Trainer, examples: list[Example]) -> dict[str, Any]:
+    """Exact match, each DDP rank generating a strided share of the records. An FSDP model's forwards are
+    collectives that must pair up across ranks, so there every rank generates every record (the same answers)."""
+    from .evaluate import exact_match
+
+    c, d = trainer.config, trainer.dist
+    examples = examples[:c.eval_limit]
+    if not d.enabled or d.strategy == "fsdp":
+        return exact_match(trainer.model, trainer.tokenizer, examples, max_new_tokens=c.eval_max_new_tokens)
+    mine = [examples[i] for i in d.strided(len(examples))]
+    em = (exact_match(trainer.model, trainer.tokenizer, mine, max_new_tokens=c.eval_max_new_tokens) if mine
+          else {"exact_match": 0.0, "n": 0, "seconds": 0.0})
+    shares = d.gather((em["exact_match"] * em["n"], em["n"], em["seconds"]))
+    n = sum(share[1] for share in shares)
+    return {"exact_match": sum(share[0] for share in shares) / n, "n": n,
+            "seconds": max(share[2] for share in shares)}
 
 
 def train(config: RunConfig, model: nn.Module | None = None, tokenizer=None) -> TrainResult:
@@ -460,8 +659,17 @@ def train(config: RunConfig, model: nn.Module | None = None, tokenizer=None) -> 
     With chat eval data, exact match is measured before (on the base model) and after training and returned in
     ``result.metrics`` as ``exact_match_before`` / ``exact_match_after``.
     """
-    trainer = Trainer(config, model, tokenizer)
-    train_examples, eval_examples = training_examples(config)
+    tracking = Tracking(config.report_to)  # a tracker library that is not installed fails here, before the model loads
+    examples = training_examples(config)  # and so does bad data
+    trainer = Trainer(config, model, tokenizer, tracking)
+    with trainer.output_lock(), tracking:  # the trackers' runs are closed, marked failed, if training raises
+        result = _train_with_exact_match(trainer, config, *examples)
+        tracking.summary(result.metrics, trainer.total_steps)
+        return result
+
+
+def _train_with_exact_match(trainer: Trainer, config: RunConfig, train_examples: list[Example],
+                            eval_examples: list[Example]) -> TrainResult:
     trainer.prepare_data(train_examples, eval_examples)
     log.info("parameters: %s", trainer.parameter_report())
     before = None if config.resume else generation_metric(trainer, eval_examples, base=True)

@@ -18,7 +18,7 @@ from tuneforge.generate import generate_ids
 from tuneforge.methods import attach
 from tuneforge.methods.lora import LoRAConfig
 from tuneforge.objectives import TrainContext, get_objective
-from tuneforge.objectives import ppo as ppo_module
+from tuneforge.objectives import rollouts as rollouts_module
 from tuneforge.objectives.ppo import (PPO, adaptive_kl_coef, call_reward_function, gae, load_reward_function,
                                       masked_whiten, ppo_loss)
 from tuneforge.objectives.reward import RewardHead, load_reward_model, save_reward_head
@@ -118,7 +118,7 @@ def test_stopped_completions_keep_their_eos_and_unfinished_ones_pay(tokenizer, m
     obj.setup(model, ctx)
     eos = tokenizer.eos_token_id
     # generate_ids(keep_stop=True): the first completion ended with its stop token, the second hit the budget.
-    monkeypatch.setattr(ppo_module, "generate_ids", lambda *a, **k: [[40, 41, eos], [40, 41, 42]])
+    monkeypatch.setattr(rollouts_module, "generate_ids", lambda *a, **k: [[40, 41, eos], [40, 41, 42]])
     rollout, stats = obj.rollout(model, items, ctx)
     labels = [[t for t in row if t != -100] for row in rollout["labels"].tolist()]
     assert labels == [[40, 41, eos], [40, 41, 42]]  # the first stopped on its own: its EOS is an action

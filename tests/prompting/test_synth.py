@@ -12,10 +12,13 @@ import json
 import logging
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,6 +29,7 @@ import pytest
 from tuneforge.prompting import (SynthConfig, TeacherClient, TeacherConfigError, TeacherRequestError,
                                  read_documents, read_topics, synthesize)
 from tuneforge.prompting import cli as prompting_cli
+from tuneforge.prompting.teacher import TeacherUnreachableError
 
 API_KEY = "sk-test-SECRET-7f3a"
 
@@ -412,3 +416,80 @@ def test_cli_synth_exit_code_says_some_jobs_failed(tmp_path, capsys):
         assert args.func(args) == 1
     out = capsys.readouterr().out
     assert "failed requests 1" in out and "rerun the same command" in out
+
+
+# -- an unreachable teacher and settings that cannot work -----------------------------------------------
+
+
+def refused_url() -> str:
+    """An http URL on loopback where nothing listens: every connection is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def test_synth_stops_at_once_when_no_teacher_listens(tmp_path):
+    # Before: every job spent its 6 attempts (72 requests for 12 jobs). Now one request's worth of attempts.
+    teacher = TeacherClient(refused_url(), "teacher-x", max_retries=5, concurrency=4, backoff_base=0.001, seed=0)
+    config = SynthConfig(output=tmp_path / "s.jsonl", count=12)
+    with pytest.raises(TeacherUnreachableError, match="unreachable: 6 connection attempts in a row failed, and it "
+                                                      "has not answered any request .*is the server running"):
+        synthesize(read_topics(topics_file(tmp_path, 12)), teacher, config)
+    teacher.close()
+    assert 6 <= teacher.requests_sent <= 6 + 4  # the attempts in flight when it gave up may land too
+    summary = json.loads(config.summary_path.read_text())
+    assert summary["status"].startswith("aborted: TeacherUnreachableError") and summary["kept"] == 0
+
+
+def test_a_short_outage_after_replies_is_retried_and_a_long_one_stops(monkeypatch):
+    real_urlopen = urllib.request.urlopen
+    down = {"calls": 0}  # while > 0: that many more connections are refused
+
+    def urlopen(*args, **kwargs):
+        if down["calls"] > 0:
+            down["calls"] -= 1
+            raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+        return real_urlopen(*args, **kwargs)
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    prompts = [[{"role": "system", "content": "s"}, {"role": "user", "content": f"Topic: t{i}\nexample number 1"}]
+               for i in range(4)]
+    with TeacherServer() as server:
+        teacher = client(server, max_retries=3, concurrency=4)
+        assert isinstance(teacher.complete(prompts[0]), str)  # the teacher has answered once
+        down["calls"] = 4  # more failed connections in a row than one request may try, none exhausted
+        assert all(isinstance(r, str) for r in teacher.complete_many(prompts))
+        down["calls"] = 10 ** 6  # the server is gone: one request spends its retries, then everything stops
+        with pytest.raises(TeacherUnreachableError, match="connection attempts in a row failed \\(last") as e:
+            teacher.complete_many(prompts)
+        teacher.close()
+    assert "has not answered" not in str(e.value)
+
+
+@pytest.mark.parametrize("url,options,message", [
+    ("file:///etc/passwd", {}, "expected an http:// or https:// URL"),
+    ("ftp://127.0.0.1/v1", {}, "expected an http:// or https:// URL"),
+    ("http:///v1", {}, "with a host"),
+    ("127.0.0.1:8000/v1", {}, "expected an http:// or https:// URL"),
+    ("http://127.0.0.1:8000/v1", {"max_retries": -1}, "max retries must be a whole number >= 0"),
+    ("http://127.0.0.1:8000/v1", {"timeout": 0}, "timeout must be > 0"),
+])
+def test_client_refuses_settings_that_cannot_work(url, options, message):
+    with pytest.raises(ValueError, match=message):
+        TeacherClient(url, "m", **options)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--teacher-url", "file:///etc/hostname"], "expected an http:// or https:// URL"),
+    (["--max-retries", "-1"], "max retries must be a whole number >= 0"),
+    ([], "the teacher is unreachable"),
+])
+def test_cli_synth_bad_teacher_settings_exit_2_with_one_line(tmp_path, capsys, flags, message):
+    args = ["synth", "--topics", str(topics_file(tmp_path, 12)), "--output", str(tmp_path / "s.jsonl"),
+            "--teacher-url", refused_url(), "--teacher-model", "m", *flags]
+    parsed = parser().parse_args(args)
+    assert parsed.func(parsed) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "s.jsonl").exists() or not (tmp_path / "s.jsonl").read_text()

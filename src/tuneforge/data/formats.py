@@ -9,6 +9,7 @@ Shapes (detected from the keys, or named with ``format=``):
 * ``text``        ``text`` — raw text for continued pretraining
 * ``preference``  ``prompt``, ``chosen``, ``rejected`` — strings, or message lists (conversational form)
 * ``prompt``      ``prompt`` alone, or ``messages`` ending with a user turn — prompts for PPO rollouts
+* ``unpaired``    ``prompt``, ``completion``, ``label`` (true: a good answer, false: a bad one) — KTO's data
 
 Every record becomes an :class:`Example` that remembers where it came from (``file:line``), so every later
 error can name the file, the line and the field.
@@ -17,12 +18,16 @@ error can name the file, the line and the field.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-FORMATS = ("alpaca", "messages", "sharegpt", "text", "preference", "prompt")
+from ..hub import looks_like_hub_id, probe_hub
+
+FORMATS = ("alpaca", "messages", "sharegpt", "text", "preference", "prompt", "unpaired")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
@@ -39,11 +44,13 @@ class Example:
     """One normalised record. Which fields are set depends on its kind."""
 
     source: str  # "path:line" of the record, for error messages
-    kind: str  # "chat" | "text" | "preference" | "prompt"
+    kind: str  # "chat" | "text" | "preference" | "prompt" | "unpaired"
     messages: list[Message] = field(default_factory=list)  # chat: the conversation; preference/prompt: the prompt
     text: str = ""  # text
     chosen: list[Message] = field(default_factory=list)  # preference: the preferred assistant turn(s)
     rejected: list[Message] = field(default_factory=list)
+    completion: list[Message] = field(default_factory=list)  # unpaired: the answer that ``label`` judges
+    label: bool | None = None  # unpaired: True for a desirable completion, False for an undesirable one
     fields: dict[str, Any] = field(default_factory=dict)  # the raw record (generate/eval copy fields through)
 
 
@@ -58,15 +65,15 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
             yield from _read_hub(str(path))
             return
         raise FileNotFoundError(f"data file not found: {path}")
+    if p.is_dir():
+        raise DataError(f"{p} is a directory, not a data file (.jsonl, .json, .csv or .parquet)")
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         yield from _read_jsonl(p)
     elif suffix == ".json":
         yield from _read_json(p)
     elif suffix == ".csv":
-        with p.open(newline="", encoding="utf-8") as f:
-            for i, row in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
-                yield f"{p}:{i}", row
+        yield from _read_csv(p)
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -76,25 +83,60 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
         raise DataError(f"{p}: unsupported data file type {suffix!r} (use .jsonl, .json, .csv or .parquet)")
 
 
+# Files are read with errors="surrogateescape": a byte that is not UTF-8 becomes one lone surrogate, so the
+# error can name its line and column instead of a byte offset into the whole file.
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+
+
+def _check_utf8(text: str, p: Path, first_line: int = 1) -> None:
+    bad = _NOT_UTF8.search(text)
+    if bad:
+        line = first_line + text.count("\n", 0, bad.start())
+        column = bad.start() - text.rfind("\n", 0, bad.start())
+        raise DataError(f"{p}:{line}: not UTF-8 text (byte 0x{ord(bad.group()) - 0xDC00:02x} at column {column}); "
+                        "save the file as UTF-8")
+
+
+def _parse_json(text: str, p: Path, line: int | None = None) -> Any:
+    """``text`` parsed; ``line``: the JSONL line it is (else the error names the line inside ``text``)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}:{line or e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except (ValueError, RecursionError) as e:  # an integer past Python's digit limit; nesting past the stack
+        raise DataError(f"{p}{f':{line}' if line else ''}: malformed JSON ({e})") from None
+
+
+def _read_csv(p: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with p.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        text = f.read()
+    _check_utf8(text, p)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        for i, row in enumerate(reader, start=2):  # line 1 is the header
+            if None in row:  # DictReader files values beyond the header's columns under the key None
+                raise DataError(f"{p}:{i}: {len(row[None])} more value(s) than the header has columns")
+            yield f"{p}:{i}", row
+    except csv.Error as e:
+        raise DataError(f"{p}:{reader.line_num}: malformed CSV ({e})") from None
+
+
 def _read_jsonl(p: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with p.open(encoding="utf-8") as f:
+    with p.open(encoding="utf-8-sig", errors="surrogateescape") as f:
         for i, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{i}: malformed JSON ({e.msg} at column {e.colno})") from None
+            _check_utf8(line, p, i)
+            row = _parse_json(line, p, i)
             if not isinstance(row, dict):
                 raise DataError(f"{p}:{i}: expected a JSON object, got {type(row).__name__}")
             yield f"{p}:{i}", row
 
 
 def _read_json(p: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{p}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    text = p.read_text(encoding="utf-8-sig", errors="surrogateescape")
+    _check_utf8(text, p)
+    data = _parse_json(text, p)
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -106,7 +148,9 @@ def _read_json(p: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def _looks_like_hub_id(name: str) -> bool:
-    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and "." not in name.split("/")[-1]
+    # A dot in the name part reads as a file extension: "data/train.jsonl" is a missing file, not a data set.
+    repo = name.split(":", 1)[0]
+    return looks_like_hub_id(repo) and "." not in repo.split("/")[-1]
 
 
 def _read_hub(name: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -115,6 +159,7 @@ def _read_hub(name: str) -> Iterator[tuple[str, dict[str, Any]]]:
     split = "train"
     if ":" in name:
         name, split = name.split(":", 1)
+    probe_hub(name, "dataset", "data")  # a quick, clear error before datasets' own slow retries
     for i, row in enumerate(datasets.load_dataset(name, split=split)):
         yield f"{name}[{split}]:row {i}", row
 
@@ -126,6 +171,8 @@ def detect_format(row: dict[str, Any], location: str = "") -> str:
     keys = set(row)
     if {"chosen", "rejected"} <= keys:
         return "preference"
+    if {"completion", "label"} <= keys:
+        return "unpaired"
     if "messages" in keys:
         messages = row["messages"]
         if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
@@ -142,7 +189,8 @@ def detect_format(row: dict[str, Any], location: str = "") -> str:
         return "prompt"
     raise DataError(
         f"{location}: cannot tell the record's format from its keys {sorted(keys)}; expected one of: "
-        "instruction+output (alpaca), messages, conversations (sharegpt), text, prompt+chosen+rejected, prompt"
+        "instruction+output (alpaca), messages, conversations (sharegpt), text, prompt+chosen+rejected, "
+        "prompt+completion+label (unpaired), prompt"
     )
 
 
@@ -159,6 +207,8 @@ def normalise(row: dict[str, Any], fmt: str, location: str) -> Example:
         return _from_preference(row, location)
     if fmt == "prompt":
         return _from_prompt(row, location)
+    if fmt == "unpaired":
+        return _from_unpaired(row, location)
     raise DataError(f"unknown data format {fmt!r}; known: {', '.join(FORMATS)}")
 
 
@@ -257,6 +307,17 @@ def _from_prompt(row: dict[str, Any], location: str) -> Example:
     if messages[-1]["role"] != "user":
         raise DataError(f"{location}: a prompt record must end with a user message")
     return Example(location, "prompt", messages, fields=row)
+
+
+def _from_unpaired(row: dict[str, Any], location: str) -> Example:
+    label = row.get("label")
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):  # a CSV cell
+        label = label.strip().lower() == "true"
+    if not isinstance(label, bool):
+        raise DataError(f"{location}: field 'label' must be true (a desirable completion) or false (an "
+                        f"undesirable one), got {label!r}")
+    return Example(location, "unpaired", _prompt_messages(row, location),
+                   completion=_response(row, "completion", location), label=label, fields=row)
 
 
 def load_examples(path: str | Path, fmt: str | None = None, limit: int | None = None) -> list[Example]:

@@ -29,6 +29,7 @@ from .base import (
     MethodHandle,
     Switchable,
     cast_model,
+    check_rank,
     find_target_modules,
     freeze,
     in_out_features,
@@ -468,6 +469,7 @@ class AdaLoRA(Method):
     def attach(cls, model: nn.Module, config: AdaLoRAConfig) -> AdaLoRAHandle:
         freeze(model)
         names = find_target_modules(model, config.target_modules)
+        check_rank(model, names, config.init_r, "init_r")
         target_modules = peft_target_modules(model, names)
         wrap_modules(model, names, lambda _, m: SVDLinear(m, config.init_r, config.lora_alpha, config.lora_dropout))
         for name in names:

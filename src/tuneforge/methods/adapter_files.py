@@ -18,12 +18,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..models import model_fingerprint
+
 if TYPE_CHECKING:
     from .base import Method, MethodHandle
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 TUNEFORGE_ADAPTER_META = "tuneforge_adapter.json"
+# The key in TUNEFORGE_ADAPTER_META holding models.model_fingerprint() of the base the adapter was trained on.
+BASE_FINGERPRINT_KEY = "base_model_fingerprint"
 
 
 def jsonable(value: Any) -> Any:
@@ -53,6 +57,9 @@ def save_adapter(handle: MethodHandle, directory: str | Path, base_model_name_or
     save_file(tensors, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
     # PEFT drops keys it does not know from adapter_config.json, so tuneforge's own facts live beside it.
     meta = {"method": type(handle.config).method, "options": jsonable(handle.config.to_dict()), **handle.summary()}
+    fingerprint = model_fingerprint(base_model_name_or_path) if base_model_name_or_path else None
+    if fingerprint is not None:  # a local base: loading warns when the "same" path later holds another model
+        meta[BASE_FINGERPRINT_KEY] = fingerprint
     write_json(directory / TUNEFORGE_ADAPTER_META, jsonable(meta))
     return directory
 
@@ -62,7 +69,32 @@ def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     path = Path(directory) / ADAPTER_WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS_NAME} in {directory}")
-    return load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for truncated, empty or corrupt files
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    check_finite(tensors, path)
+    return tensors
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: Any) -> None:
+    """Refuse weights holding NaN or infinity: loading them would make every output NaN, silently."""
+    bad = {name: int((~torch.isfinite(t)).sum()) for name, t in tensors.items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())}
+    if bad:
+        first = ", ".join(f"{name} ({count} values)" for name, count in sorted(bad.items())[:3])
+        raise ValueError(f"{where}: {len(bad)} tensor(s) hold NaN or infinite values: {first}")
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object; ValueError naming the file otherwise."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
@@ -70,7 +102,7 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / ADAPTER_CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {ADAPTER_CONFIG_NAME} in {directory}")
-    return json.loads(path.read_text())
+    return read_json_object(path)
 
 
 def read_tuneforge_meta(directory: str | Path) -> dict[str, Any] | None:
@@ -78,7 +110,7 @@ def read_tuneforge_meta(directory: str | Path) -> dict[str, Any] | None:
     path = Path(directory) / TUNEFORGE_ADAPTER_META
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    return read_json_object(path)
 
 
 def is_adapter_dir(directory: str | Path) -> bool:
@@ -103,6 +135,7 @@ def method_for_adapter(adapter_dir: str | Path) -> type[Method]:
                      "tuneforge")
 
 
-__all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "TUNEFORGE_ADAPTER_META", "jsonable", "write_json",
+__all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "TUNEFORGE_ADAPTER_META", "BASE_FINGERPRINT_KEY", "jsonable",
+           "write_json",
            "save_adapter", "read_adapter_weights", "read_adapter_config", "read_tuneforge_meta", "is_adapter_dir",
            "method_for_adapter"]

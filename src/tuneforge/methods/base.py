@@ -299,6 +299,15 @@ def find_target_modules(model: nn.Module, target_modules: str | list[str]) -> li
     return names
 
 
+def check_rank(model: nn.Module, names: list[str], rank: int, option: str = "r") -> None:
+    """Refuse a rank above every target layer's smaller dimension before allocating anything: such factors add
+    parameters but no rank, and a slip such as r=1e9 would otherwise try to allocate hundreds of gigabytes."""
+    limit = max(min(in_out_features(model.get_submodule(name))) for name in names)
+    if rank > limit:
+        raise ValueError(f"{option}={rank} exceeds the smaller dimension of every target layer (at most {limit}); "
+                         f"a rank above {limit} cannot add rank")
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

@@ -16,6 +16,7 @@ import re
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import (
@@ -24,6 +25,7 @@ from .base import (
     MethodHandle,
     Switchable,
     cast_model,
+    check_rank,
     find_target_modules,
     freeze,
     in_out_features,
@@ -39,6 +41,7 @@ class LoRAConfig(MethodConfig):
     """Options of LoRA (names as in the paper and PEFT)."""
 
     method: ClassVar[str] = "lora"
+    option_aliases: ClassVar[dict[str, str]] = {"init": "init_lora_weights"}
 
     r: int = 8
     """Rank of the update. Capacity grows with r; 8–64 covers most tasks."""
@@ -53,9 +56,14 @@ class LoRAConfig(MethodConfig):
     """Which biases train too: none; every bias in the model; or only the biases of the adapted layers."""
     use_rslora: bool = False
     """Rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023): keeps the update's size stable at large r."""
-    init_lora_weights: bool | Literal["gaussian"] = True
-    """True: A Kaiming-uniform, B zero (start at the base model). "gaussian": A ~ N(0, 1/r). False: B random too
-    (only useful for tests that need a non-trivial adapter)."""
+    init_lora_weights: bool | Literal["gaussian", "pissa", "olora"] = True
+    """True: A Kaiming-uniform, B zero (start at the base model). "gaussian": A ~ N(0, 1/r). "pissa" (Meng et al.
+    2024): B A starts as the weight's top-r singular part; "olora" (Büyükakyüz 2024): from its QR decomposition;
+    both leave W - B A·scale in the base, so training starts at the base model's outputs and converges faster.
+    False: B random too (only for tests). Also spelt ``init`` (``--lora-init pissa``)."""
+    use_dora: bool = False
+    """DoRA (Liu et al. 2024, arXiv:2402.09353): each adapted weight is split into a trained per-row magnitude and a
+    direction that LoRA updates; closer to full fine-tuning at low rank, for ~1 extra vector per layer."""
 
     def __post_init__(self):
         if self.r <= 0:
@@ -106,7 +114,7 @@ class LoRALinear(MergeableDelta, nn.Module, Switchable):
     """``base_layer(x) + lora_B(lora_A(dropout(x))) * scaling`` around an nn.Linear, bnb Linear4bit or Conv1D."""
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool = False,
-                 init: bool | str = True):
+                 init: bool | str = True, use_dora: bool = False):
         super().__init__()
         self.base_layer = base_layer
         in_features, out_features = in_out_features(base_layer)
@@ -125,8 +133,15 @@ class LoRALinear(MergeableDelta, nn.Module, Switchable):
         self.lora_B = nn.Linear(r, out_features, bias=False, **factory)
         self.reset_lora_parameters(init)
         self.merged = False
+        self.use_dora = use_dora
+        if use_dora:  # after the factors' initialisation, as PEFT: m starts at ‖W + B A·scale‖, the layer at W
+            # DoRA's trained magnitude, one per output row, under PEFT's saved key ``<layer>.lora_magnitude_vector``.
+            self.lora_magnitude_vector = nn.Parameter(self.weight_norm())
 
     def reset_lora_parameters(self, init: bool | str) -> None:
+        if init in ("pissa", "olora"):
+            self.decompose_base(init)
+            return
         if init == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1 / self.r)
         else:
@@ -139,12 +154,117 @@ class LoRALinear(MergeableDelta, nn.Module, Switchable):
         if not self.adapter_enabled:
             if self.merged:
                 raise RuntimeError("cannot disable a merged LoRA layer; unmerge() first")
+            if hasattr(self, "init_lora_A"):  # PiSSA / OLoRA: the base holds W - B₀A₀·scale; add it back
+                lora_x = x.to(self.init_lora_A.dtype)
+                return result + ((lora_x @ self.init_lora_A.T) @ self.init_lora_B.T * self.scaling).to(result.dtype)
             return result
         if self.merged:
             return result
         lora_x = x.to(self.lora_A.weight.dtype)
+        if self.use_dora:
+            return result + self.dora_update(lora_x, result).to(result.dtype)
         update = self.lora_B(self.lora_A(self.lora_dropout(lora_x))) * self.scaling
         return result + update.to(result.dtype)
+
+    # -- PiSSA / OLoRA ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decompose_base(self, init: str) -> None:
+        """PEFT's ``pissa_init`` / ``olora_init``: A and B start as the top-r part of the base weight (SVD, split
+        as √S on each side and divided by the scale; or Q and R of its QR), and the base keeps the residual
+        W - B A·scale. The first factors stay as buffers, so ``disabled()`` still computes the untouched base."""
+        weight = self.base_layer.weight
+        if is_packed(weight):
+            raise ValueError(f"init_lora_weights={init!r} needs a float base weight (PEFT's rule); initialise on the "
+                             "float model, or use plain LoRA init with a quantised base")
+        w = weight.float().T if self.fan_in_fan_out else weight.float()
+        if init == "pissa":
+            V, S, Uh = torch.linalg.svd(w, full_matrices=False)
+            root = torch.diag(torch.sqrt(S[:self.r] / self.scaling))
+            A, B = root @ Uh[:self.r], V[:, :self.r] @ root
+        else:
+            Q, R = torch.linalg.qr(w)
+            A, B = R[:self.r].contiguous(), Q[:, :self.r].contiguous()
+        self.lora_A.weight.copy_(A)
+        self.lora_B.weight.copy_(B)
+        residual = w - self.scaling * B @ A
+        weight.copy_((residual.T if self.fan_in_fan_out else residual).to(weight.dtype))
+        self.register_buffer("init_lora_A", self.lora_A.weight.detach().clone(), persistent=False)
+        self.register_buffer("init_lora_B", self.lora_B.weight.detach().clone(), persistent=False)
+
+    @torch.no_grad()
+    def restore_base(self) -> None:
+        """Put W = residual + B₀A₀·scale back into an unmerged PiSSA / OLoRA layer's base (when it is removed)."""
+        if hasattr(self, "init_lora_A") and not self.merged:
+            weight = self.base_layer.weight
+            delta = (self.init_lora_B.float() @ self.init_lora_A.float()) * self.scaling
+            weight.add_((delta.T if self.fan_in_fan_out else delta).to(weight.dtype))
+
+    # -- DoRA -------------------------------------------------------------------------------------------
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as ``[out, in]``, de-quantised for a 4-bit base (PEFT's ``dequantize_module_weight``)."""
+        weight = self.base_layer.weight
+        if type(weight).__name__ == "Params4bit":
+            import bitsandbytes.functional as bnb_functional
+
+            return bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
+        if is_packed(weight):
+            raise ValueError("DoRA needs a float or 4-bit base layer; 8-bit layers are not supported")
+        return weight.T if self.fan_in_fan_out else weight
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """‖W + B A·scale‖ of each output row (DoRA's column norm in the paper's [in, out] notation)."""
+        w = self.base_weight()
+        lora = (self.lora_B.weight @ self.lora_A.weight).to(w.dtype)
+        return torch.linalg.norm(w + self.scaling * lora, dim=1).to(w.dtype)
+
+    def dora_update(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """What DoRA adds to the base output (PEFT's DoraLinearLayer.forward): with s = m / ‖W + B A·scale‖ per row,
+        ``(s - 1)·W x + s·B A x·scale``, i.e. the adapted weight rescaled to magnitude m. The norm is detached (the
+        paper's §4.3: it saves memory at no loss), so m and the direction train apart."""
+        w = self.base_weight().to(x.dtype)
+        lora = (self.lora_B.weight @ self.lora_A.weight).to(x.dtype)
+        norm = torch.linalg.norm(w + self.scaling * lora.detach(), dim=1).detach()
+        scale = (self.lora_magnitude_vector / norm).view(1, -1)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            bias = self.base_layer.bias
+            base = (result if bias is None else result - bias).to(x.dtype)  # W x, already computed
+        else:
+            x = self.lora_dropout(x)
+            base = F.linear(x, w)  # the dropped-out input through W, as PEFT
+        return (scale - 1) * base + scale * self.lora_B(self.lora_A(x)) * self.scaling
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The float32 weight with the update folded in, in ``weight``'s layout: W + ΔW, and for DoRA rescaled row
+        by row to the magnitude (PEFT's merge)."""
+        merged = weight.float() + self.delta_weight()
+        if self.use_dora:
+            rows = merged.T if self.fan_in_fan_out else merged
+            factor = self.lora_magnitude_vector.float() / torch.linalg.norm(rows, dim=1)
+            merged = merged * (factor.view(1, -1) if self.fan_in_fan_out else factor.view(-1, 1))
+        return merged
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.use_dora:
+            return super().merge()
+        if self.merged:
+            return
+        weight = self.base_layer.weight
+        if is_packed(weight):
+            raise RuntimeError("a quantised base cannot be merged in place; use `tuneforge merge` (it dequantises)")
+        self.unmerged_weight = weight.detach().clone()  # DoRA's rescaling is not undone by a subtraction
+        weight.copy_(self.merged_weight(weight).to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.use_dora:
+            return super().unmerge()
+        if self.merged:
+            self.base_layer.weight.copy_(self.unmerged_weight)
+            del self.unmerged_weight
+            self.merged = False
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW in the base layer's layout ([out, in], or [in, out] for Conv1D)."""
@@ -153,7 +273,7 @@ class LoRALinear(MergeableDelta, nn.Module, Switchable):
 
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, scaling={self.scaling:g}"
+        return f"r={self.r}, scaling={self.scaling:g}" + (", dora" if self.use_dora else "")
 
 
 class LoRAHandle(MethodHandle):
@@ -170,7 +290,7 @@ class LoRAHandle(MethodHandle):
         """Model state-dict keys that belong to the adapter (LoRA factors, plus trainable biases)."""
         keys = []
         for key in self.model.state_dict(keep_vars=True):
-            if ".lora_A." in key or ".lora_B." in key:
+            if ".lora_A." in key or ".lora_B." in key or key.endswith(".lora_magnitude_vector"):
                 keys.append(key)
             elif self.config.bias == "all" and key.rsplit(".", 1)[-1] == "bias":
                 keys.append(key)
@@ -190,7 +310,7 @@ class LoRAHandle(MethodHandle):
             "target_modules": peft_target_modules(self.model, self.module_names),
             "fan_in_fan_out": any(m.fan_in_fan_out for _, m in self.lora_layers()),
             "use_rslora": c.use_rslora,
-            "use_dora": False,
+            "use_dora": c.use_dora,
             "modules_to_save": None,
             "rank_pattern": {},
             "alpha_pattern": {},
@@ -215,6 +335,7 @@ class LoRAHandle(MethodHandle):
 
     def remove(self) -> nn.Module:
         for name, layer in self.lora_layers():
+            layer.restore_base()  # PiSSA / OLoRA left a residual in the base; an unmerged removal restores W
             replace_module(self.model, name, layer.base_layer)
         return self.model
 
@@ -236,13 +357,14 @@ def attach_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Freeze the model and wrap the target layers; returns the wrapped module names."""
     freeze(model)
     names = find_target_modules(model, config.target_modules)
+    check_rank(model, names, config.r)
     wrap_modules(
         model, names,
         lambda _, m: LoRALinear(m, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora,
-                                config.init_lora_weights),
+                                config.init_lora_weights, config.use_dora),
     )
     for name, p in model.named_parameters():
-        if ".lora_A." in name or ".lora_B." in name:
+        if ".lora_A." in name or ".lora_B." in name or name.endswith(".lora_magnitude_vector"):
             p.requires_grad_(True)
         elif name.endswith("bias") and (
             config.bias == "all" or (config.bias == "lora_only" and name.endswith(".base_layer.bias"))
@@ -253,14 +375,18 @@ def attach_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
 
 def config_from_peft(data: dict[str, Any]) -> dict[str, Any]:
     """LoRAConfig options from a PEFT ``adapter_config.json``."""
-    if data.get("use_dora"):
-        raise ValueError("DoRA adapters are not supported by tuneforge's LoRA")
+    init = data.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian", "pissa", "olora"):
+        raise ValueError(f"LoRA init_lora_weights={init!r} is not supported (tuneforge reads true, false, gaussian, "
+                         "pissa and olora)")
     if data.get("rank_pattern") or data.get("alpha_pattern"):
         raise ValueError("per-module rank_pattern / alpha_pattern in a LoRA adapter are not supported")
     return dict(
         r=data["r"], lora_alpha=data["lora_alpha"], lora_dropout=data.get("lora_dropout", 0.0),
         target_modules=data["target_modules"], bias=data.get("bias", "none"),
-        use_rslora=data.get("use_rslora", False),
+        use_rslora=data.get("use_rslora", False), use_dora=bool(data.get("use_dora", False)),
+        # PiSSA / OLoRA saved as PEFT saves them: the base is decomposed again on loading, then A and B are replaced.
+        init_lora_weights=init,
     )
 
 

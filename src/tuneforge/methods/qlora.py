@@ -274,7 +274,7 @@ def merge_to_16bit(handle: LoRAHandle, dtype: torch.dtype | str | None = None) -
     for name, layer in adapted:
         base = layer.base_layer
         if is_4bit(base):
-            replace_module(model, name, dense_linear(base, dequantize(base) + layer.delta_weight(), dtype))
+            replace_module(model, name, dense_linear(base, layer.merged_weight(dequantize(base)), dtype))
         else:
             layer.merge()
             replace_module(model, name, base)

@@ -46,6 +46,11 @@ class TrainContext:
     handle: Any = None  # the method handle: ``handle.disabled()`` gives the reference model for DPO / PPO
     reference_model: nn.Module | None = None  # a separate frozen copy (full fine-tuning only)
     step: int = 0
+    sum_across_ranks: Any = None  # sums a tensor over the ranks of a distributed run (PPO's rollout statistics)
+
+    def across_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over every rank of a distributed run; itself on one process."""
+        return tensor if self.sum_across_ranks is None else self.sum_across_ranks(tensor)
 
     def reference(self):
         """Context manager + model computing the frozen reference policy."""

@@ -27,7 +27,7 @@ from ..data.formats import Example
 from ..data.preference import PairItem
 from ..data.template import IGNORE_INDEX
 from .base import ObjectiveConfig, PairObjective, TrainContext, disable_dropout, register
-from .logprobs import sequence_logps
+from .logprobs import chosen_nll, sequence_logps
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +92,6 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     else:
         raise ValueError(f"unknown dpo loss_type {loss_type!r}; expected sigmoid or ipo")
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
-
-
-def chosen_nll(policy_chosen: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
-    """RPO's term: the negative log-likelihood per token over all chosen responses of the batch (TRL's "sft")."""
-    return -policy_chosen.sum() / chosen_lengths.sum().clamp(min=1)
 
 
 @register

@@ -92,3 +92,14 @@ def sequence_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels[:, 1:])
     row_of_token = rows[labels[:, 1:] != IGNORE_INDEX]
     return torch.zeros(labels.shape[0], device=logps.device, dtype=logps.dtype).index_add(0, row_of_token, logps)
+
+
+def response_lengths(labels: torch.Tensor) -> torch.Tensor:
+    """Supervised (response) tokens per row: ``[batch]``."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+
+
+def chosen_nll(policy_chosen: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """The negative log-likelihood per token over all chosen responses of the batch, from their summed
+    log-probabilities (DPO's RPO term, TRL's "sft" loss; ORPO's and CPO's NLL term)."""
+    return -policy_chosen.sum() / chosen_lengths.sum().clamp(min=1)

@@ -21,13 +21,8 @@ micro-batches as one optimiser step.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
-import inspect
 import logging
-import math
-from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -36,13 +31,17 @@ from ..data.batching import pad_batch
 from ..data.formats import Example, examples_of_kind
 from ..data.preference import PromptItem, prompts_within, tokenize_prompt
 from ..data.template import IGNORE_INDEX, Tokenized
-from ..generate import generate_ids, stop_token_ids
 from .base import Objective, ObjectiveConfig, TrainContext, disable_dropout, register
 from .logprobs import action_outputs, target_logits, token_logps
+from .rollouts import (  # noqa: F401  (load_reward_function / call_reward_function: importable from here too)
+    RewardFunction,
+    call_reward_function,
+    load_reward_function,
+    optimizer_steps,
+    sample_completions,
+)
 
 log = logging.getLogger(__name__)
-
-RewardFunction = Callable[..., list[float]]
 
 
 @dataclasses.dataclass
@@ -129,12 +128,13 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages * mask, (advantages + values) * mask
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Zero mean, unit (unbiased) variance over the masked entries, as TRL's ``masked_whiten``."""
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, total=lambda t: t) -> torch.Tensor:
+    """Zero mean, unit (unbiased) variance over the masked entries, as TRL's ``masked_whiten``; ``total`` sums a
+    tensor over the ranks of a distributed run, so the statistics are those of the whole global rollout."""
     mask = mask.to(x.dtype)
-    n = mask.sum()
-    mean = (x * mask).sum() / n
-    var = (((x - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1)
+    n, x_sum = total(torch.stack([mask.sum(), (x * mask).sum()]))
+    mean = x_sum / n
+    var = total((((x - mean) * mask) ** 2).sum()) / (n - 1).clamp(min=1)
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
@@ -158,49 +158,6 @@ def adaptive_kl_coef(kl_coef: float, kl: float, target: float, horizon: int, n_s
     """Ziegler et al. 2019's proportional controller: ``β ← β (1 + clip(KL/target - 1, ±0.2) · n / horizon)``."""
     error = min(max(kl / target - 1.0, -0.2), 0.2)
     return kl_coef * (1.0 + error * n_steps / horizon)
-
-
-# -- rewards --------------------------------------------------------------------------------------------
-
-
-def load_reward_function(spec: str | RewardFunction) -> RewardFunction:
-    """``module:function`` (importable module) or ``path/file.py:function``; a callable is returned as is."""
-    if callable(spec):
-        return spec
-    module_name, sep, attr = spec.rpartition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"reward_function {spec!r} must look like module:function or path/file.py:function")
-    if module_name.endswith(".py"):
-        path = Path(module_name)
-        if not path.is_file():
-            raise FileNotFoundError(f"reward_function file not found: {path}")
-        module_spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(module_name)
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ValueError(f"reward_function {spec!r}: {module_name} has no function {attr!r}")
-    return fn
-
-
-def call_reward_function(fn: RewardFunction, prompts: list[str], completions: list[str],
-                         fields: list[dict[str, Any]]) -> list[float]:
-    """Call ``fn(prompts, completions, **columns)``; record columns go to the parameters it names (or **kwargs),
-    so a verifiable reward can read e.g. each record's ``answer``."""
-    params = inspect.signature(fn).parameters
-    any_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    names = sorted({k for f in fields for k in f} - {"prompt", "messages", "prompts", "completions"})
-    kwargs = {k: [f.get(k) for f in fields] for k in names if any_kwargs or k in params}
-    scores = list(fn(prompts, completions, **kwargs))
-    name = getattr(fn, "__name__", repr(fn))
-    if len(scores) != len(completions):
-        raise ValueError(f"reward function {name} returned {len(scores)} scores for {len(completions)} completions")
-    for s in scores:
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
-            raise ValueError(f"reward function {name} returned {s!r}; expected finite numbers")
-    return [float(s) for s in scores]
 
 
 class ValueHead(nn.Module):
@@ -293,13 +250,9 @@ class PPO(Objective):
                                                                                                  list[bool]]:
         """Completions (closed by EOS when the policy stopped) and whether each stopped on its own."""
         c = self.config
-        out = generate_ids(model, self.tokenizer, [i.input_ids for i in items], max_new_tokens=c.max_new_tokens,
-                           do_sample=do_sample, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
-                           batch_size=len(items), seed=c.seed * 1_000_003 + self.rollouts, keep_stop=True)
-        # The stop token is an action the policy took (and must be credited for), so it stays in the completion.
-        stops = stop_token_ids(self.tokenizer, model)
-        stopped = [bool(ids) and ids[-1] in stops for ids in out]
-        return out, stopped
+        return sample_completions(model, self.tokenizer, [i.input_ids for i in items],
+                                  max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
+                                  top_k=c.top_k, seed=c.seed * 1_000_003 + self.rollouts, do_sample=do_sample)
 
     def score(self, items: list[PromptItem], completions: list[list[int]], stopped: list[bool]) -> torch.Tensor:
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
@@ -339,16 +292,20 @@ class PPO(Objective):
         rewards[torch.arange(len(items), device=device), last] += scores
         advantages, returns = gae(rewards, spread(values, keep), keep, c.gamma, c.lam)
         if c.whiten_advantages:
-            advantages = masked_whiten(advantages, keep)
+            advantages = masked_whiten(advantages, keep, total=ctx.across_ranks)
         batch.update(old_logps=spread(old_logps, keep), old_values=spread(values, keep), advantages=advantages,
                      returns=returns)
 
-        kl_per_sequence = kl.sum(-1).mean().item()
-        stats = {"reward": scores.mean().item(), "kl": kl_per_sequence, "kl_coef": self.kl_coef,
-                 "response_length": keep.sum(-1).float().mean().item(),
-                 "stopped": sum(stopped) / len(stopped)}
+        # Means over the whole global rollout (every rank's prompts), so the adaptive KL coefficient stays the same
+        # on every rank.
+        n, score_sum, kl_sum, length_sum, stopped_sum = ctx.across_ranks(torch.stack([
+            torch.tensor(float(len(items)), device=device), scores.sum(), kl.sum(), keep.sum().float(),
+            torch.tensor(float(sum(stopped)), device=device)])).tolist()
+        kl_per_sequence = kl_sum / n
+        stats = {"reward": score_sum / n, "kl": kl_per_sequence, "kl_coef": self.kl_coef,
+                 "response_length": length_sum / n, "stopped": stopped_sum / n}
         if c.adaptive_kl:
-            self.kl_coef = adaptive_kl_coef(self.kl_coef, kl_per_sequence, c.target_kl, c.kl_horizon, len(items))
+            self.kl_coef = adaptive_kl_coef(self.kl_coef, kl_per_sequence, c.target_kl, c.kl_horizon, int(n))
         self.rollouts += 1
         return batch, stats
 
@@ -361,25 +318,8 @@ class PPO(Objective):
         """Roll out once; ``num_ppo_epochs × num_mini_batches`` optimiser steps of micro-batches on it."""
         c = self.config
         rollout, stats = self.rollout(model, prompt_batch["items"], ctx)
-        n = rollout["input_ids"].shape[0]
-        mini = math.ceil(n / c.num_mini_batches)
-        micro = c.micro_batch_size or mini
-        generator = torch.Generator().manual_seed(c.seed * 1_000_003 + self.rollouts)
-        steps = []
-        for _ in range(c.num_ppo_epochs):
-            order = torch.randperm(n, generator=generator)
-            for start in range(0, n, mini):
-                rows = order[start:start + mini]
-                steps.append([self._rows(rollout, rows[i:i + micro], stats) for i in range(0, len(rows), micro)])
-        return steps
-
-    @staticmethod
-    def _rows(rollout: dict[str, torch.Tensor], rows: torch.Tensor, stats: dict[str, float]) -> dict[str, Any]:
-        rows = rows.to(rollout["input_ids"].device)
-        width = int(rollout["attention_mask"][rows].sum(-1).max())  # right padding: trim the shared tail
-        mb: dict[str, Any] = {k: v[rows, :width] for k, v in rollout.items()}
-        mb["rollout_stats"] = stats
-        return mb
+        return optimizer_steps(rollout, c.num_ppo_epochs, c.num_mini_batches, c.micro_batch_size,
+                               c.seed * 1_000_003 + self.rollouts, stats)
 
     # -- loss -------------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: dict[str, Any], ctx: TrainContext

@@ -7,7 +7,10 @@ request never loses the rest of a batch.
 The HTTP client uses only the standard library. Each request gets a socket timeout; timeouts, connection
 errors, 429 (waiting at least its Retry-After), 5xx and malformed replies are retried with exponential backoff
 and jitter. 401/403/404 mean the URL, key or model name is wrong, which no retry fixes, so they stop the run
-(:class:`TeacherConfigError`). The API key is sent as a bearer header and appears in no message, log or repr.
+(:class:`TeacherConfigError`). A teacher nobody answers for stops the run too (:class:`TeacherUnreachableError`):
+before any reply, as soon as the client has failed to connect as many times as one request may try; after replies,
+when one request has spent all its retries failing to connect. Every other job would only repeat that wait.
+The API key is sent as a bearer header and appears in no message, log or repr.
 """
 
 from __future__ import annotations
@@ -41,10 +44,15 @@ class TeacherConfigError(RuntimeError):
     """The teacher rejects every request (bad URL, API key or model name): stop instead of failing each job."""
 
 
+class TeacherUnreachableError(TeacherConfigError):
+    """No connection to the teacher (refused, unknown host, no route): stop instead of failing each job."""
+
+
 class _Retryable(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None):
+    def __init__(self, reason: str, retry_after: float | None = None, connection: bool = False):
         super().__init__(reason)
         self.retry_after = retry_after
+        self.connection = connection  # no connection was made: nothing answered at all
 
 
 class TeacherClient:
@@ -67,8 +75,9 @@ class TeacherClient:
         backoff_base: float = 1.0,
         backoff_max: float = 30.0,
         seed: int | None = None,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
     ):
+        _check_options(base_url, timeout, max_retries)
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self._api_key = api_key
@@ -78,8 +87,12 @@ class TeacherClient:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self._rng = random.Random(seed)
-        self._sleep = sleep
+        self._stop = threading.Event()  # set once the teacher is unreachable: wakes every backoff wait
+        self._sleep = sleep or self._stop.wait
         self._lock = threading.Lock()
+        self._answered = False  # some request got an HTTP reply (any status)
+        self._connect_failures = 0  # failed connections since the last reply
+        self._unreachable: str | None = None
         self._executor: ThreadPoolExecutor | None = None
         self.requests_sent = 0
         self.retries = 0
@@ -104,6 +117,8 @@ class TeacherClient:
                            "max_tokens": max_tokens}).encode("utf-8")
         last = "no attempt made"
         for attempt in range(self.max_retries + 1):
+            if self._unreachable:
+                raise TeacherUnreachableError(self._unreachable)
             if attempt:
                 with self._lock:
                     self.retries += 1
@@ -111,6 +126,8 @@ class TeacherClient:
                 return self._post(body)
             except _Retryable as e:
                 last = str(e)
+                if e.connection:
+                    self._connection_failed(last, exhausted=attempt == self.max_retries)
                 if attempt == self.max_retries:
                     break
                 delay = self._backoff(attempt, e.retry_after)
@@ -137,6 +154,25 @@ class TeacherClient:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
 
+    def _connection_failed(self, reason: str, exhausted: bool) -> None:
+        """Count a failed connection; raise :class:`TeacherUnreachableError` (and wake every waiting request) when
+        the teacher counts as unreachable (see the module docstring)."""
+        with self._lock:
+            self._connect_failures += 1
+            n = self._connect_failures
+            if self._unreachable is None and n > self.max_retries and (exhausted or not self._answered):
+                never = ", and it has not answered any request" if not self._answered else ""
+                self._unreachable = (f"{self.url}: the teacher is unreachable: {n} connection attempts in a row "
+                                     f"failed{never} (last: {reason}); is the server running at that URL?")
+                self._stop.set()
+        if self._unreachable:
+            raise TeacherUnreachableError(self._unreachable)
+
+    def _reached(self) -> None:
+        with self._lock:
+            self._answered = True
+            self._connect_failures = 0
+
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         delay = min(self.backoff_max, self.backoff_base * (2 ** attempt))
         with self._lock:
@@ -156,15 +192,19 @@ class TeacherClient:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 raw = response.read()
         except urllib.error.HTTPError as e:
+            self._reached()
             self._raise_for_status(e)
         except (TimeoutError, socket.timeout):
             raise _Retryable(f"timed out after {self.timeout:g}s") from None
         except urllib.error.URLError as e:
             if isinstance(e.reason, (TimeoutError, socket.timeout)):
                 raise _Retryable(f"timed out after {self.timeout:g}s") from None
-            raise _Retryable(f"connection error: {e.reason}") from None
+            # urllib wraps errors of the connect step (refused, unknown host, no route) in URLError: no server
+            # answered. A reset while reading the reply (below) means one did.
+            raise _Retryable(f"connection error: {e.reason}", connection=True) from None
         except (ConnectionError, http.client.HTTPException, OSError) as e:
             raise _Retryable(f"connection error: {type(e).__name__}: {e}") from None
+        self._reached()
         return _content(raw)
 
     def _raise_for_status(self, error: urllib.error.HTTPError) -> None:
@@ -178,6 +218,19 @@ class TeacherClient:
         if status == 404:
             raise TeacherConfigError(f"{self.url}: HTTP 404: wrong URL or unknown model {self.model!r}{detail}")
         raise TeacherRequestError(f"HTTP {status}{detail}")  # e.g. 400 prompt too long: this job only
+
+
+def _check_options(base_url: str, timeout: float, max_retries: int) -> None:
+    """Refuse settings that cannot work before any request: a URL urllib would read as a local file or FTP,
+    a negative retry count (zero attempts), a timeout that makes every request fail at once."""
+    parts = urllib.parse.urlsplit(base_url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"teacher URL {base_url!r}: expected an http:// or https:// URL with a host "
+                         "(e.g. http://127.0.0.1:8000/v1)")
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ValueError(f"max retries must be a whole number >= 0 (0: one attempt, no retry), got {max_retries!r}")
+    if not timeout > 0:
+        raise ValueError(f"teacher timeout must be > 0 seconds, got {timeout!r}")
 
 
 def _content(raw: bytes) -> str:

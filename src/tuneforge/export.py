@@ -1,0 +1,223 @@
+"""Export a run for another runtime: a GGUF file for llama.cpp / Ollama, or the layout vLLM serves.
+
+GGUF (``export_gguf``): the adapter is merged into the base (``handle.merge_and_unload()``, so only the LoRA family
+and full fine-tuning export) and written with the ``gguf`` package: llama.cpp's tensor names
+(``gguf.get_tensor_name_map``, the table transformers' GGUF loader inverts), Llama's Q / K rows permuted the way
+llama.cpp's converter does (transformers' loader un-permutes them), the model's hyper-parameters, and the tokenizer
+(byte-level BPE: tokens, types, merges, special ids) with its chat template. Llama- and Qwen2-family models.
+
+vLLM (``export_vllm``): a plain LoRA adapter stays an adapter beside the saved base (vLLM applies LoRA per request);
+any other mergeable adapter is merged; prompt / prefix / bottleneck adapters have no vLLM form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .inference import default_model, load_for_inference
+from .methods.adapter_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_adapter_config
+from .serve.multi_lora import batchable_lora
+
+GGUF_ARCHITECTURES = ("llama", "qwen2")
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+@dataclasses.dataclass
+class ExportResult:
+    path: Path
+    command: str | None = None  # how to serve it
+
+    def summary(self) -> str:
+        return f"wrote {self.path}" + (f"\nserve it with:\n  {self.command}" if self.command else "")
+
+
+def export(run: str | Path, format: str, output: str | Path | None = None, dtype: str = "f16",
+           model: str | None = None, device: str | None = None) -> ExportResult:
+    """``tuneforge export``: ``format`` is ``gguf`` or ``vllm``; ``output`` defaults to beside the run."""
+    run = Path(run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run directory {run} does not exist")
+    if format == "gguf":
+        if dtype not in GGUF_DTYPES:
+            raise ValueError(f"--dtype {dtype!r}: GGUF export writes one of {', '.join(GGUF_DTYPES)}")
+        merged, tokenizer = merged_model(run, model, device)
+        return ExportResult(export_gguf(merged, tokenizer, output or run.parent / f"{run.name}.{dtype}.gguf", dtype))
+    if format == "vllm":
+        return export_vllm(run, Path(output or run.parent / f"{run.name}-vllm"), model, device)
+    raise ValueError(f"--format {format!r}: choose gguf or vllm")
+
+
+def merged_model(run: Path, model: str | None, device: str | None) -> tuple[nn.Module, Any]:
+    """The run's adapter folded into float32 base weights (a whole-model run as it is)."""
+    base, tokenizer, handle = load_for_inference(default_model(run, model), run, device=device, dtype=torch.float32)
+    return (handle.merge_and_unload(torch.float32) if handle is not None else base), tokenizer
+
+
+# -- GGUF ---------------------------------------------------------------------------------------------------
+
+
+def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, dtype: str = "f16") -> Path:
+    """Write ``model`` (a plain HF Llama / Qwen2 causal LM) and ``tokenizer`` as one GGUF file."""
+    import gguf
+
+    arch = model.config.model_type
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(f"GGUF export supports {', '.join(GGUF_ARCHITECTURES)} models, not {arch!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")  # write, then rename: a killed export leaves no half file behind
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    _write_hparams(writer, model, dtype)
+    _write_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0])
+    for name, array, kind in _gguf_tensors(model, dtype):
+        writer.add_tensor(name, array, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(path)
+    return path
+
+
+def _write_hparams(writer, model: nn.Module, dtype: str) -> None:
+    import gguf
+
+    cfg = model.config
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"GGUF export writes plain RoPE only; this model uses {rope.get('rope_type')!r} scaling")
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    writer.add_name(Path(str(cfg.name_or_path or cfg.model_type)).name)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(model.get_input_embeddings().weight.shape[0])
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    writer.add_file_type(file_type)
+
+
+def _gguf_tensors(model: nn.Module, dtype: str):
+    """``(gguf name, array, GGML type)`` for every weight, under llama.cpp's names and layout."""
+    import gguf
+
+    cfg = model.config
+    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == cfg.model_type)
+    names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    for hf_name, tensor in model.state_dict().items():
+        if tied and hf_name == "lm_head.weight":
+            continue  # no output.weight in the file: loaders tie it to token_embd
+        stem, _, suffix = hf_name.rpartition(".")
+        base = names.get_name(stem)
+        if base is None:
+            raise ValueError(f"GGUF export: no llama.cpp name for tensor {hf_name!r}")
+        data = tensor.detach().float().cpu().numpy()
+        if cfg.model_type == "llama" and stem.endswith(("q_proj", "k_proj")):
+            kv = cfg.num_attention_heads if stem.endswith("q_proj") else cfg.num_key_value_heads
+            data = _llama_permute(data, kv)
+        yield f"{base}.{suffix}", *_encode(data, dtype)
+
+
+def _llama_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's row order for Llama's Q / K (interleaved rotary halves); transformers' loader undoes it."""
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def _encode(data: np.ndarray, dtype: str):
+    """The array as stored and its GGML type. 1-D tensors (norms, biases) stay f32, as llama.cpp keeps them; a
+    q8_0 row must be a whole number of 32-value blocks, else that tensor is written f16."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    if data.ndim == 1 or dtype == "f32":
+        return data.astype(np.float32), Q.F32
+    if dtype == "f16" or (dtype == "q8_0" and data.shape[-1] % 32):
+        return data.astype(np.float16), Q.F16
+    kind = Q.BF16 if dtype == "bf16" else Q.Q8_0
+    return quants.quantize(data, kind), kind
+
+
+def _write_tokenizer(writer, tokenizer: Any, n_vocab: int) -> None:
+    """A byte-level BPE tokenizer as GGUF's ``gpt2`` model: tokens by id, their types, merges, special ids."""
+    import json
+
+    import gguf
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    if spec["model"]["type"] != "BPE":
+        raise ValueError(f"GGUF export writes byte-level BPE tokenizers; this one is {spec['model']['type']}")
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    special = set(tokenizer.all_special_ids)
+    added = {t["id"] for t in spec.get("added_tokens", [])}
+    tokens, types = [], []
+    for i in range(n_vocab):  # embeddings may have more rows than the tokenizer: llama.cpp wants one token each
+        tokens.append(by_id.get(i, f"[PAD{i}]"))
+        types.append(gguf.TokenType.CONTROL if i in special else gguf.TokenType.USER_DEFINED if i in added
+                     else gguf.TokenType.UNUSED if i not in by_id else gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for name, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
+                           ("pad", tokenizer.pad_token_id), ("unk", tokenizer.unk_token_id)):
+        if token_id is not None:
+            getattr(writer, f"add_{name}_token_id")(token_id)
+    writer.add_add_bos_token(False)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+# -- vLLM ---------------------------------------------------------------------------------------------------
+
+
+def export_vllm(run: Path, output: Path, model: str | None = None, device: str | None = None) -> ExportResult:
+    """A plain LoRA run: ``output/base`` (the base model) + ``output/adapter`` (PEFT's files), served with
+    ``--enable-lora``. Another mergeable run (AdaLoRA, LoRA with trained biases, full fine-tuning): one merged model
+    directory. Prompt / prefix / bottleneck adapters: ValueError (vLLM cannot apply them)."""
+    saved = read_adapter_config(run) if (run / ADAPTER_CONFIG_NAME).is_file() else None
+    if saved is not None and batchable_lora(saved):
+        base, tokenizer, _ = load_for_inference(default_model(run, model), None, device=device)
+        base.save_pretrained(output / "base", safe_serialization=True)
+        tokenizer.save_pretrained(output / "base")
+        (output / "adapter").mkdir(parents=True, exist_ok=True)
+        for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
+            shutil.copy2(run / name, output / "adapter" / name)
+        rank = int(saved["r"])
+        command = (f"vllm serve {shlex.quote(str(output / 'base'))} --enable-lora --max-lora-rank "
+                   f"{_vllm_rank(rank)} --lora-modules {shlex.quote(run.name + '=' + str(output / 'adapter'))}")
+        return ExportResult(output, command)
+    try:
+        merged, tokenizer = merged_model(run, model, device)
+    except ValueError as e:
+        raise ValueError(f"{run}: vLLM serves whole models and LoRA adapters only ({e}); serve this adapter with "
+                         "`tuneforge serve --adapter NAME=DIR` instead") from None
+    merged.save_pretrained(output, safe_serialization=True)
+    tokenizer.save_pretrained(output)
+    return ExportResult(output, f"vllm serve {shlex.quote(str(output))}")
+
+
+def _vllm_rank(rank: int) -> int:
+    """vLLM's --max-lora-rank takes one of a few sizes; the smallest that holds ``rank``."""
+    return next((size for size in (8, 16, 32, 64, 128, 256, 320, 512) if size >= rank), rank)
+
+
+__all__ = ["ExportResult", "GGUF_ARCHITECTURES", "export", "export_gguf", "export_vllm", "merged_model"]

@@ -1,0 +1,275 @@
+"""The run report: PNG charts of a run's metrics.jsonl and one self-contained HTML page that overlays several runs.
+
+Every metric the runs logged gets a chart: loss first (train solid, eval dashed, eval at step 0 being the model
+before training), then learning rate, gradient norm, tokens/s, then the objective's own (reward margins, KL,
+accuracy ...), each train metric overlaid with its ``eval_`` twin. Values a run logs once (exact match before and
+after) go to a table of final values instead. The page embeds the PNGs as base64, so it is one file to mail or
+archive, and lists the config keys whose values differ between the runs (each run's ``tuneforge.yaml``).
+
+``tuneforge report RUN [RUN ...]`` writes ``index.html``, one PNG per chart and ``overview.png`` (every chart in
+one image) into ``--output`` (default ``RUN/report`` for one run, ``report`` for several).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .tracking import flatten
+
+# Charted first, in this order; every other metric follows alphabetically.
+LEADING = ("loss", "lr", "grad_norm", "tokens_per_s")
+TITLES = {"loss": "loss", "lr": "learning rate", "grad_norm": "gradient norm (before clipping)",
+          "tokens_per_s": "tokens / s (cumulative average)", "peak_memory_mb": "peak memory, MB"}
+# Bookkeeping, not a signal: the step is the x axis, epoch is a rescaled step, units/tokens are batch sizes.
+NOT_CHARTED = {"step", "epoch", "units", "tokens"}
+
+
+@dataclass
+class Run:
+    """One run directory as the report sees it: its log, its config and the name it goes by on the page."""
+
+    path: Path
+    label: str
+    records: list[dict[str, Any]]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def series(self, key: str) -> tuple[list[float], list[float]]:
+        points = [(r.get("step", 0), r[key]) for r in self.records if _is_number(r.get(key))]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    def last(self, key: str) -> float | None:
+        values = self.series(key)[1]
+        return values[-1] if values else None
+
+
+@dataclass
+class Chart:
+    key: str  # the train-side name ("loss"); its eval twin is "eval_" + key
+    title: str
+    png: bytes
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_metric(key: str) -> bool:
+    return key not in NOT_CHARTED and not key.endswith("_seconds")  # how long an evaluation took is not a result
+
+
+def load_run(path: str | Path, label: str | None = None) -> Run:
+    """Read ``RUN/metrics.jsonl`` (a line a killed run cut short is skipped) and ``RUN/tuneforge.yaml``."""
+    path = Path(path)
+    log = path / "metrics.jsonl"
+    if not log.is_file():
+        raise FileNotFoundError(f"{path}: no metrics.jsonl (is it a tuneforge run directory?)")
+    records = []
+    for number, line in enumerate(log.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the last line of a run killed mid-write
+        if not isinstance(record, dict):
+            raise ValueError(f"{log}:{number}: expected a JSON object per line")
+        records.append(record)
+    config_file = path / "tuneforge.yaml"
+    config = (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
+    return Run(path, label or path.resolve().name, records, config)
+
+
+def load_runs(paths: list[str | Path]) -> list[Run]:
+    """Runs labelled by directory name, or by the path as given where two names collide (``a/run``, ``b/run``)."""
+    if not paths:
+        raise ValueError("report: give at least one run directory")
+    names = [Path(p).resolve().name for p in paths]
+    return [load_run(p, name if names.count(name) == 1 else str(p)) for p, name in zip(paths, names)]
+
+
+def chart_keys(runs: list[Run]) -> list[str]:
+    """Train-side metric names to chart: logged at two or more steps by some run (or only as ``eval_X``)."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        for record in run.records:
+            for key, value in record.items():
+                if _is_number(value) and _is_metric(key):
+                    base = key.removeprefix("eval_")
+                    counts[base] = max(counts.get(base, 0), len(run.series(key)[0]))
+    charted = {k for k, n in counts.items() if n >= 2}
+    return [k for k in LEADING if k in charted] + sorted(charted - set(LEADING))
+
+
+def single_values(runs: list[Run]) -> list[str]:
+    """Metrics no run logged more than once (exact match before / after): the final-values table shows them."""
+    charted = set(chart_keys(runs))
+    keys = {k for run in runs for r in run.records for k, v in r.items() if _is_number(v)}
+    return sorted(k for k in keys if k.removeprefix("eval_") not in charted and _is_metric(k))
+
+
+def _log_scale(values: list[float]) -> bool:
+    # A loss falling from 2 to 0.01 is a flat line at the bottom of a linear axis after the first steps.
+    positive = [v for v in values if v > 0]
+    return len(positive) == len(values) > 2 and max(positive) / min(positive) > 30
+
+
+def plot_metric(axes, runs: list[Run], key: str) -> str:
+    """Draw ``key`` and its ``eval_`` twin for every run (one colour per run) on ``axes``; returns the title."""
+    plotted: list[float] = []
+    for index, run in enumerate(runs):
+        for name, style in ((key, dict(linestyle="-", linewidth=1.6)),
+                            (f"eval_{key}", dict(linestyle="--", marker="o", markersize=4, linewidth=1.2))):
+            steps, values = run.series(name)
+            if not steps:
+                continue
+            side = "eval" if name.startswith("eval_") else "train"
+            axes.plot(steps, values, color=f"C{index % 10}", label=side if len(runs) == 1 else f"{run.label} ({side})",
+                      **style)
+            plotted += values
+    title = TITLES.get(key, key.replace("_", " "))
+    if _log_scale(plotted):
+        axes.set_yscale("log")
+        title += " (log scale)"
+    axes.set_title(title)
+    axes.set_xlabel("step")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize="small")
+    return title
+
+
+def draw_chart(runs: list[Run], key: str) -> Chart:
+    from matplotlib.figure import Figure  # the object API: no pyplot global state, no GUI backend
+
+    figure = Figure(figsize=(6.4, 3.6), layout="constrained")
+    title = plot_metric(figure.subplots(), runs, key)
+    return Chart(key, title, _png(figure))
+
+
+def draw_overview(runs: list[Run], keys: list[str]) -> bytes:
+    """Every chart in one image (two columns): the picture for a README or a chat message."""
+    from matplotlib.figure import Figure
+
+    rows = max(1, math.ceil(len(keys) / 2))
+    figure = Figure(figsize=(12, 3.4 * rows), layout="constrained")
+    grid = figure.subplots(rows, 2, squeeze=False)
+    for index, axes in enumerate(grid.flat):
+        if index < len(keys):
+            plot_metric(axes, runs, keys[index])
+        else:
+            axes.set_visible(False)
+    figure.suptitle(", ".join(run.label for run in runs))
+    return _png(figure)
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def config_differences(runs: list[Run]) -> dict[str, list[Any]]:
+    """Config keys (dotted: ``method_options.r``) whose value is not the same in every run; one run: all keys."""
+    flat = [flatten(run.config) for run in runs]
+    keys = list(dict.fromkeys(k for f in flat for k in f))
+    missing = object()
+    rows = {k: [f.get(k, missing) for f in flat] for k in keys}
+    if len(runs) > 1:
+        rows = {k: v for k, v in rows.items() if any(x != v[0] for x in v)}
+    return {k: ["—" if x is missing else x for x in v] for k, v in rows.items()}
+
+
+def render_html(runs: list[Run], charts: list[Chart], finals: list[str]) -> str:
+    e = html.escape
+    title = "tuneforge report: " + ", ".join(run.label for run in runs)
+    head = "".join(f"<th>{e(run.label)}</th>" for run in runs)
+    summary = _row("steps", [_steps(run) for run in runs])
+    for key in [k for k in ("loss", "eval_loss") if any(run.last(k) is not None for run in runs)] + finals:
+        summary += _row(key, [run.last(key) for run in runs])
+    differences = config_differences(runs)
+    config_rows = "".join(_row(key, values) for key, values in differences.items())
+    if not config_rows:
+        config_rows = f"<tr><td colspan={len(runs) + 1}>the runs' configs are identical</td></tr>"
+    images = "".join(
+        f'<figure><img alt="{e(chart.title)}" src="data:image/png;base64,{base64.b64encode(chart.png).decode()}">'
+        "</figure>" for chart in charts)
+    paths = " ".join(f"<code>{e(str(run.path))}</code>" for run in runs)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }}
+thead th {{ background: #f3f3f3; }}
+.charts {{ display: flex; flex-wrap: wrap; gap: 1em; }}
+figure {{ margin: 0; }}
+img {{ width: 640px; max-width: 100%; height: auto; }}
+</style></head>
+<body>
+<h1>{e(title)}</h1>
+<p>{paths}</p>
+<h2>Final values</h2>
+<table><thead><tr><th></th>{head}</tr></thead><tbody>{summary}</tbody></table>
+<h2>Charts</h2>
+<div class="charts">{images or "<p>no metric was logged at more than one step</p>"}</div>
+<h2>{"Config" if len(runs) == 1 else "Config differences"}</h2>
+<table><thead><tr><th>key</th>{head}</tr></thead><tbody>{config_rows}</tbody></table>
+</body></html>
+"""
+
+
+def _row(key: str, values: list[Any]) -> str:
+    return f"<tr><th>{html.escape(key)}</th>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in values) + "</tr>"
+
+
+def _steps(run: Run) -> str:
+    steps = [r.get("step", 0) for r in run.records]
+    return str(max(steps)) if steps else "—"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "true" if value else "false"  # as the YAML config writes it
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def write_report(paths: list[str | Path], output: str | Path | None = None) -> Path:
+    """Charts and the HTML page for ``paths`` (run directories) in ``output``; returns the page's path."""
+    runs = load_runs(list(paths))
+    output = Path(output) if output is not None else (runs[0].path / "report" if len(runs) == 1 else Path("report"))
+    output.mkdir(parents=True, exist_ok=True)
+    keys = chart_keys(runs)
+    charts = [draw_chart(runs, key) for key in keys]
+    for chart in charts:
+        (output / f"{chart.key}.png").write_bytes(chart.png)
+    if keys:
+        (output / "overview.png").write_bytes(draw_overview(runs, keys))
+    page = output / "index.html"
+    page.write_text(render_html(runs, charts, single_values(runs)))
+    return page
+
+
+def add_subcommands(sub) -> None:
+    """``tuneforge report RUN [RUN ...]`` (the CLI collects this through its extensions)."""
+    report = sub.add_parser("report", help="charts of one or more runs' metrics and an HTML page comparing them")
+    report.add_argument("runs", nargs="+", metavar="RUN", help="run directories (each with metrics.jsonl)")
+    report.add_argument("--output", help="where to write index.html and the PNGs (default: RUN/report for one run, "
+                        "report for several)")
+    report.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args) -> int:
+    print(write_report(args.runs, args.output))
+    return 0
