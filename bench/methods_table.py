@@ -2,9 +2,11 @@
 
     python bench/methods_table.py                      # the embedded SmolLM2 + the bundled demo task
     python bench/methods_table.py --steps 60 --methods lora,qlora,prompt_tuning --json bench/results/methods.json
+    python bench/methods_table.py --steps 30 --methods lora+dora,lora+pissa      # a method plus options (VARIANTS)
 
 Each method runs `tuneforge train` in a fresh subprocess (so peak memory is that run's alone), with the demo's
-settings, a learning rate per method (`DEMO_LR`) and AdaLoRA's schedule phases (`DEMO_OPTIONS`), and reports:
+settings, a learning rate per method (`DEMO_LR`), AdaLoRA's schedule phases (`DEMO_OPTIONS`) and, for rows such
+as ``lora+dora``, the variant's flags (`VARIANTS`), and reports:
 trainable parameters, peak RSS (CPU) or peak CUDA memory, training tokens/s, wall time, final train loss and
 held-out exact match after training (the base model's exact match is printed once, it is the same for every
 method).
@@ -28,15 +30,29 @@ METHODS = ["full", "lora", "qlora", "adalora", "adapter", "prompt_tuning", "p_tu
 DEMO_LR = {"full": 5e-5, "lora": 1e-3, "qlora": 1e-3, "adalora": 1e-2, "adapter": 1e-3, "prompt_tuning": 3e-2,
            "p_tuning": 1e-2, "prefix_tuning": 5e-3, "p_tuning_v2": 1e-2}
 DEMO_OPTIONS = {"adalora": ["--adalora-tinit", "10", "--adalora-tfinal", "10"]}
+# Rows that are a method plus options ("METHOD+VARIANT" in --methods): the method's lr, then these flags.
+VARIANTS = {"lora+dora": ["--lora-use-dora", "true"], "lora+pissa": ["--lora-init", "pissa"],
+            "lora+olora": ["--lora-init", "olora"], "qlora+dora": ["--qlora-use-dora", "true"]}
 
 
-def run_method(method: str, args: argparse.Namespace, out_root: Path) -> dict:
-    output = out_root / method
+def row_command(row: str) -> tuple[str, list[str]]:
+    """The method a row trains and the flags that make it that row."""
+    if "+" not in row:
+        return row, DEMO_OPTIONS.get(row, [])
+    if row not in VARIANTS:
+        raise SystemExit(f"unknown row {row!r}: a method, or one of {', '.join(VARIANTS)}")
+    method = row.split("+", 1)[0]
+    return method, DEMO_OPTIONS.get(method, []) + VARIANTS[row]
+
+
+def run_method(name: str, args: argparse.Namespace, out_root: Path) -> dict:
+    method, options = row_command(name)
+    output = out_root / name
     cmd = [sys.executable, "-m", "tuneforge.cli", "train", "--method", method, "--max-steps", str(args.steps),
            "--output", str(output), "--overwrite", "true", "--progress", "false", "--eval-limit", str(args.eval_limit)]
     if method in DEMO_LR and "--learning-rate" not in args.extra:
         cmd += ["--learning-rate", str(DEMO_LR[method])]
-    cmd += DEMO_OPTIONS.get(method, [])
+    cmd += options
     if args.device:
         cmd += ["--device", args.device]
     cmd += args.extra
@@ -44,7 +60,7 @@ def run_method(method: str, args: argparse.Namespace, out_root: Path) -> dict:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = proc.communicate()
     wall = time.perf_counter() - start
-    row: dict = {"method": method, "wall_s": round(wall, 1)}
+    row: dict = {"method": name, "wall_s": round(wall, 1)}
     if proc.returncode != 0:
         row["error"] = (stderr.strip().splitlines() or ["failed"])[-1][:200]
         return row
@@ -97,8 +113,11 @@ def main() -> None:
     args, extra = parser.parse_known_args()
     args.extra = extra  # any further flag goes to every `tuneforge train` (e.g. --max-length 96)
     rows = []
-    for method in args.methods.split(","):
-        row = run_method(method.strip(), args, Path(args.output))
+    names = [name.strip() for name in args.methods.split(",")]
+    for name in names:
+        row_command(name)  # an unknown row fails now, not after the rows before it have trained
+    for name in names:
+        row = run_method(name, args, Path(args.output))
         print(json.dumps(row), file=sys.stderr, flush=True)
         rows.append(row)
     before = next((r["exact_match_before"] for r in rows if r.get("exact_match_before") is not None), None)

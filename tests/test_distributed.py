@@ -1,10 +1,12 @@
 """Distributed training on CPU: 2 gloo processes under torchrun reach the weights one process reaches on the same
-global batch (DDP and FSDP2), every objective runs, only rank 0 writes, and one rank's failure stops the job."""
+global batch (DDP and FSDP2), every objective runs, only rank 0 writes, one rank's failure stops the job, and a run
+stopped after a checkpoint resumes (on 2 ranks, or an FSDP checkpoint on 1 process) to the uninterrupted weights."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import tuneforge
+from tuneforge import checkpoint as ckpt
 from tuneforge.distributed import Distributed
 
 from conftest import qa_rows, write_jsonl
@@ -59,7 +62,16 @@ def runs(tmp_path_factory, tiny_model_dir):
         "ppo": base(tiny_model_dir, pairs, root / "ppo", objective="ppo", max_steps=2,
                     objective_options={"reward_function": f"{reward}:reward", "max_new_tokens": 4,
                                        "num_ppo_epochs": 1}),
+        # Dropout on: a resume must restore every rank's own random stream. 4 steps of 4 cross the epoch of 12.
+        "lora_dropout": base(tiny_model_dir, sft, root / "lora_dropout", max_steps=4,
+                             method_options={"lora_dropout": 0.1}),
     }
+    # Stopped as a step begins, after a checkpoint (kill_test_resumed resumes them in fresh processes): DDP one step
+    # past its checkpoint, FSDP (full fine-tuning: sharded weights and optimiser state) right after its newest one.
+    configs["lora_dropout_killed"] = {**configs["lora_dropout"], "output": str(root / "lora_dropout_killed"),
+                                      "save_every": 2, "_stop_before_step": 3}
+    configs["full_fsdp_killed"] = {**configs["full_sft_fsdp"], "output": str(root / "full_fsdp_killed"),
+                                   "save_every": 1, "_stop_before_step": 2}
     done = torchrun([str(WORKER), json.dumps(list(configs.values()))], cwd=root)
     assert done.returncode == 0, done.stderr[-4000:]
     return root, configs
@@ -72,9 +84,13 @@ def single_process(config: dict, output: Path) -> Path:
     return result.output
 
 
+def weights_file(run: Path) -> Path:
+    adapter = run / "adapter_model.safetensors"
+    return adapter if adapter.exists() else run / "model.safetensors"
+
+
 def weights(run: Path) -> dict[str, torch.Tensor]:
-    name = "adapter_model.safetensors" if (run / "adapter_model.safetensors").exists() else "model.safetensors"
-    return load_file(str(run / name))
+    return load_file(str(weights_file(run)))
 
 
 def assert_same_weights(a: Path, b: Path, atol: float) -> None:
@@ -139,3 +155,74 @@ def test_cli_launches_torchrun_and_a_failing_rank_stops_all(tmp_path, tiny_model
                             text=True, timeout=240)
     assert failed.returncode != 0
     assert "tuneforge: error" in failed.stderr
+
+
+# -- kill and resume ---------------------------------------------------------------------------------------------
+
+KILLED = {"lora_dropout_killed": ("lora_dropout", 1e-6), "full_fsdp_killed": ("full_sft_fsdp", 1e-5)}
+RESUMED_FROM = 2  # the newest checkpoint each stopped run left
+
+
+def logged_steps(run: Path, marked: bool | None = None) -> list[int]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if "loss" in r and (marked is None or r.get("before_kill", False) == marked)]
+
+
+@pytest.fixture(scope="module")
+def kill_test_resumed(runs):
+    """The stopped runs resumed with --resume, both in one torchrun start-up (fresh processes: nothing but the
+    checkpoints carries over). The FSDP run's checkpoints are copied first, for the one-process resumes."""
+    root, configs = runs
+    for name in KILLED:
+        run = root / name
+        assert not weights_file(run).exists(), name  # stopped mid-way
+        assert ckpt.latest_checkpoint(run).name == f"step-{RESUMED_FROM}", name
+        # Mark what the stopped run logged: a resume keeps the records up to its checkpoint and logs the rest anew
+        # (a run that silently started over would keep none).
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        (run / "metrics.jsonl").write_text("".join(json.dumps({**json.loads(x), "before_kill": True}) + "\n"
+                                                   for x in lines))
+    assert ckpt.is_sharded(ckpt.latest_checkpoint(root / "full_fsdp_killed"))
+    shutil.copytree(root / "full_fsdp_killed", root / "full_fsdp_stopped")
+    resumes = [{**{k: v for k, v in configs[name].items() if k != "_stop_before_step"}, "resume": True}
+               for name in KILLED]
+    done = torchrun([str(WORKER), json.dumps(resumes)], cwd=root)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return root, configs
+
+
+@pytest.mark.parametrize("name", list(KILLED))
+def test_a_killed_two_rank_run_resumes_to_the_uninterrupted_weights(kill_test_resumed, name):
+    root, configs = kill_test_resumed
+    reference, atol = KILLED[name]
+    assert_same_weights(root / name, root / reference, atol)
+    assert logged_steps(root / name) == list(range(1, configs[reference]["max_steps"] + 1))
+    assert logged_steps(root / name, marked=True) == list(range(1, RESUMED_FROM + 1))  # it resumed, not restarted
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+def test_a_two_rank_fsdp_checkpoint_resumes_on_one_process(kill_test_resumed, tmp_path, damaged):
+    """DCP reshards the 2-rank checkpoint into whole tensors; a damaged newest one falls back to the one before."""
+    root, configs = kill_test_resumed
+    run = tmp_path / "run"
+    shutil.copytree(root / "full_fsdp_stopped", run)
+    if damaged:
+        shard = next((ckpt.latest_checkpoint(run) / ckpt.SHARDED).glob("*.distcp"))
+        shard.write_bytes(shard.read_bytes()[:100])  # torn after it was written
+    tuneforge.train(tuneforge.load_config(None, {**configs["full_sft_fsdp"], "output": str(run), "resume": True}))
+    assert_same_weights(run, root / "full_sft_fsdp", 1e-5)
+    start = RESUMED_FROM - 1 if damaged else RESUMED_FROM
+    assert logged_steps(run, marked=True) == list(range(1, start + 1))
+    assert logged_steps(run, marked=False) == list(range(start + 1, 4))
+
+
+def test_an_fsdp_runs_adapter_loads_on_one_process(runs):
+    from tuneforge.inference import load_for_inference
+
+    root, configs = runs
+    model, _, handle = load_for_inference(configs["lora_sft_fsdp"]["model"], root / "lora_sft_fsdp", device="cpu")
+    saved = weights(root / "lora_sft_fsdp")
+    state = handle.state_dict()
+    assert state.keys() == saved.keys()
+    for key in saved:
+        torch.testing.assert_close(state[key], saved[key], atol=0, rtol=0)

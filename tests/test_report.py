@@ -173,3 +173,12 @@ def test_the_page_renders_in_headless_chromium(runs, tmp_path):
                                                "<script>missing()</script></body>"))
     probe, console = render(broken, tmp_path)
     assert probe["widths"][-1] == 0 and len(probe["errors"]) == 2 and "missing is not defined" in console
+
+
+def test_metric_names_with_slashes_chart_into_the_report_folder(tmp_path):
+    """GRPO logs ``clip_ratio/low`` and ``rewards/0``: the chart files must not name folders that do not exist."""
+    records = [{"step": s, "loss": 1.0 / s, "clip_ratio/low": 0.01 * s, "rewards/0": 0.1 * s} for s in (1, 2, 3)]
+    run = write_run(tmp_path / "grpo", records, CONFIG)
+    page = report.write_report([run])
+    names = {p.name for p in page.parent.iterdir()}
+    assert {"clip_ratio_low.png", "rewards_0.png"} <= names

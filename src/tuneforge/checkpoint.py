@@ -4,19 +4,27 @@ Every directory is written under a temporary name and renamed into place, so a r
 either the previous checkpoint or the new one, never half of one. Trainable tensors are safetensors; the training
 state (optimiser, scheduler, RNG) is a torch file loaded with ``weights_only=True`` (no arbitrary unpickling).
 Adapter files (``adapter_config.json`` + ``adapter_model.safetensors``) are ``tuneforge.methods.adapter_files``'s.
+
+An FSDP run's checkpoint keeps its trainable tensors and optimiser state sharded: ``sharded/`` is a
+``torch.distributed.checkpoint`` (DCP) directory, one file per rank plus metadata, keyed by parameter name, so it reads
+back into any layout (the same world size, another one, or one process). The rest (scheduler, per-rank RNG, data
+position, method/objective state) is the same ``training_state.pt`` rank 0 writes for any run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 TRAINING_STATE = "training_state.pt"
 
@@ -24,9 +32,10 @@ TRAINING_STATE = "training_state.pt"
 class atomic_directory:
     """``with atomic_directory(path) as tmp:`` write into ``tmp``; it replaces ``path`` only on success."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, tag: int | None = None):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        # ``tag``: the ranks of a distributed run write into one temporary directory, named by rank 0's pid.
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid() if tag is None else tag}")
 
     def __enter__(self) -> Path:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -73,9 +82,9 @@ def save_training_state(directory: Path, trainable: dict[str, torch.Tensor], opt
     what to store as the RNG state (a distributed run's per-rank states); default this process's."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in trainable.items()}
     save_file(tensors, str(directory / "trainable.safetensors"), metadata={"format": "pt"})
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng or rng_state(),
-         "progress": progress},
+    torch.save(  # optimizer None: a sharded checkpoint, whose optimiser state is in sharded/
+        {"optimizer": None if optimizer is None else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+         "rng": rng or rng_state(), "progress": progress},
         directory / TRAINING_STATE,
     )
     (directory / "progress.json").write_text(json.dumps(progress, indent=2) + "\n")
@@ -85,6 +94,86 @@ def load_training_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[
     trainable = load_file(str(directory / "trainable.safetensors"))
     state = torch.load(directory / TRAINING_STATE, map_location="cpu", weights_only=True)
     return trainable, state
+
+
+SHARDED = "sharded"
+
+
+def is_sharded(directory: Path) -> bool:
+    return (directory / SHARDED).is_dir()
+
+
+def sharded_state(model: nn.Module, extra: list[tuple[str, nn.Parameter]], optimizer) -> dict[str, Any]:
+    """The trainable tensors of ``model`` (this rank's shards under FSDP, whole tensors otherwise) and of ``extra``
+    (an objective's heads outside the model), with the optimiser state, keyed by parameter name: what DCP saves."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optim_state = get_state_dict(_with_heads(model, extra), optimizer,
+                                              options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": model_state, "optimizer": optim_state}
+
+
+def save_sharded(directory: Path, state: dict[str, Any]) -> None:
+    """Every rank writes its shards of ``state`` into ``directory/sharded``. A collective: it raises on every rank
+    when one rank fails to write."""
+    import torch.distributed.checkpoint as dcp
+
+    with _plain_errors(directory / SHARDED, "could not be written"):
+        dcp.save(state, checkpoint_id=directory / SHARDED)
+
+
+def load_sharded(directory: Path, model: nn.Module, extra: list[tuple[str, nn.Parameter]], optimizer) -> None:
+    """Restore ``sharded_state`` from ``directory/sharded``, resharded to this run's layout. Every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state = sharded_state(model, extra, optimizer)  # the layout to read into (a fresh optimiser's state is created)
+    with warnings.catch_warnings(), _plain_errors(directory / SHARDED, "does not read back"):
+        # One process reading a sharded checkpoint (an FSDP run resumed on one rank) is intended.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=directory / SHARDED)  # a name the checkpoint lacks raises here
+    # strict=False: the frozen base weights are not in a checkpoint, by design.
+    set_state_dict(_with_heads(model, extra), optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+
+
+@contextlib.contextmanager
+def _plain_errors(where: Path, what: str) -> Iterator[None]:
+    """DCP's CheckpointException derives from BaseException: turn it into an ordinary error naming each failed rank,
+    so that a damaged checkpoint falls back to the one before it and the CLI reports it in one line."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as e:
+        causes = "; ".join(f"rank {rank}: {type(error).__name__}: {error}"
+                           for rank, (error, _) in sorted(e.failures.items()))
+        raise OSError(f"{where} {what} ({causes})") from None
+
+
+def local_shards(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's part of each tensor (a DTensor's local shard), e.g. to check it for NaN without communicating."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items()}
+
+
+def _with_heads(model: nn.Module, extra: list[tuple[str, nn.Parameter]]) -> nn.Module:
+    """``model`` and the ``extra`` parameters under one root: torch's state-dict helpers name every optimiser parameter
+    through a module, and an objective's reward / value head is not inside the model."""
+    root, heads = nn.Module(), nn.Module()
+    root.add_module("model", model)
+    root.add_module("objective", heads)
+    for name, param in extra:
+        *path, leaf = name.split(".")
+        owner = heads
+        for part in path:
+            if not hasattr(owner, part):
+                owner.add_module(part, nn.Module())
+            owner = getattr(owner, part)
+        owner.register_parameter(leaf, param)
+    return root
 
 
 def checkpoints_newest_first(run_dir: str | Path) -> list[Path]:

@@ -64,7 +64,11 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
                 value, i = tokens[i + 1], i + 1
             else:
                 value = "true"
-        out[key.replace("-", "_")] = parse_value(value)
+        key = key.replace("-", "_")
+        if key == "data" and key in out:  # --data a.jsonl:0.8 --data b.jsonl:0.2: a mix of sources
+            out[key] = [*(out[key] if isinstance(out[key], list) else [out[key]]), parse_value(value)]
+        else:
+            out[key] = parse_value(value)
         i += 1
     return out
 
@@ -105,6 +109,15 @@ def cmd_train(args: argparse.Namespace, extra: list[str] = ()) -> int:
 
         return launch_torchrun(nproc, ["train", *extra])  # this same command, one process per device
     config_path = extra.pop(0) if extra and not extra[0].startswith("-") else None
+    from .pipeline import is_pipeline
+
+    if config_path and is_pipeline(config_path):  # `stages:`: several runs, each feeding the next
+        from .pipeline import run_pipeline
+
+        state = run_pipeline(config_path, parse_overrides(extra))
+        print("\n".join(f"stage {name}: {path}" for name, path in state["done"].items()))
+        print(f"final model: {state['model']}")
+        return 0
     config = config_from_args(config_path, extra)
     log.info("model=%s method=%s objective=%s output=%s", config.model, config.method, config.objective,
              config.output)
@@ -128,6 +141,12 @@ def cmd_train(args: argparse.Namespace, extra: list[str] = ()) -> int:
         if before is not None:
             line = f"held-out exact match: before {before:.1%} -> after {m['exact_match_after']:.1%}"
         print(line)
+    if "general_ppl_after" in m:  # forgetting: general text the base model knew, before -> after
+        before = f"{m['general_ppl_before']:.3f} -> " if "general_ppl_before" in m else ""
+        print(f"general-text perplexity (forgetting): {before}{m['general_ppl_after']:.3f}")
+    for source in m.get("data_sources", []):
+        print(f"data source {source['source']}: {source['examples']} examples ({source['share']:.1%}) from "
+              f"{source['records']} records")
     for key, value in (result.handle.summary() if result.handle else {}).items():
         print(f"{key}: {summarise(value)}")
     from .report import write_report
@@ -184,10 +203,16 @@ def cmd_eval(args: argparse.Namespace, extra: list[str] = ()) -> int:
     from .data.formats import load_examples
     from .evaluate import evaluate
 
-    model, tokenizer, _ = load_for_inference(default_model(args.adapter, args.model), args.adapter, args.device)
-    examples = load_examples(args.data, args.data_format)
-    result = evaluate(model, tokenizer, examples, max_new_tokens=args.max_new_tokens, limit=args.limit,
-                      generate_answers=not args.no_generate)
+    examples = load_examples(args.data, args.data_format)[:args.limit]
+    if examples[0].kind == "preference":  # reward-model accuracy, or DPO's implicit-reward accuracy and margin
+        from .evaluate_preferences import evaluate_preferences
+
+        result = evaluate_preferences(default_model(args.adapter, args.model), args.adapter, examples,
+                                      device=args.device, beta=args.beta)
+    else:
+        model, tokenizer, _ = load_for_inference(default_model(args.adapter, args.model), args.adapter, args.device)
+        result = evaluate(model, tokenizer, examples, max_new_tokens=args.max_new_tokens,
+                          generate_answers=not args.no_generate)
     if args.json:
         print(json.dumps(result))
     else:
@@ -253,9 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=int, default=8)
     gen.set_defaults(func=cmd_generate, max_new_tokens=128)
 
-    ev = sub.add_parser("eval", help="perplexity on answers and exact match of generated answers")
+    ev = sub.add_parser("eval", help="perplexity and exact match (chat, text); reward or implicit-reward accuracy "
+                        "and margins (preference pairs)")
     _inference_args(ev)
     ev.add_argument("--data", required=True)
+    ev.add_argument("--beta", type=float, help="preference pairs: the implicit reward's beta (default: the run's)")
     ev.add_argument("--limit", type=int)
     ev.add_argument("--no-generate", action="store_true", help="perplexity only")
     ev.add_argument("--json", action="store_true", help="machine-readable output")
@@ -297,7 +324,8 @@ def _extensions():
                          ("tuneforge.objectives.cli_alignment", "add_subcommands"),
                          ("tuneforge.serve.cli", "add_subcommands"),
                          ("tuneforge.convert_cli", "add_subcommands"),
-                         ("tuneforge.report", "add_subcommands")):
+                         ("tuneforge.report", "add_subcommands"),
+                         ("tuneforge.compare", "add_subcommands"), ("tuneforge.recommend", "add_subcommands")):
         try:
             mod = __import__(module, fromlist=[attr])
         except ModuleNotFoundError as e:

@@ -51,8 +51,10 @@ class RunConfig(BaseModel):
                                    "state in CPU memory (slower; for models that do not fit otherwise).")
 
     # -- data ---------------------------------------------------------------------------------------
-    data: str | None = Field(None, description="Training data file (jsonl/json/csv/parquet) or hub id; default: "
-                             "the bundled demonstration task.")
+    data: str | list[str | dict[str, Any]] | None = Field(
+        None, description="Training data file (jsonl/json/csv/parquet) or hub id; default: the bundled demonstration "
+        "task. Several sources mix by weight: `--data a.jsonl:0.8 --data general:0.2` (general: the built-in "
+        "general-text replay set), or a YAML list of path:weight / {path, weight}.")
     eval_data: str | None = Field(None, description="Held-out data; default: the demo's eval split, or "
                                   "eval_split of `data`.")
     data_format: str = Field("auto", description="auto, alpaca, messages, sharegpt, text, preference, prompt.")
@@ -60,6 +62,9 @@ class RunConfig(BaseModel):
         description="Fraction of `data` held out for evaluation when eval_data is unset.")
     chat_template: str | None = Field(None, description="Force a fallback template (chatml, alpaca, plain); "
                                       "default: the tokenizer's own, chatml if it has none.")
+    general_eval: str | None = Field("builtin", description="General text whose perplexity before and after "
+                                     "training measures forgetting: builtin (the shipped general set), a file "
+                                     "of text/chat records, or none.")
     max_length: int = Field(512, ge=2, description="Tokens per example (per block for pretraining).")
     max_length_policy: Literal["drop", "truncate", "error"] = Field(
         "drop", description="What to do with longer examples; always counted and reported.")
@@ -102,6 +107,14 @@ class RunConfig(BaseModel):
     report_to: list[str] = Field(default_factory=list, description="Experiment trackers that also get every metric "
                                  "and this config: tensorboard, wandb, mlflow, trackio, comma-separated; none by "
                                  "default (pip install \"tuneforge[track]\").")
+
+    @field_validator("data")
+    @classmethod
+    def _check_data_sources(cls, value: Any) -> Any:
+        from .data.mixing import parse_sources
+
+        parse_sources(value)  # a bad weight or a half-weighted mix fails here, before anything loads
+        return value
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -153,6 +166,8 @@ class RunConfig(BaseModel):
 
 def route_key(key: str, value: Any, out: dict[str, Any]) -> None:
     """Put ``key=value`` where it belongs: a RunConfig field, or a method's / objective's option by its prefix."""
+    if not isinstance(key, str):
+        raise ConfigError(f"config keys are names, got {key!r}")
     key = key.replace("-", "_")
     if key in ("method_options", "objective_options") and not isinstance(value, dict):
         raise ConfigError(f"{key} must be a mapping of option: value, got {type(value).__name__} {value!r}")

@@ -15,6 +15,7 @@ Semantics the trainer builds on:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import functools
@@ -77,6 +78,9 @@ class Distributed:
             dist.init_process_group("nccl" if kind == "cuda" else "gloo",
                                     timeout=datetime.timedelta(seconds=timeout_s),
                                     device_id=run_device if kind == "cuda" else None)
+            # Leave the group while the interpreter is still whole: gloo threads torn down during its finalisation
+            # abort the process ("terminate called without an active exception", SIGABRT) after a run that succeeded.
+            atexit.register(_leave_process_group)
         return cls(strategy, run_device, dist.get_rank(), dist.get_world_size(), local_rank)
 
     # -- who am I ---------------------------------------------------------------------------------------------
@@ -202,6 +206,18 @@ class Distributed:
         yield
 
     # -- wrapping ---------------------------------------------------------------------------------------------
+    def reshard(self, model: nn.Module) -> None:
+        """Put FSDP2's sharded parameters back on every module. After a forward with no backward (an evaluation)
+        the root keeps its unsharded parameters registered; an optimiser built then, or a checkpoint read then,
+        would hold or name tensors the training step no longer uses."""
+        if not self.enabled or self.strategy != "fsdp":
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
     def wrap(self, model: nn.Module, *, mixed_precision: bool = False, cpu_offload: bool = False) -> nn.Module:
         """The module the training forward goes through: DDP around ``model``, or ``model`` itself sharded in place
         by FSDP2 (each decoder block a unit, then the root). One process: ``model`` unchanged."""
@@ -222,6 +238,11 @@ class Distributed:
 
         ddp.forward = functools.wraps(model.forward)(forward)
         return ddp
+
+
+def _leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def launch_torchrun(nproc_per_node: int, args: list[str]) -> int:

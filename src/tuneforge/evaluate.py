@@ -15,7 +15,7 @@ from torch import nn
 
 from .data.batching import apply_max_length, pad_batch
 from .data.formats import Example, examples_of_kind
-from .data.template import ensure_chat_template, tokenize_chat
+from .data.template import Tokenized, ensure_chat_template, tokenize_chat, tokenize_text
 from .generate import eval_mode, generate
 from .objectives.logprobs import token_cross_entropy_sum
 
@@ -46,9 +46,11 @@ def exact_match(model: nn.Module, tokenizer, examples: list[Example], *, max_new
 
 def perplexity(model: nn.Module, tokenizer, examples: list[Example], *, max_length: int = 2048,
                batch_size: int = 8) -> dict[str, float]:
-    """exp(mean next-token loss) over the supervised (assistant) tokens of chat examples."""
+    """exp(mean next-token loss) over the supervised (assistant) tokens of chat examples, or every token of raw
+    text records (the general-text set that measures forgetting)."""
     ensure_chat_template(tokenizer)
-    items = [tokenize_chat(tokenizer, e) for e in examples_of_kind(examples, ("chat",), "perplexity")]
+    items = [tokenize_chat(tokenizer, e) if e.kind == "chat" else _text_item(tokenizer, e)
+             for e in examples_of_kind(examples, ("chat", "text"), "perplexity")]
     items, report = apply_max_length(items, max_length, "truncate")
     total, count = 0.0, 0
     device = next(model.parameters()).device
@@ -62,15 +64,26 @@ def perplexity(model: nn.Module, tokenizer, examples: list[Example], *, max_leng
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count, "truncated": report.truncated}
 
 
+def _text_item(tokenizer, example: Example) -> Tokenized:
+    ids = tokenize_text(tokenizer, example)
+    return Tokenized(ids, list(ids), example.source)
+
+
 def evaluate(model: nn.Module, tokenizer, examples: list[Example], *, max_new_tokens: int = 32,
              limit: int | None = None, generate_answers: bool = True) -> dict[str, Any]:
     """Perplexity and (optionally) exact match on a chat data set."""
     examples = examples[:limit]
     result: dict[str, Any] = perplexity(model, tokenizer, examples)
-    if generate_answers:
+    if generate_answers and all(e.kind == "chat" for e in examples):  # raw text has no answer to compare
         em = exact_match(model, tokenizer, examples, max_new_tokens=max_new_tokens)
         result.update(exact_match=em["exact_match"], n=em["n"], generate_seconds=em["seconds"])
     return result
 
 
-__all__ = ["evaluate", "exact_match", "perplexity", "normalise_answer"]
+__all__ = ["evaluate", "exact_match", "perplexity", "normalise_answer", "general_perplexity"]
+
+
+def general_perplexity(model: nn.Module, tokenizer, examples: list[Example], max_length: int = 512
+                       ) -> dict[str, float]:
+    """Perplexity on general text (chat or raw): its rise after fine-tuning is the general ability the run lost."""
+    return perplexity(model, tokenizer, examples, max_length=max_length)

@@ -24,7 +24,9 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        # no_grad, not inference_mode: the trainer evaluates a model that trains afterwards, and tensors created under
+        # inference_mode (FSDP2's gathered-parameter buffers among them) can never be updated in place again.
+        with torch.no_grad():
             yield
     finally:
         model.train(was_training)

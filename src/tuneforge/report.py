@@ -17,6 +17,7 @@ import html
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,6 +246,12 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def chart_file_name(key: str) -> str:
+    """A metric's PNG name: GRPO's ``clip_ratio/low`` and per-source ``rewards/0`` would otherwise name a
+    subdirectory that does not exist."""
+    return re.sub(r"[^\w.-]", "_", key) + ".png"
+
+
 def write_report(paths: list[str | Path], output: str | Path | None = None) -> Path:
     """Charts and the HTML page for ``paths`` (run directories) in ``output``; returns the page's path."""
     runs = load_runs(list(paths))
@@ -253,7 +260,7 @@ def write_report(paths: list[str | Path], output: str | Path | None = None) -> P
     keys = chart_keys(runs)
     charts = [draw_chart(runs, key) for key in keys]
     for chart in charts:
-        (output / f"{chart.key}.png").write_bytes(chart.png)
+        (output / chart_file_name(chart.key)).write_bytes(chart.png)
     if keys:
         (output / "overview.png").write_bytes(draw_overview(runs, keys))
     page = output / "index.html"

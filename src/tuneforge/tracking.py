@@ -166,6 +166,8 @@ def tracker_names(value: str | Iterable[str] | None) -> list[str]:
     """``report_to`` as given (``"tensorboard,wandb"``, a list, ``"none"`` or None) → the tracker names, checked."""
     if value is None:
         return []
+    if not isinstance(value, (str, list, tuple)):
+        raise ValueError(f"report_to: expected tracker names (tensorboard,wandb,...) or none, got {value!r}")
     parts = value.split(",") if isinstance(value, str) else list(value)
     names = [str(p).strip().lower() for p in parts if p is not None and str(p).strip()]
     if names == ["none"]:

@@ -32,9 +32,10 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import RunConfig, save_config
 from .data.formats import Example, load_examples
+from .data.mixing import LoadedData, general_eval_file, load_mixed
 from .data.template import ensure_chat_template
 from .distributed import Distributed, full_state_dict, plain_state_dict, shard_model
-from .errors import ResumeMismatch, TrainingDiverged
+from .errors import ResumeMismatch, TrainingDiverged, TuneforgeError
 from .methods.base import MethodHandle
 from .models import load_model, resolve_model_reference
 from .objectives import TrainContext
@@ -92,17 +93,20 @@ def seed_everything(seed: int) -> None:
 
 def training_examples(config: RunConfig) -> tuple[list[Example], list[Example]]:
     """Train and eval examples: the user's files, a split of them, or the bundled demonstration task."""
-    train_path = config.data or str(DEMO_DIR / "train.jsonl")
-    eval_path = config.eval_data or (None if config.data else str(DEMO_DIR / "eval.jsonl"))
-    train = load_examples(train_path, config.data_format)
-    if eval_path:
-        return train, load_examples(eval_path, config.data_format)
-    if config.eval_split > 0:
-        order = np.random.default_rng(config.seed).permutation(len(train))
-        n_eval = max(1, int(round(len(train) * config.eval_split)))
-        held = set(order[:n_eval].tolist())
-        return [e for i, e in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
-    return train, []
+    data = training_data(config)
+    return data.train, data.eval
+
+
+def training_data(config: RunConfig) -> LoadedData:
+    """The examples and, for a mix of sources, what each source gave (see ``data/mixing.py``)."""
+    if config.data is None:
+        eval_path = config.eval_data or str(DEMO_DIR / "eval.jsonl")
+        return LoadedData(load_examples(DEMO_DIR / "train.jsonl", config.data_format),
+                          load_examples(eval_path, config.data_format))
+    data = load_mixed(config.data, config.data_format, config.seed, 0.0 if config.eval_data else config.eval_split)
+    if config.eval_data:
+        data.eval = load_examples(config.eval_data, config.data_format)
+    return data
 
 
 class EpochSampler:
@@ -205,9 +209,6 @@ class Trainer:
         if fsdp and self.objective.online:
             # Rollouts generate different lengths per rank; FSDP's per-layer all-gathers would then wait forever.
             raise ValueError(f"{self.config.objective} samples its own batches per rank: run it with --distributed ddp")
-        if fsdp and self.config.save_every:
-            raise ValueError("--save-every: sharded checkpoints of FSDP runs are not supported yet; use "
-                             "--distributed ddp to checkpoint, or run without --save-every")
         mixed = fsdp and self.dist.device.type == "cuda" and torch.cuda.is_bf16_supported()
         if fsdp and self.reference_model is not None:  # the frozen copy is sharded the same way
             shard_model(self.reference_model, mixed_precision=mixed, cpu_offload=self.config.fsdp_cpu_offload)
@@ -368,6 +369,7 @@ class Trainer:
         self.dist.agreed(self._prepare_output if self.dist.is_main else lambda: None)
         self.tracking.start(self.output, c.model_dump(mode="json"))
         self.handle.begin_training(self.total_steps)
+        self.dist.reshard(self.model)  # an evaluation before training (forgetting, exact match) left it unsharded
         self.optimizer = build_optimizer(self.trainable(), c)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(c, self.total_steps))
         sampler = EpochSampler(len(self.train_items), c.seed)
@@ -493,45 +495,108 @@ class Trainer:
         self.tracking.log(record)  # the trackers get exactly the values the file has
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        state = {n: p.detach() for n, p in self.trainable()}
-        state.update({f"method_state.{k}": v for k, v in self.handle.training_state().items()})
+        return {**{n: p.detach() for n, p in self.trainable()}, **self._extra_state()}
+
+    def _extra_state(self) -> dict[str, torch.Tensor]:
+        """Method and objective state that is not a parameter (AdaLoRA's importance averages), whole: a sharded
+        tensor among it is gathered (a collective under FSDP)."""
+        from torch.distributed.tensor import DTensor
+
+        state = {f"method_state.{k}": v for k, v in self.handle.training_state().items()}
         state.update({f"objective_state.{k}": v for k, v in self.objective.training_state().items()})
-        return state
+        return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
+
+    @property
+    def _shards_checkpoints(self) -> bool:
+        return self.dist.enabled and self.dist.strategy == "fsdp"
 
     def save_checkpoint(self, step: int, sampler: EpochSampler) -> Path:
         path = self.output / "checkpoints" / f"step-{step}"
         # DDP replicas hold identical tensors: rank 0 writes them, with every rank's RNG (dropout differs per rank).
         rngs = self.dist.gather(ckpt.rng_state())
-        self.dist.agreed(self._write_checkpoint if self.dist.is_main else lambda *a: None, path, step, sampler,
-                         rngs[0] if len(rngs) == 1 else {"ranks": rngs})
+        rng = rngs[0] if len(rngs) == 1 else {"ranks": rngs}
+        if self._shards_checkpoints:
+            self._write_sharded_checkpoint(path, step, sampler, rng)
+        else:
+            self.dist.agreed(self._write_checkpoint if self.dist.is_main else lambda *a: None, path, step, sampler,
+                             rng)
         return path
 
+    def _write_sharded_checkpoint(self, path: Path, step: int, sampler: EpochSampler, rng: dict[str, Any]) -> None:
+        """FSDP: every rank writes its shards (DCP) into one temporary directory, rank 0 adds the training state and
+        renames the directory into place only after every rank's write succeeded."""
+        d, heads = self.dist, self.objective.extra_parameters()
+        d.reshard(self.model)  # an --eval-every pass just before may have left the root unsharded
+        state = ckpt.sharded_state(self.model, heads, self.optimizer)
+        d.agreed(check_finite, ckpt.local_shards(state["model"]), f"step {step}: trainable tensors", self._kept())
+        extra = self._extra_state()
+        target = ckpt.atomic_directory(path, tag=d.gather(os.getpid())[0])
+        d.agreed(target.__enter__ if d.is_main else lambda: None)
+        try:
+            ckpt.save_sharded(target.tmp, state)
+            d.agreed(self._write_training_state if d.is_main else lambda *a: None, target.tmp, extra, None, step,
+                     sampler, rng)
+        except BaseException as e:
+            if d.is_main:
+                target.__exit__(type(e), e, None)  # removes the temporary directory
+            raise
+        d.agreed(self._publish_sharded if d.is_main else lambda *a: None, target)
+
+    def _publish_sharded(self, target: ckpt.atomic_directory) -> None:
+        target.__exit__(None, None, None)  # every rank wrote: rename into place
+        self._rotate_checkpoints()
+
     def _write_checkpoint(self, path: Path, step: int, sampler: EpochSampler, rng: dict[str, Any]) -> None:
-        state = self._trainable_state()
+        with ckpt.atomic_directory(path) as tmp:
+            self._write_training_state(tmp, self._trainable_state(), self.optimizer, step, sampler, rng)
+        self._rotate_checkpoints()
+
+    def _write_training_state(self, directory: Path, state: dict[str, torch.Tensor], optimizer, step: int,
+                              sampler: EpochSampler, rng: dict[str, Any]) -> None:
         check_finite(state, f"step {step}: trainable tensors", self._kept())  # a NaN is never a "good" checkpoint
         progress = {"step": step, **sampler.state(), "run_id": self.run_record["run_id"],
                     "signature": self.resume_signature()}
-        with ckpt.atomic_directory(path) as tmp:
-            ckpt.save_training_state(tmp, state, self.optimizer, self.scheduler, progress, rng=rng)
-        kept = sorted((int(p.name.split("-")[1]), p) for p in path.parent.glob("step-*") if p.name[5:].isdigit())
+        ckpt.save_training_state(directory, state, optimizer, self.scheduler, progress, rng=rng)
+
+    def _rotate_checkpoints(self) -> None:
+        root = self.output / "checkpoints"
+        kept = sorted((int(p.name.split("-")[1]), p) for p in root.glob("step-*") if p.name[5:].isdigit())
         for _, old in kept[:-self.config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
 
     def _resume(self, sampler: EpochSampler) -> int:
         """Continue from the newest checkpoint that reads back whole (a corrupt one falls back to the one before)."""
+        partly_read = False
         for path in ckpt.checkpoints_newest_first(self.output):
-            try:
-                trainable, state = ckpt.load_training_state(path)
-                check_finite(trainable, str(path), "")
+            try:  # agreed: every rank moves on to the same checkpoint (the sharded read below is a collective)
+                trainable, state = self.dist.agreed(self._read_checkpoint, path)
             except Exception as e:  # safetensors, torch and JSON each raise their own type for a damaged file
                 log.warning("--resume: %s is unreadable (%s); trying the checkpoint before it", path, e)
                 continue
             self._check_resume_settings(path, state["progress"])
+            if ckpt.is_sharded(path):
+                try:  # DCP raises on every rank when one rank's read fails
+                    ckpt.load_sharded(path, self.model, self.objective.extra_parameters(), self.optimizer)
+                except Exception as e:
+                    log.warning("--resume: %s is unreadable (%s); trying the checkpoint before it", path, e)
+                    partly_read = True
+                    continue
             return self._restore(path, trainable, state, sampler)
+        if partly_read:  # DCP reads in place: the weights and optimiser state are no longer the starting ones
+            raise TuneforgeError(f"--resume: no checkpoint in {self.output} reads back whole; start over with "
+                                 "--overwrite")
         log.warning("--resume: no usable checkpoint in %s; starting from scratch", self.output)
         return 0
 
+    def _read_checkpoint(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        trainable, state = ckpt.load_training_state(path)
+        check_finite(trainable, str(path), "")
+        return trainable, state
+
     def _check_resume_settings(self, path: Path, progress: dict[str, Any]) -> None:
+        if self._shards_checkpoints and not ckpt.is_sharded(path):
+            raise ResumeMismatch(f"--resume: {path} holds whole tensors (a DDP or single-process run's); resume it "
+                                 "with --distributed ddp")
         saved = progress.get("signature")
         if saved is None:  # a checkpoint from before signatures were recorded
             return
@@ -543,15 +608,15 @@ class Trainer:
 
     def _restore(self, path: Path, trainable: dict[str, torch.Tensor], state: dict[str, Any],
                  sampler: EpochSampler) -> int:
-        params = dict(self.trainable())
-        with torch.no_grad():
-            for name, p in params.items():
-                if name not in trainable:
-                    raise KeyError(f"{path}: checkpoint lacks trainable tensor {name!r} (different method/config?)")
-                p.copy_(trainable[name])
+        if not ckpt.is_sharded(path):  # a sharded checkpoint's tensors and optimiser state are restored already
+            with torch.no_grad():
+                for name, p in self.trainable():
+                    if name not in trainable:
+                        raise KeyError(f"{path}: checkpoint lacks trainable tensor {name!r} (different method/config?)")
+                    p.copy_(trainable[name])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.handle.load_training_state(_with_prefix(trainable, "method_state."))
         self.objective.load_training_state(_with_prefix(trainable, "objective_state."))
-        self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(self._own_rng(state["rng"]))
         progress = state["progress"]
@@ -600,6 +665,7 @@ class Trainer:
 
 # Settings --resume may change: where and how often things are written, evaluated and shown.
 RESUMABLE_CHANGES = {"output", "resume", "overwrite", "progress", "device", "trust_remote_code", "eval_every",
+                     "general_eval",
                      "eval_before", "eval_generate", "eval_max_new_tokens", "eval_limit", "log_every", "save_every",
                      "keep_checkpoints", "report_to", "distributed", "fsdp_cpu_offload"}
 
@@ -660,12 +726,76 @@ def train(config: RunConfig, model: nn.Module | None = None, tokenizer=None) -> 
     ``result.metrics`` as ``exact_match_before`` / ``exact_match_after``.
     """
     tracking = Tracking(config.report_to)  # a tracker library that is not installed fails here, before the model loads
-    examples = training_examples(config)  # and so does bad data
+    data = training_data(config)  # and so does bad data
+    general = general_examples(config)
     trainer = Trainer(config, model, tokenizer, tracking)
     with trainer.output_lock(), tracking:  # the trackers' runs are closed, marked failed, if training raises
-        result = _train_with_exact_match(trainer, config, *examples)
+        result = _train_with_forgetting(trainer, config, data, general)
         tracking.summary(result.metrics, trainer.total_steps)
+        if trainer.dist.is_main:
+            write_summary(result)
         return result
+
+
+SUMMARY_NAME = "summary.json"
+GENERAL_MAX_LENGTH = 128
+
+
+def write_summary(result: TrainResult) -> Path:
+    """The run's final metrics as one JSON file (``tuneforge compare`` reads it; so can any script)."""
+    path = result.output / SUMMARY_NAME
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result.metrics, indent=1, default=str))
+    tmp.replace(path)
+    return path
+
+
+def general_examples(config: RunConfig) -> list[Example]:
+    """The general text whose perplexity measures forgetting (``--general-eval``); loaded before the model."""
+    path = general_eval_file(config.general_eval)
+    return load_examples(path) if path else []
+
+
+def general_metric(trainer: Trainer, examples: list[Example], base: bool) -> dict[str, float] | None:
+    """Perplexity on general text; ``base=True``: the untouched base (adapter off; a resumed full fine-tune has no
+    untouched copy left, so none)."""
+    from .evaluate import general_perplexity
+
+    if not examples:
+        return None
+    c = trainer.config
+    # The built-in passages are ~100 tokens: a short task's max_length (the demo's 64) should not cut them.
+    max_length = max(c.max_length, GENERAL_MAX_LENGTH)
+    config = trainer.model.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions:  # never past the positions the model has (GPT-2's learned table ends there)
+        max_length = min(max_length, positions)
+    if base and trainer.method.trains_base_weights:
+        return None if c.resume else general_perplexity(trainer.model, trainer.tokenizer, examples, max_length)
+    context = trainer.handle.disabled() if base else contextlib.nullcontext()
+    with context:
+        return general_perplexity(trainer.model, trainer.tokenizer, examples, max_length)
+
+
+def _train_with_forgetting(trainer: Trainer, config: RunConfig, data: LoadedData, general: list[Example]
+                           ) -> TrainResult:
+    """Training, with general-text perplexity before and after (forgetting) and the data mix in the metrics."""
+    before = general_metric(trainer, general, base=True)
+    result = _train_with_exact_match(trainer, config, data.train, data.eval)
+    after = general_metric(trainer, general, base=False)
+    m = result.metrics
+    if before is not None:
+        m.update(general_loss_before=before["loss"], general_ppl_before=before["perplexity"])
+    if after is not None:
+        m.update(general_loss_after=after["loss"], general_ppl_after=after["perplexity"])
+        if before is not None:  # > 0: general text got less likely (forgetting); the log-ratio of perplexities
+            m["forgetting"] = after["loss"] - before["loss"]
+        # In the metrics, summary.json and the trackers' summary; not a metrics.jsonl line (one record per step).
+        log.info("general-text perplexity (forgetting): %s%.3f", f"{before['perplexity']:.3f} -> " if before
+                 else "", after["perplexity"])
+    if len(data.sources) > 1:
+        m["data_sources"] = data.sources
+    return result
 
 
 def _train_with_exact_match(trainer: Trainer, config: RunConfig, train_examples: list[Example],

@@ -1,0 +1,250 @@
+"""``tuneforge recommend``: estimate memory and time per method x objective for a model, and name the seeds'
+combination that fits the user's situation, with the exact command or pipeline config to run.
+
+The seeds' table of combinations by situation:
+
+    no GPU / no budget                      -> SFT + QLoRA
+    some resources                          -> SFT + LoRA
+    a domain the model does not know        -> continued pretraining (with general data mixed in) + SFT
+    must also be helpful and safe           -> SFT + DPO
+
+Memory is an analytic model of what training holds at its peak, with constants calibrated against measured peaks
+(``bench/memory_calibration.py`` writes ``bench/results/memory_calibration_*.json``; the tests hold the estimates to
+20% of them):
+
+* weights: parameters x bytes per value (float32 on CPU, bf16 on GPU); QLoRA stores the decoder's linear weights
+  in 4 bits (0.5 byte + its per-64 scale) and the rest as loaded;
+* training state: an adapter's trainable tensors train in float32 (value, gradient, two AdamW moments: 16 bytes);
+  full fine-tuning adds two moments in the weights' dtype, and its gradients fill while backward frees the
+  activations (the larger of the two counts); DPO/PPO of a full fine-tune keep a copy;
+* activations saved for backward: per token and layer ``ACT_HIDDEN x hidden + ACT_MLP x intermediate`` values
+  (``ACT_HIDDEN_FROZEN`` when nothing inside the blocks trains: prompt tuning), plus the logits (``vocab``
+  values in the model's dtype, their float32 copy and its gradient); pairs double the tokens; gradient
+  checkpointing keeps one hidden state per layer instead;
+* on CPU the peak is the process's resident memory, which also holds the Python/PyTorch runtime (``CPU_RUNTIME_MB``)
+  and, while the checkpoint loads, pages of the weight file (``CPU_LOAD_FACTOR``); QLoRA's also holds the float
+  linear weights it quantised (``CPU_QLORA_SOURCE``, measured).
+
+Time is compute over throughput: ~6 x parameters FLOPs per token for full fine-tuning (forward 2, backward 4),
+~4 x for adapter methods (no weight gradients for the frozen base), QLoRA x1.3 for de-quantising; throughput is a
+calibrated CPU figure or 35% of the GPU's bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+# Calibrated on the embedded SmolLM2-135M (CPU, float32; bench/results/memory_calibration_cpu.json).
+CPU_RUNTIME_MB = 520.0
+CPU_LOAD_FACTOR = 1.0
+CPU_QLORA_SOURCE = 1.0  # QLoRA's CPU peak also holds its float decoder linear weights (read before quantising)
+ACT_HIDDEN, ACT_MLP = 18, 4
+ACT_HIDDEN_FROZEN = 7  # no trainable tensor in the blocks: frozen linear layers need not keep their inputs
+CPU_FLOPS = 30e9  # sustained float32 FLOP/s of a small multi-core CPU in training
+GPU_BF16_FLOPS = {"h100": 990e12, "h200": 990e12, "a100": 312e12, "l4": 121e12, "a10": 125e12, "4090": 165e12,
+                  "3090": 71e12, "t4": 65e12}
+GPU_UTILISATION = 0.35
+
+SITUATIONS = {
+    "task": "SFT on your task's examples",
+    "domain": "continued pretraining on domain text (general data mixed in), then SFT",
+    "alignment": "SFT, then DPO on preference pairs (helpful and safe)",
+}
+
+
+@dataclass
+class ModelShape:
+    name: str
+    params: int
+    decoder_linear_params: int
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+    trainable: dict[str, int]
+    # Per method: trainable tensors inside the decoder blocks (LoRA, adapters, full) make backward keep every
+    # linear layer's input; trained virtual tokens alone (prompt tuning) keep far fewer activations.
+    in_blocks: dict[str, bool] = dataclasses.field(default_factory=dict)
+
+
+def model_shape(model_name: str, methods: tuple[str, ...] = ("full", "lora", "qlora", "prompt_tuning")) -> ModelShape:
+    """Parameter counts from the model's config alone: the model is built on the meta device (no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .methods.base import METHODS, in_out_features, linear_like, output_embedding_names
+    from .models import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(model_name))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in model.parameters())
+    skip = output_embedding_names(model)
+    linear = sum(m.weight.numel() for n, m in model.named_modules() if linear_like(m) and n not in skip
+                 and min(in_out_features(m)) > 0)
+    blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)),
+                 key=lambda m: sum(p.numel() for p in m.parameters()))
+    trainable, in_blocks = {}, {}
+    for name in methods:
+        method = METHODS.get(name)
+        if method.trains_base_weights:
+            trainable[name], in_blocks[name] = params, True
+            continue
+        counted = METHODS.get("lora") if name == "qlora" else method  # the same adapter, over a 4-bit base
+        attached = copy.deepcopy(model)
+        handle = counted.attach(attached, counted.config_class.from_dict({}))
+        trainable[name] = handle.num_trainable_parameters()
+        block_ids = {id(p) for m in attached.modules() if isinstance(m, torch.nn.ModuleList)
+                     and len(m) == len(blocks) for p in m.parameters()}
+        in_blocks[name] = any(id(p) in block_ids for _, p in handle.trainable_parameters())
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return ModelShape(model_name, params, linear, text.hidden_size, getattr(text, "intermediate_size", 4 *
+                      text.hidden_size), text.num_hidden_layers, text.vocab_size, trainable, in_blocks)
+
+
+def estimate_memory_mb(shape: ModelShape, method: str, objective: str = "sft", *, gpu: bool = False,
+                       batch_size: int = 4, max_length: int = 512, gradient_checkpointing: bool = False) -> float:
+    """Peak training memory in MB (CUDA allocated on GPU, process resident memory on CPU)."""
+    from .methods.base import METHODS
+    from .objectives.base import OBJECTIVES
+
+    value_bytes = 2 if gpu else 4
+    full = METHODS.get(method).trains_base_weights
+    if METHODS.get(method).name == "qlora":
+        rest = shape.params - shape.decoder_linear_params  # embeddings, norms, the head: as loaded
+        weights = shape.decoder_linear_params * (0.5 + 4 / 64) + rest * value_bytes
+    else:
+        weights = shape.params * value_bytes
+    trainable = shape.trainable[METHODS.get(method).name]
+    state = trainable * 3 * value_bytes if full else trainable * 16  # gradient + AdamW moments (adapters: fp32)
+    objective_class = OBJECTIVES.get(objective)
+    if full and objective_class.needs_reference:
+        state += shape.params * value_bytes  # the frozen reference copy
+    tokens = batch_size * max_length * (2 if objective_class.name in ("dpo", "reward", "orpo", "simpo") else 1)
+    act_hidden = ACT_HIDDEN if shape.in_blocks.get(METHODS.get(method).name, True) else ACT_HIDDEN_FROZEN
+    per_layer = shape.hidden if gradient_checkpointing else act_hidden * shape.hidden + ACT_MLP * shape.intermediate
+    activations = tokens * (shape.layers * per_layer * value_bytes + shape.vocab * (value_bytes + 8))
+    if full:  # backward frees activations as it fills the weight gradients: the larger of the two is the peak
+        total = weights + state - trainable * value_bytes + max(activations, trainable * value_bytes)
+    else:
+        total = weights + state + activations
+    if not gpu:
+        total += weights * (CPU_LOAD_FACTOR - 1) + CPU_RUNTIME_MB * 2**20
+        if METHODS.get(method).name == "qlora":  # measured: the float linear weights the 4-bit ones came from
+            total += shape.decoder_linear_params * value_bytes * CPU_QLORA_SOURCE
+    return total / 2**20
+
+
+def estimate_step_seconds(shape: ModelShape, method: str, *, gpu: str | None = None, batch_size: int = 4,
+                          max_length: int = 512) -> float:
+    from .methods.base import METHODS
+
+    m = METHODS.get(method)
+    flops_per_token = (6 if m.trains_base_weights else 4) * shape.params * (1.3 if m.name == "qlora" else 1.0)
+    throughput = CPU_FLOPS if gpu is None else GPU_BF16_FLOPS.get(gpu, 300e12) * GPU_UTILISATION
+    return batch_size * max_length * flops_per_token / throughput
+
+
+def parse_memory(text: str) -> float:
+    """``24GB``, ``24 GiB``, ``80g``, ``16000MB`` -> MB."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*([gm])?i?b?\s*", text.lower())
+    if not match:
+        raise ValueError(f"--gpu-memory: expected a size such as 24GB or 16000MB, got {text!r}")
+    value = float(match.group(1))
+    return value * 1024 if match.group(2) in (None, "g") else value
+
+
+def recommend(shape: ModelShape, goal: str = "task", gpu_memory_mb: float | None = None, *, batch_size: int = 4,
+              max_length: int = 512, gpu_name: str | None = None) -> dict[str, Any]:
+    """The seeds' combination for ``goal`` on this hardware, the estimates behind it and what to run."""
+    if goal not in SITUATIONS:
+        raise ValueError(f"--goal must be one of {', '.join(SITUATIONS)}, got {goal!r}")
+    gpu = gpu_memory_mb is not None
+    objectives = {"task": ["sft"], "domain": ["pretrain", "sft"], "alignment": ["sft", "dpo"]}[goal]
+    table = []
+    for method in shape.trainable:
+        for objective in objectives:
+            table.append({"method": method, "objective": objective, "trainable": shape.trainable[method],
+                          "memory_mb": round(estimate_memory_mb(shape, method, objective, gpu=gpu,
+                                                                batch_size=batch_size, max_length=max_length)),
+                          "step_s": round(estimate_step_seconds(shape, method, gpu=gpu_name if gpu else None,
+                                                                batch_size=batch_size, max_length=max_length), 3)})
+
+    def fits(method: str) -> bool:
+        return all(r["memory_mb"] <= gpu_memory_mb * 0.9 for r in table if r["method"] == method)  # 10% headroom
+
+    # No GPU or no budget: QLoRA. Some resources: LoRA, which trains faster and needs no de-quantising; full
+    # fine-tuning is never the recommendation (the seeds: it risks catastrophic forgetting for the memory it costs).
+    if not gpu:
+        method, why = "qlora", "no GPU: QLoRA holds the base in 4 bits, the smallest footprint"
+    elif fits("lora"):
+        method, why = "lora", "LoRA fits in the GPU's memory (with 10% headroom)"
+    elif fits("qlora"):
+        method, why = "qlora", "LoRA does not fit in the GPU's memory, QLoRA does"
+    else:
+        method, why = "qlora", ("even QLoRA exceeds the GPU's memory at this batch and length: lower --batch-size "
+                                "or --max-length, or turn on --gradient-checkpointing")
+    return {"goal": goal, "combination": " + ".join(o.upper() if o != "pretrain" else "continued pretraining"
+                                                   for o in objectives) + f" with {method}",
+            "method": method, "objectives": objectives, "why": why, "estimates": table,
+            "run": command(shape.name, method, goal)}
+
+
+def command(model: str, method: str, goal: str) -> str:
+    """The command (one stage) or the pipeline config (several stages) to run."""
+    if goal == "task":
+        return f"tuneforge train --model {model} --method {method} --objective sft --data YOUR_TASK.jsonl"
+    stages = {"domain": [("pretrain", "pretrain", "[YOUR_DOMAIN_TEXT.jsonl:0.8, general:0.2]"),
+                         ("sft", "sft", "YOUR_TASK.jsonl")],
+              "alignment": [("sft", "sft", "YOUR_TASK.jsonl"), ("dpo", "dpo", "YOUR_PAIRS.jsonl")]}[goal]
+    lines = ["# pipeline.yaml — run with: tuneforge train pipeline.yaml", f"model: {model}", f"method: {method}",
+             f"output: runs/{goal}", "stages:"]
+    for name, objective, data in stages:
+        lines += [f"  - name: {name}", f"    objective: {objective}", f"    data: {data}"]
+    return "\n".join(lines)
+
+
+def format_report(result: dict[str, Any], shape: ModelShape, hardware: str) -> str:
+    lines = [f"model: {shape.name} ({shape.params:,} parameters), {hardware}",
+             f"{'method':<15}{'objective':<10}{'trainable':>14}{'peak memory':>14}{'s/step':>10}"]
+    for r in result["estimates"]:
+        lines.append(f"{r['method']:<15}{r['objective']:<10}{r['trainable']:>14,}{r['memory_mb']:>11,} MB"
+                     f"{r['step_s']:>10.3g}")
+    lines += ["", f"situation: {SITUATIONS[result['goal']]}", f"recommended: {result['combination']} — "
+              f"{result['why']}", "", "run:", result["run"]]
+    return "\n".join(lines)
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    gpu_memory = None if args.cpu or args.gpu_memory is None else parse_memory(args.gpu_memory)
+    shape = model_shape(args.model)
+    result = recommend(shape, args.goal, gpu_memory, batch_size=args.batch_size, max_length=args.max_length,
+                       gpu_name=args.gpu)
+    hardware = "CPU" if gpu_memory is None else f"GPU with {gpu_memory / 1024:g} GB"
+    print(format_report(result, shape, hardware))
+    return 0
+
+
+def add_subcommands(sub) -> None:
+    from .models import DEFAULT_MODEL
+
+    p = sub.add_parser("recommend", help="estimate memory and time per method for a model and recommend the "
+                       "combination that fits (the seeds' table by situation)")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--gpu-memory", help="the GPU's memory, e.g. 24GB")
+    where.add_argument("--cpu", action="store_true", help="no GPU (the default without --gpu-memory)")
+    p.add_argument("--gpu", help="the GPU's name for the time estimate (h100, a100, l4, 4090, ...)")
+    p.add_argument("--goal", default="task", choices=sorted(SITUATIONS),
+                   help="task: SFT; domain: continued pretraining + SFT; alignment: SFT + DPO")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=512)
+    p.set_defaults(func=cmd_recommend)
+
+
+__all__ = ["model_shape", "estimate_memory_mb", "estimate_step_seconds", "recommend", "ModelShape"]
