@@ -36,6 +36,23 @@ def train(cfg, tokenizer):
     return tuneforge.train(cfg, make_tiny_model("llama", len(tokenizer)), copy.deepcopy(tokenizer))
 
 
+def killed_before_step(step: int, cfg, tokenizer) -> None:
+    """Train ``cfg`` and interrupt it as 0-based ``step`` begins (what a kill leaves: checkpoints, no result)."""
+    original = tuneforge.trainer.Trainer.optimizer_step
+
+    def killed(self, batches, i):
+        if i == step:
+            raise KeyboardInterrupt
+        return original(self, batches, i)
+
+    tuneforge.trainer.Trainer.optimizer_step = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, tokenizer)
+    finally:
+        tuneforge.trainer.Trainer.optimizer_step = original
+
+
 def adapter(run_dir) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "adapter_model.safetensors"))
 
@@ -64,38 +81,14 @@ def test_overwrite_clears_the_old_runs_checkpoints_and_a_resume_reaches_the_new_
     reference = train(config(tmp_path, sft_file, "reference", max_steps=4, save_every=1), tokenizer)
 
     # The new run into the same folder is killed after its step 2 (the old run's step-6 is still newest by number).
-    original = tuneforge.trainer.Trainer.optimizer_step
-
-    def killed(self, batches, step):
-        if step == 2:
-            raise KeyboardInterrupt
-        return original(self, batches, step)
-
-    tuneforge.trainer.Trainer.optimizer_step = killed
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(config(tmp_path, sft_file, max_steps=4, save_every=1, overwrite=True), tokenizer)
-    finally:
-        tuneforge.trainer.Trainer.optimizer_step = original
+    killed_before_step(2, config(tmp_path, sft_file, max_steps=4, save_every=1, overwrite=True), tokenizer)
     assert [p.name for p in ckpt.checkpoints_newest_first(old.output)] == ["step-2", "step-1"]
     train(config(tmp_path, sft_file, max_steps=4, save_every=1, resume=True), tokenizer)
     assert_same_weights(adapter(old.output), adapter(reference.output))
 
 
 def test_resume_with_different_settings_is_refused(tmp_path, tokenizer, sft_file, capsys):
-    original = tuneforge.trainer.Trainer.optimizer_step
-
-    def killed(self, batches, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return original(self, batches, step)
-
-    tuneforge.trainer.Trainer.optimizer_step = killed
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(config(tmp_path, sft_file, save_every=1), tokenizer)
-    finally:
-        tuneforge.trainer.Trainer.optimizer_step = original
+    killed_before_step(3, config(tmp_path, sft_file, save_every=1), tokenizer)
     with pytest.raises(ResumeMismatch, match=r"different settings \(method_options\)"):
         train(config(tmp_path, sft_file, save_every=1, resume=True, method_options={"r": 2}), tokenizer)
     with pytest.raises(ResumeMismatch, match="learning_rate"):
@@ -213,19 +206,7 @@ def test_damaged_adapters_are_refused(tmp_path, saved_adapter, capsys, kind, mes
 
 def test_leftovers_are_cleaned_and_a_corrupt_newest_checkpoint_falls_back(tmp_path, tokenizer, sft_file):
     reference = train(config(tmp_path, sft_file, "reference", save_every=1), tokenizer)
-    original = tuneforge.trainer.Trainer.optimizer_step
-
-    def killed(self, batches, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return original(self, batches, step)
-
-    tuneforge.trainer.Trainer.optimizer_step = killed
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(config(tmp_path, sft_file, save_every=1), tokenizer)
-    finally:
-        tuneforge.trainer.Trainer.optimizer_step = original
+    killed_before_step(3, config(tmp_path, sft_file, save_every=1), tokenizer)
     run = tmp_path / "run"
     newest = ckpt.latest_checkpoint(run)
     assert newest.name == "step-3"

@@ -274,9 +274,14 @@ def read_run_record(run_dir: str | Path) -> dict[str, Any] | None:
         return None  # cut short by a kill: the run did not finish
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one rename: a reader (or a kill) never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_run_record(run_dir: str | Path, record: dict[str, Any]) -> None:
     """``run.json`` (run id, whether the run finished), replaced atomically."""
-    path = Path(run_dir) / RUN_RECORD
-    tmp = path.with_name(f".{RUN_RECORD}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(Path(run_dir) / RUN_RECORD, json.dumps(record, indent=2) + "\n")

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .checkpoint import latest_checkpoint, read_run_record
+from .checkpoint import latest_checkpoint, read_run_record, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +158,7 @@ def chart(rows: list[dict[str, Any]], path: Path) -> Path | None:
 def write_report(rows: list[dict[str, Any]], output: Path) -> None:
     """compare.md, compare.json and compare.png, each replaced whole (a kill never leaves half a file)."""
     for name, text in (("compare.md", markdown(rows)), ("compare.json", json.dumps(rows, indent=1))):
-        tmp = output / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(output / name)
+        write_text_atomic(output / name, text)
     png = chart(rows, output / ".compare.tmp.png")
     if png is not None:
         png.replace(output / "compare.png")

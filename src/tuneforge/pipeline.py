@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import yaml
 
+from .checkpoint import write_text_atomic
 from .config import ConfigError, RunConfig, load_config
 
 log = logging.getLogger(__name__)
@@ -139,9 +140,7 @@ def run_pipeline(path: str | Path, overrides: dict[str, Any] | None = None,
             handed_on = str(run_dir) if config.method_class.trains_base_weights else _merged(run_dir, merge_fn)
         state["done"][name] = str(run_dir)
         state["model"] = handed_on
-        tmp = state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(state_path)
+        write_text_atomic(state_path, json.dumps(state, indent=1))
     return state
 
 

@@ -36,6 +36,7 @@ from .data.mixing import LoadedData, general_eval_file, load_mixed
 from .data.template import ensure_chat_template
 from .distributed import Distributed, full_state_dict, plain_state_dict, shard_model
 from .errors import ResumeMismatch, TrainingDiverged, TuneforgeError
+from .methods.adapter_files import nonfinite_tensors
 from .methods.base import MethodHandle
 from .models import load_model, resolve_model_reference
 from .objectives import TrainContext
@@ -671,7 +672,7 @@ RESUMABLE_CHANGES = {"output", "resume", "overwrite", "progress", "device", "tru
 
 
 def check_finite(tensors: dict[str, torch.Tensor], what: str, kept: str) -> None:
-    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = list(nonfinite_tensors(tensors))
     if bad:
         raise TrainingDiverged(f"{what}: {len(bad)} tensor(s) hold NaN or infinite values ({', '.join(bad[:3])})"
                                + (f"; {kept}" if kept else ""))
@@ -744,9 +745,7 @@ GENERAL_MAX_LENGTH = 128
 def write_summary(result: TrainResult) -> Path:
     """The run's final metrics as one JSON file (``tuneforge compare`` reads it; so can any script)."""
     path = result.output / SUMMARY_NAME
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result.metrics, indent=1, default=str))
-    tmp.replace(path)
+    ckpt.write_text_atomic(path, json.dumps(result.metrics, indent=1, default=str))
     return path
 
 

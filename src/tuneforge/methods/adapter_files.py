@@ -77,10 +77,15 @@ def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """``{name: how many values are NaN or infinite}`` for the floating-point tensors that hold any."""
+    return {name: int((~torch.isfinite(t)).sum()) for name, t in tensors.items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())}
+
+
 def check_finite(tensors: dict[str, torch.Tensor], where: Any) -> None:
     """Refuse weights holding NaN or infinity: loading them would make every output NaN, silently."""
-    bad = {name: int((~torch.isfinite(t)).sum()) for name, t in tensors.items()
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())}
+    bad = nonfinite_tensors(tensors)
     if bad:
         first = ", ".join(f"{name} ({count} values)" for name, count in sorted(bad.items())[:3])
         raise ValueError(f"{where}: {len(bad)} tensor(s) hold NaN or infinite values: {first}")

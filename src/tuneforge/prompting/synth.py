@@ -15,12 +15,12 @@ file, so a rerun retries them. To re-filter dropped jobs with new settings, dele
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, Sequence
 
+from ..checkpoint import write_text_atomic
 from .filters import (DuplicateIndex, ReplyFormatError, check_answer_format, check_lengths, parse_judge_score,
                       parse_qa_reply)
 from .jsonl import JsonlLog
@@ -315,9 +315,7 @@ def _n_dropped(summary: SynthSummary) -> int:
 
 
 def _write_summary(path: Path, summary: SynthSummary) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)  # atomic: a reader never sees half a summary
+    write_text_atomic(path, json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) + "\n")
 
 
 def _progress(total: int):
