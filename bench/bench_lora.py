@@ -74,8 +74,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones")
     p.add_argument("--supervised-fraction", type=float, default=0.25,
                    help="share of each row that is the supervised answer (the rest is the prompt)")
+    p.add_argument("--lengths", choices=("alpaca", "uniform"), default="alpaca",
+                   help="alpaca: row lengths drawn from a real instruction set (bench/data/alpaca_eval_lengths.json), "
+                        "cut at --seq-len; uniform: --min-length-fraction and --supervised-fraction decide")
     p.add_argument("--min-length-fraction", type=float, default=1.0,
-                   help="rows get lengths uniform in [this * seq_len, seq_len], right-padded; 1.0 = no padding")
+                   help="uniform: lengths uniform in [this * seq_len, seq_len], right-padded; 1.0 = no padding")
+    p.add_argument("--no-packing", action="store_true",
+                   help="tuneforge trains on the padded batches too (by default it packs them, as its trainer does)")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -139,24 +144,53 @@ def build_model(args):
     return model, None
 
 
+LENGTHS_FILE = REPO / "bench" / "data" / "alpaca_eval_lengths.json"
+
+
+def row_lengths(args, g) -> tuple[list[int], list[int]]:
+    """Lengths and prompt lengths of one batch's rows: drawn from a real instruction set (``--lengths alpaca``:
+    AlpacaEval's 805 instructions and answers, cut at ``--seq-len``), or uniform in [min-length-fraction x seq_len,
+    seq_len] with ``--supervised-fraction`` of each row supervised (``--lengths uniform``)."""
+    import torch
+
+    T, B = args.seq_len, args.batch_size
+    if args.lengths == "alpaca":
+        table = json.loads(LENGTHS_FILE.read_text())["lengths"]
+        picks = torch.randint(0, len(table), (B,), generator=g).tolist()
+        lengths = [min(sum(table[i]), T) for i in picks]
+        return lengths, [min(table[i][0], n - 1) for i, n in zip(picks, lengths)]
+    lo = max(2, int(math.ceil(args.min_length_fraction * T)))
+    lengths = torch.randint(lo, T + 1, (B,), generator=g).tolist() if lo < T else [T] * B
+    return lengths, [min(max(round(n * (1 - args.supervised_fraction)), 1), n - 1) for n in lengths]
+
+
 def make_batches(args, vocab_size: int) -> list[dict]:
-    """``warmup + steps`` SFT-shaped batches, the same in both workers: prompt (label -100), then answer."""
+    """``warmup + steps`` SFT-shaped batches, the same in both workers: prompt (label -100), then answer, each
+    batch right-padded to its longest row (what a padding collator gives PEFT)."""
     import torch
 
     g = torch.Generator().manual_seed(args.seed + 1)
-    T, B = args.seq_len, args.batch_size
     batches = []
     for _ in range(args.warmup + args.steps):
-        ids = torch.randint(0, vocab_size, (B, T), generator=g)
-        lo = max(2, int(math.ceil(args.min_length_fraction * T)))
-        lengths = torch.randint(lo, T + 1, (B,), generator=g) if lo < T else torch.full((B,), T)
+        lengths, prompt_lengths = row_lengths(args, g)
+        T = max(lengths)
+        ids = torch.randint(0, vocab_size, (len(lengths), T), generator=g)
         pos = torch.arange(T)[None, :]
-        attention_mask = (pos < lengths[:, None]).long()
-        prompt_len = (lengths.float() * (1 - args.supervised_fraction)).round().long().clamp(1, T - 1)
-        labels = ids.masked_fill((pos < prompt_len[:, None]) | (attention_mask == 0), IGNORE_INDEX)
+        attention_mask = (pos < torch.tensor(lengths)[:, None]).long()
+        labels = ids.masked_fill((pos < torch.tensor(prompt_lengths)[:, None]) | (attention_mask == 0), IGNORE_INDEX)
         ids = ids.masked_fill(attention_mask == 0, 0)
         batches.append({"input_ids": ids, "attention_mask": attention_mask, "labels": labels})
     return batches
+
+
+def packed(batch: dict, capacity: int) -> dict:
+    """The same examples as ``batch``, packed padding-free (what tuneforge's trainer collates by default)."""
+    from tuneforge.data.packing import pack_batch
+    from tuneforge.data.template import Tokenized
+
+    rows = [Tokenized(ids[mask.bool()].tolist(), labels[mask.bool()].tolist(), "bench")
+            for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"])]
+    return pack_batch(rows, pad_token_id=0, capacity=capacity)
 
 
 def canonical_lora_name(name: str) -> str:
@@ -271,7 +305,12 @@ def run_worker(args) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
     vocab = model.get_output_embeddings().weight.shape[0]
-    batches = [{k: v.to(args.device) for k, v in b.items()} for b in make_batches(args, vocab)]
+    batches = make_batches(args, vocab)
+    real_tokens = [int(b["attention_mask"].sum()) for b in batches]
+    if args.worker == "tuneforge" and not args.no_packing:
+        batches = [packed(b, args.seq_len) for b in batches]
+    positions = [b["input_ids"].numel() for b in batches]  # what the model computes, padding included
+    batches = [{k: v.to(args.device) if hasattr(v, "to") else v for k, v in b.items()} for b in batches]
     head = LMHeadRows(model)
     model.train()
 
@@ -299,7 +338,7 @@ def run_worker(args) -> dict:
         losses.append(loss.item())  # a host sync, on both sides
         sync()
         times.append(time.perf_counter() - t0)
-        tokens.append(int(batch["attention_mask"].sum()))
+        tokens.append(real_tokens[i])
         print(f"[{args.worker}] step {i + 1}/{len(batches)} loss {losses[-1]:.5f} {times[-1]:.3f}s"
               f"{' (warm-up)' if i < args.warmup else ''}", file=sys.stderr, flush=True)
 
@@ -316,6 +355,8 @@ def run_worker(args) -> dict:
         "median_step_s": step_s,
         "mean_step_s": statistics.fmean(timed),
         "tokens_per_step": statistics.fmean(tokens[args.warmup:]),
+        "positions_per_step": statistics.fmean(positions[args.warmup:]),
+        "packed": args.worker == "tuneforge" and not args.no_packing,
         "supervised_tokens_per_step": statistics.fmean(
             int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches[args.warmup:]),
         "tokens_per_s": statistics.fmean(tokens[args.warmup:]) / step_s,
@@ -449,7 +490,7 @@ def report_lines(args, command: str, env: dict, runs: dict, summary: dict) -> li
         "",
         f"model {args.model} ({torch_dtype_name(args)}), device {args.device}"
         f"{' (' + best[sides[0]]['gpu'] + ')' if best.get(sides[0]) and 'gpu' in best[sides[0]] else ''}, "
-        f"batch {args.batch_size} x seq {args.seq_len}, supervised fraction {args.supervised_fraction}, "
+        f"batch {args.batch_size} x up to {args.seq_len} tokens, lengths {lengths_label(args)}, "
         f"LoRA r={args.r} alpha={args.lora_alpha:g} all-linear, AdamW lr {args.lr:g}, "
         f"{args.warmup} warm-up + {args.steps} timed steps, {args.repeats} run(s) per side",
         f"torch {env.get('torch')}, transformers {env.get('transformers')}, peft {env.get('peft')}, "
@@ -466,6 +507,8 @@ def report_lines(args, command: str, env: dict, runs: dict, summary: dict) -> li
         lines.append(f"| {label} | {' | '.join(cells)} | {format(ratio, '.3f') if ratio is not None else ''} |")
 
     row("tokens/s (real tokens)", "tokens_per_s", ".0f", "tokens_per_s_ratio")
+    row("real tokens per step", "tokens_per_step", ".0f")
+    row("positions computed per step (padding included)", "positions_per_step", ".0f")
     row("median step time (s)", "median_step_s", ".4f", "step_time_ratio")
     row("mean step time (s)", "mean_step_s", ".4f")
     row(f"peak memory, MB ({mem_kind})", "peak_mem_mb", ".0f", "peak_mem_ratio")
@@ -495,6 +538,15 @@ def report_lines(args, command: str, env: dict, runs: dict, summary: dict) -> li
     if "speedup" in summary:
         lines.append(f"speed-up (PEFT step time / tuneforge step time): {summary['speedup']:.2f}x")
     return lines
+
+
+def lengths_label(args) -> str:
+    if getattr(args, "lengths", "uniform") == "alpaca":
+        return "AlpacaEval's (bench/data/alpaca_eval_lengths.json), PEFT padded to each batch's longest row, " + (
+            "tuneforge padded too" if args.no_packing else "tuneforge packed")
+    return (f"uniform in [{args.min_length_fraction:g}, 1] x seq, supervised fraction {args.supervised_fraction}"
+            + ("" if args.min_length_fraction == 1 else ", PEFT padded, tuneforge " +
+               ("padded" if getattr(args, "no_packing", True) else "packed")))
 
 
 def verdict(match: bool | None) -> str:

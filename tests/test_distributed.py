@@ -100,7 +100,9 @@ def assert_same_weights(a: Path, b: Path, atol: float) -> None:
         torch.testing.assert_close(wa[key], wb[key], atol=atol, rtol=0, msg=key)
 
 
-@pytest.mark.parametrize("name, atol", [("lora_sft", 1e-6), ("lora_dpo", 1e-6), ("lora_sft_fsdp", 1e-5),
+# DPO packs a rank's pair into a row, the single process both pairs into one: sums in another order (1e-6 relative
+# after AdamW's normalisation of near-zero gradients).
+@pytest.mark.parametrize("name, atol", [("lora_sft", 1e-6), ("lora_dpo", 1e-5), ("lora_sft_fsdp", 1e-5),
                                         ("full_sft_fsdp", 1e-5)])
 def test_two_ranks_reach_the_single_process_weights(runs, tmp_path, name, atol):
     root, configs = runs

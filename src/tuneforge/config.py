@@ -87,6 +87,10 @@ class RunConfig(BaseModel):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm (> 0); null disables clipping.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, "
                                          "~30% more time.")
+    packing: bool | None = Field(None, description="Pack several examples into each row of max_length tokens, no "
+                                 "padding, each example attending only to itself (the same losses as padded rows). "
+                                 "Default: on wherever the method and objective allow it; true insists (an error "
+                                 "where they do not), false pads.")
     seed: int = Field(0, description="Seeds data order, dropout and initialisation.")
 
     # -- evaluation, logging, checkpoints ------------------------------------------------------------

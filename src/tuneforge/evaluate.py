@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from .data.batching import apply_max_length, pad_batch
+from .data.batching import apply_max_length, pad_batch, to_device
 from .data.formats import Example, examples_of_kind
 from .data.template import Tokenized, ensure_chat_template, tokenize_chat, tokenize_text
 from .generate import eval_mode, generate
@@ -56,8 +56,7 @@ def perplexity(model: nn.Module, tokenizer, examples: list[Example], *, max_leng
     device = next(model.parameters()).device
     with eval_mode(model):
         for start in range(0, len(items), batch_size):
-            batch = {k: v.to(device) for k, v in pad_batch(items[start:start + batch_size],
-                                                           tokenizer.pad_token_id).items()}
+            batch = to_device(pad_batch(items[start:start + batch_size], tokenizer.pad_token_id), device)
             loss_sum, n = token_cross_entropy_sum(model, batch)
             total, count = total + float(loss_sum), count + n
     mean = total / max(count, 1)

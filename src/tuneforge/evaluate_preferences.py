@@ -21,6 +21,7 @@ import torch
 import yaml
 from torch import nn
 
+from .data.batching import to_device
 from .data.formats import Example, examples_of_kind
 from .data.preference import collate_pairs, tokenize_pair
 from .objectives.logprobs import sequence_logps
@@ -39,8 +40,8 @@ def pair_logps(model: nn.Module, tokenizer, examples: list[Example], batch_size:
     model.eval()
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        batch = {k: v.to(device) for k, v in collate_pairs(chunk, tokenizer.pad_token_id).items()}
-        logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).float().cpu()
+        batch = to_device(collate_pairs(chunk, tokenizer.pad_token_id), device)
+        logps = sequence_logps(model, batch).float().cpu()
         chosen.append(logps[:len(chunk)])
         rejected.append(logps[len(chunk):])
     model.train(was_training)

@@ -31,15 +31,17 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import RunConfig, save_config
+from .data.batching import to_device
 from .data.formats import Example, load_examples
 from .data.mixing import LoadedData, general_eval_file, load_mixed
+from .data.packing import model_packing_refusal, real_tokens
 from .data.template import ensure_chat_template
 from .distributed import Distributed, full_state_dict, plain_state_dict, shard_model
 from .errors import ResumeMismatch, TrainingDiverged, TuneforgeError
 from .methods.adapter_files import nonfinite_tensors
-from .methods.base import MethodHandle
+from .methods.base import Method, MethodHandle
 from .models import load_model, resolve_model_reference
-from .objectives import TrainContext
+from .objectives import Objective, TrainContext
 from .tracking import Tracking
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,15 @@ def training_data(config: RunConfig) -> LoadedData:
     if config.eval_data:
         data.eval = load_examples(config.eval_data, config.data_format)
     return data
+
+
+def packing_refusal(method: type[Method], objective: Objective, model: nn.Module) -> str | None:
+    """Why a run of ``method`` and ``objective`` on ``model`` cannot pack several examples into a row, or None."""
+    if not objective.packable:
+        return f"the {objective.name} objective builds its own batches"
+    if method.packing_refusal:
+        return f"{method.name} cannot pack: {method.packing_refusal}"
+    return model_packing_refusal(model)
 
 
 class EpochSampler:
@@ -196,12 +207,24 @@ class Trainer:
         needs_copy = self.objective.needs_reference and self.method.trains_base_weights
         self.reference_model = self._frozen_copy(model) if needs_copy else None
         self.handle = self.method.attach(model, method_config)
+        self.objective.pack_capacity = config.max_length if self._packs(model) else None
         self._upcast_trainable()
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.train_model = self._wrap(model)  # the training forward's module: DDP / FSDP2 under torchrun, else model
         self.ctx = TrainContext(handle=self.handle, reference_model=self.reference_model,
                                 sum_across_ranks=self.dist.sum_tensor if self.dist.enabled else None)
+
+    def _packs(self, model: nn.Module) -> bool:
+        """Whether batches are packed (``--packing``): by default wherever it is exact; insisting where it is not
+        is an error naming why."""
+        reason = packing_refusal(self.method, self.objective, model)
+        if reason is None:
+            return self.config.packing is not False
+        if self.config.packing:
+            raise ValueError(f"packing: {reason}; run with --packing false")
+        log.info("padded batches: %s", reason)
+        return False
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if not self.dist.enabled:
@@ -269,8 +292,8 @@ class Trainer:
             items = [self.train_items[i] for i in mine[k * self.micro:(k + 1) * self.micro]]
             batch = self.objective.collate(items)
             units = self.objective.units(batch)  # counted on the CPU copy: no device sync in the step
-            tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            tokens = real_tokens(batch)
+            batch = to_device(batch, device, non_blocking=True)
             batch[UNITS_KEY], batch[TOKENS_KEY] = units, tokens
             out.append(batch)
         return out
@@ -285,8 +308,7 @@ class Trainer:
 
     def optimizer_step(self, batches: list[dict[str, torch.Tensor]], step: int) -> dict[str, float]:
         local_units = sum(b[UNITS_KEY] if UNITS_KEY in b else self.objective.units(b) for b in batches)
-        local_tokens = sum(b[TOKENS_KEY] if TOKENS_KEY in b else int(b["attention_mask"].sum())
-                           for b in batches if TOKENS_KEY in b or "attention_mask" in b)
+        local_tokens = sum(b[TOKENS_KEY] if TOKENS_KEY in b else real_tokens(b) for b in batches)
         # The units of the whole global batch (host counts, one small all-reduce): every rank divides by them.
         total_units, total_tokens = (int(x) for x in self.dist.sum([local_units, local_tokens]).tolist())
         if total_units == 0:
@@ -345,7 +367,7 @@ class Trainer:
         for j in (r * self.dist.world_size + self.dist.rank for r in range(rounds)):
             start = starts[min(j, len(starts) - 1)]
             batch = self.objective.collate(self.eval_items[start:start + self.micro])
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = to_device(batch, device)
             _, metrics = self.objective.loss(self.model, batch, self.ctx)
             if j >= len(starts):
                 continue

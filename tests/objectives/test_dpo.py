@@ -198,7 +198,7 @@ def test_rpo_adds_the_chosen_nll_per_pair(chat_tokenizer):
     loss, metrics = obj.loss(model, batch, ctx)
     pairs = obj.units(batch)
     with torch.no_grad():
-        chosen = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).chunk(2)[0]
+        chosen = sequence_logps(model, batch).chunk(2)[0]
     tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).chunk(2)[0].sum()
     nll = (-chosen.sum() / tokens).item()
     assert nll > 0.5 and metrics["nll/chosen"] / pairs == pytest.approx(nll, rel=1e-5)

@@ -39,9 +39,10 @@ def test_score_reads_the_last_real_token_whatever_the_padding(tokenizer):
     model = make_tiny_model("llama", len(tokenizer))
     head = RewardHead(32)
     ids = torch.randint(5, len(tokenizer), (2, 7))
-    alone = reward_scores(model, head, ids[:1, :5], torch.ones(1, 5, dtype=torch.long))
+    alone = reward_scores(model, head, {"input_ids": ids[:1, :5], "attention_mask": torch.ones(1, 5, dtype=torch.long)})
     pad = torch.full((1, 2), tokenizer.pad_token_id)
-    right = reward_scores(model, head, torch.cat([ids[:1, :5], pad], 1), torch.tensor([[1] * 5 + [0] * 2]))
+    right = reward_scores(model, head, {"input_ids": torch.cat([ids[:1, :5], pad], 1),
+                                         "attention_mask": torch.tensor([[1] * 5 + [0] * 2])})
     # Last-token pooling is the hidden state at position 4, not at the padding.
     with torch.no_grad():
         hidden = model(input_ids=ids[:1, :5], output_hidden_states=True).hidden_states[-1][0, -1]
@@ -123,7 +124,7 @@ def test_saved_reward_model_reloads_and_scores_identically(reward_run):
     obj = trainer.objective
     batch = obj.collate(obj.prepare([normalise(r, "preference", f"x:{i}") for i, r in enumerate(rows)], 256))
     with torch.no_grad():
-        expected = reward_scores(trainer.model.eval(), obj.head, batch["input_ids"], batch["attention_mask"])
+        expected = reward_scores(trainer.model.eval(), obj.head, batch)
     assert scores == pytest.approx(expected.tolist(), abs=1e-5)
     assert sum(c > r for c, r in zip(scores[:6], scores[6:])) >= 5
 

@@ -56,7 +56,7 @@ def test_objective_uses_mean_token_logps_and_no_reference(tokenizer):
     loss, _ = obj.loss(model, batch, TrainContext())  # no handle: a reference would fail
     lengths = (batch["labels"][:, 1:] != -100).sum(-1)
     with torch.no_grad():
-        c, r = (sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"]) / lengths).chunk(2)
+        c, r = (sequence_logps(model, batch) / lengths).chunk(2)
     torch.testing.assert_close(loss, simpo_loss(c, r, 2.0, 0.5).sum())
     assert not SimPO.needs_reference and get_objective("simpo") is SimPO
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -92,13 +93,20 @@ def pack_blocks(token_lists: list[list[int]], block_size: int, source: str = "")
     """Concatenate documents (each already closed by EOS) and cut the stream into ``block_size`` blocks.
 
     This is how language models are pretrained: no padding is wasted. The final partial block is kept (shorter)
-    rather than dropped, so no token is lost. Returns the blocks and the number of tokens in the partial block.
+    rather than dropped, so no token is lost. Each block records where documents start inside it (``segments``),
+    so a packed batch keeps documents apart. Returns the blocks and the number of tokens in the partial block.
     """
     stream = [t for ids in token_lists for t in ids]
+    starts, offset = [], 0
+    for ids in token_lists:
+        starts.append(offset)
+        offset += len(ids)
     blocks = []
     for start in range(0, len(stream), block_size):
         ids = stream[start:start + block_size]
-        blocks.append(Tokenized(ids, list(ids), f"{source}:block {len(blocks)}"))
+        first, end = bisect.bisect_right(starts, start), bisect.bisect_left(starts, start + len(ids))
+        inside = tuple(s - start for s in starts[first:end])
+        blocks.append(Tokenized(ids, list(ids), f"{source}:block {len(blocks)}", inside))
     tail = len(stream) % block_size
     return blocks, tail
 
@@ -129,3 +137,8 @@ def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tenso
             ids[i, longest - len(s):] = torch.tensor(s)
             mask[i, longest - len(s):] = 1
     return ids, mask
+
+
+def to_device(batch: dict, device: torch.device | str, non_blocking: bool = False) -> dict:
+    """The batch with its tensors on ``device`` (counts such as a packed batch's ``num_examples`` stay ints)."""
+    return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -67,6 +67,9 @@ class Tokenized:
     input_ids: list[int]
     labels: list[int]
     source: str
+    segments: tuple[int, ...] = ()
+    """Where further documents start inside ``input_ids`` (a pretraining block): a packed batch gives each document
+    its own positions and attention; a padded one lets a block attend across them."""
 
     @property
     def num_supervised(self) -> int:

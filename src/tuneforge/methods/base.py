@@ -57,6 +57,9 @@ class Method:
     """The method changes the base weights themselves (full fine-tuning): there is no adapter to switch off, so a
     reference model (DPO, PPO) is a frozen copy, the weights keep the model's dtype, and the run saves the
     tokenizer beside the model."""
+    packing_refusal: ClassVar[str | None] = None
+    """Why batches that pack several examples into one row (``data.packing``) would be wrong for this method;
+    None: packed batches give exactly the padded batches' losses and gradients."""
     peft_type: ClassVar[str | None] = None
     """PEFT's ``peft_type`` for this method's files (None: PEFT has no such method, or another class reads them)."""
     # The peak learning rate used when a run does not set one. Methods differ by orders of magnitude: full

@@ -128,6 +128,8 @@ def attach_fixed_prompt(model: nn.Module, config: PTuningConfig) -> PTuningHandl
 @register
 class PTuning(Method):
     name = "p_tuning"
+    packing_refusal = ("it puts its virtual tokens at the start of every row: in a packed row only the first "
+                       "example would see them")
     aliases = ("ptuning",)
     config_class = PTuningConfig
     peft_type = "P_TUNING"

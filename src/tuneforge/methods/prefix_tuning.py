@@ -317,6 +317,8 @@ def config_from_peft(data: dict[str, Any], model: nn.Module) -> dict[str, Any]:
 @register
 class PrefixTuning(Method):
     name = "prefix_tuning"
+    packing_refusal = ("it puts its prefix keys and values at the start of every row: in a packed row only the first "
+                       "example would see them")
     config_class = PrefixTuningConfig
     flag_prefix = "prefix"  # --prefix-num-virtual-tokens 20
     aliases = ("prefix",)

@@ -122,6 +122,8 @@ class PromptTuningHandle(VirtualTokensHandle):
 @register
 class PromptTuning(Method):
     name = "prompt_tuning"
+    packing_refusal = ("it puts its virtual tokens at the start of every row: in a packed row only the first "
+                       "example would see them")
     aliases = ("soft_prompt",)
     config_class = PromptTuningConfig
     flag_prefix = "prompt"  # --prompt-num-virtual-tokens 20

@@ -94,8 +94,13 @@ class Objective:
     """The objective makes its own training batches from the current policy (PPO's rollouts): the trainer hands
     it each batch of examples through ``rollout_steps`` instead of training on them directly."""
 
+    packable: ClassVar[bool] = False
+    """``collate`` can put several examples in one padding-free row (``data.packing``) with the losses and gradients
+    of padded rows; the trainer turns it on through ``pack_capacity``."""
+
     def __init__(self, tokenizer, options: ObjectiveConfig | dict[str, Any] | None = None):
         self.tokenizer = tokenizer
+        self.pack_capacity: int | None = None  # tokens per packed row; None: padded rows
         self.config = options if isinstance(options, ObjectiveConfig) else self.config_class.from_dict(options or {})
 
     def prepare(self, examples: list[Example], max_length: int, split: str = "train") -> list[Any]:
@@ -158,11 +163,16 @@ available_objectives = OBJECTIVES.names
 
 
 class NextTokenObjective(Objective):
-    """Shared by SFT and pretraining: padded token batches, loss = summed next-token cross-entropy."""
+    """Shared by SFT and pretraining: token batches (packed or padded), loss = summed next-token cross-entropy."""
+
+    packable = True
 
     def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
         from ..data.batching import pad_batch
+        from ..data.packing import pack_batch
 
+        if self.pack_capacity:
+            return pack_batch(items, self.tokenizer.pad_token_id, self.pack_capacity)
         return pad_batch(items, self.tokenizer.pad_token_id)
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
@@ -183,6 +193,7 @@ class PairObjective(Objective):
 
     kinds: ClassVar[tuple[str, ...]] = ("preference",)
     purpose: ClassVar[str] = "preference training"
+    packable = True
 
     def prepare(self, examples: list[Example], max_length: int, split: str = "train") -> list[Any]:
         from ..data.formats import examples_of_kind
@@ -198,7 +209,9 @@ class PairObjective(Objective):
     def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
         from ..data.preference import collate_pairs
 
-        return collate_pairs(items, self.tokenizer.pad_token_id)
+        return collate_pairs(items, self.tokenizer.pad_token_id, self.pack_capacity)
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["input_ids"].shape[0] // 2  # pairs
+        from ..data.packing import example_count
+
+        return example_count(batch) // 2  # pairs: chosen and rejected examples

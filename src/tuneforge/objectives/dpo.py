@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.batching import to_device
 from ..data.formats import Example
 from ..data.preference import PairItem
-from ..data.template import IGNORE_INDEX
 from .base import ObjectiveConfig, PairObjective, TrainContext, disable_dropout, register
-from .logprobs import chosen_nll, sequence_logps
+from .logprobs import chosen_nll, response_lengths, sequence_logps
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class DPO(PairObjective):
         bs = self.config.precompute_batch_size
         for start in range(0, len(todo), bs):
             chunk = todo[start:start + bs]
-            batch = {k: v.to(device) for k, v in self.collate(chunk).items()}
+            batch = to_device(self.collate(chunk), device)
             logps = self.reference_logps(batch, ctx).tolist()  # chosen rows, then rejected rows
             for item, c, r in zip(chunk, logps[:len(chunk)], logps[len(chunk):]):
                 item.ref_logps = (c, r)
@@ -135,18 +135,17 @@ class DPO(PairObjective):
     @torch.no_grad()
     def reference_logps(batch: dict[str, torch.Tensor], ctx: TrainContext) -> torch.Tensor:
         with ctx.reference() as reference:
-            return sequence_logps(reference, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            return sequence_logps(reference, batch)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: TrainContext
              ) -> tuple[torch.Tensor, dict[str, float]]:
         # Chosen and rejected rows go through the model in one pass (TRL's concatenated forward).
-        policy_chosen, policy_rejected = sequence_logps(model, batch["input_ids"], batch["attention_mask"],
-                                                        batch["labels"]).chunk(2)
+        policy_chosen, policy_rejected = sequence_logps(model, batch).chunk(2)
         if "ref_chosen_logps" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         else:
             ref_chosen, ref_rejected = self.reference_logps(batch, ctx).chunk(2)
-        lengths = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
+        lengths = response_lengths(batch)
         chosen_lengths, rejected_lengths = lengths.chunk(2)
         c = self.config
         losses, chosen_rewards, rejected_rewards = dpo_loss(

@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from ..data.batching import pad_batch
+from ..data.batching import pad_batch, to_device
 from ..data.formats import Example, examples_of_kind
 from ..data.preference import PromptItem, prompts_within, tokenize_prompt
 from ..data.template import IGNORE_INDEX, Tokenized
@@ -268,7 +268,7 @@ class GRPO(Objective):
             trained = ids if done or not c.mask_truncated_completions else [IGNORE_INDEX] * len(ids)
             rows.append(Tokenized(item.input_ids + ids, [IGNORE_INDEX] * len(item.input_ids) + trained, item.source))
         batch = pad_batch(rows, self.tokenizer.pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = to_device(batch, device)
         batch["advantages"] = advantages.to(device)
         if c.num_iterations > 1 or c.num_mini_batches > 1:
             # The policy moves between optimiser steps on this rollout: keep the sampling policy's log-probs.
@@ -291,7 +291,7 @@ class GRPO(Objective):
     @staticmethod
     def grid_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[batch, time]`` log-probs of the sampled tokens (at the positions that predict them; 0 elsewhere)."""
-        logits, targets = target_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        logits, targets = target_logits(model, batch)
         keep = supervised_positions(batch["labels"])
         out = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device)
         out[keep] = token_logps(logits, targets)
@@ -315,7 +315,7 @@ class GRPO(Objective):
             return self.evaluation_loss(model, batch["items"])
         c = self.config
         keep = supervised_positions(batch["labels"])
-        logits, targets = target_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        logits, targets = target_logits(model, batch)
         logps = token_logps(logits, targets)
         rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
         old = batch["old_logps"][keep] if "old_logps" in batch else logps.detach()

@@ -151,8 +151,7 @@ class KTO(Objective):
 
     @staticmethod
     def _logps(model: nn.Module, batch: dict[str, Any], prefix: str = "") -> torch.Tensor:
-        return sequence_logps(model, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"],
-                              batch[f"{prefix}labels"])
+        return sequence_logps(model, batch, prefix)
 
     @torch.no_grad()
     def reference_point(self, model: nn.Module, batch: dict[str, Any], ctx: TrainContext) -> torch.Tensor:

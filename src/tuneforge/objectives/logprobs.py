@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.packing import example_index, model_inputs
 from ..data.template import IGNORE_INDEX
 
 # Per model class: whether its forward takes a boolean logits_to_keep mask. Keyed weakly by class, so nothing is
@@ -43,30 +44,34 @@ def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def target_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits at the positions that predict a supervised label, flattened: ``([n, vocab], [n] targets)``."""
+def target_logits(model: nn.Module, batch: dict[str, torch.Tensor], prefix: str = ""
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict a supervised label, flattened: ``([n, vocab], [n] targets)``, for a
+    padded or a packed batch (its ``prefix``-ed keys: KTO's mismatched ``kl_`` batch)."""
+    labels = batch[f"{prefix}labels"]
+    inputs = model_inputs(batch, prefix)
     keep = supervised_positions(labels)
     targets = labels[:, 1:][keep[:, :-1]]
     if accepts_logits_mask(model):
         try:
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+            logits = model(**inputs, logits_to_keep=keep).logits
         except IndexError:  # a release that indexes hidden states with logits_to_keep as a 1-D slice
             _MASK_SUPPORT[type(model)] = False
         else:
             if logits.dim() == 2:  # transformers gathered only the kept positions
                 return logits, targets
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = model(**inputs).logits
     return logits[keep], targets
 
 
-def action_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+def action_outputs(model: nn.Module, batch: dict[str, torch.Tensor]
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """As ``target_logits``, plus the final hidden states ``[n, hidden]`` at the same positions (a value or reward
     head reads them) and the ``[batch, time]`` position mask (row-major, as the flat tensors)."""
+    labels = batch["labels"]
     keep = supervised_positions(labels)
     kwargs = {"logits_to_keep": keep} if accepts_logits_mask(model) else {}
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs)
+    out = model(**model_inputs(batch), output_hidden_states=True, **kwargs)
     logits = out.logits if out.logits.dim() == 2 else out.logits[:, -labels.shape[1]:][keep]
     hidden = out.hidden_states[-1][:, -labels.shape[1]:][keep]  # a prompt-tuning method's virtual tokens first
     return logits, labels[:, 1:][keep[:, :-1]], hidden, keep
@@ -79,24 +84,31 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def token_cross_entropy_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over supervised tokens, and their count."""
-    logits, targets = target_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    logits, targets = target_logits(model, batch)
     loss = F.cross_entropy(logits.float(), targets, reduction="sum")
     return loss, int(targets.numel())
 
 
-def sequence_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   labels: torch.Tensor) -> torch.Tensor:
-    """Sum of log p(label) over each row's supervised tokens: ``[batch]`` (DPO's sequence log-probability)."""
-    logits, targets = target_logits(model, input_ids, attention_mask, labels)
-    logps = token_logps(logits, targets)
-    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels[:, 1:])
-    row_of_token = rows[labels[:, 1:] != IGNORE_INDEX]
-    return torch.zeros(labels.shape[0], device=logps.device, dtype=logps.dtype).index_add(0, row_of_token, logps)
+def per_example_sum(values: torch.Tensor, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+    """Per-token ``values`` (one per supervised target, in ``target_logits`` order) summed per example:
+    ``[examples]``, in the order the examples were collated (padded rows or packed segments alike)."""
+    example_of, count = example_index(batch, prefix)
+    labels = batch[f"{prefix}labels"]
+    owner = example_of[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+    return torch.zeros(count, device=values.device, dtype=values.dtype).index_add(0, owner, values)
 
 
-def response_lengths(labels: torch.Tensor) -> torch.Tensor:
-    """Supervised (response) tokens per row: ``[batch]``."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+    """Sum of log p(label) over each example's supervised tokens: ``[examples]`` (DPO's sequence log-probability)."""
+    logits, targets = target_logits(model, batch, prefix)
+    return per_example_sum(token_logps(logits, targets), batch, prefix)
+
+
+def response_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Supervised (response) tokens per example: ``[examples]``."""
+    labels = batch["labels"]
+    ones = torch.ones(int((labels[:, 1:] != IGNORE_INDEX).sum()), device=labels.device, dtype=torch.long)
+    return per_example_sum(ones, batch)
 
 
 def chosen_nll(policy_chosen: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:

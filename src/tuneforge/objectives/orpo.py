@@ -63,8 +63,8 @@ class ORPO(PairObjective):
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: TrainContext
              ) -> tuple[torch.Tensor, dict[str, float]]:
-        logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        lengths = response_lengths(batch["labels"])
+        logps = sequence_logps(model, batch)
+        lengths = response_lengths(batch)
         chosen, rejected = logps.chunk(2)
         chosen_lengths, rejected_lengths = lengths.chunk(2)
         chosen_mean, rejected_mean = chosen / chosen_lengths.clamp(min=1), rejected / rejected_lengths.clamp(min=1)

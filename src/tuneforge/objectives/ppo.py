@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..data.batching import pad_batch
+from ..data.batching import pad_batch, to_device
 from ..data.formats import Example, examples_of_kind
 from ..data.preference import PromptItem, prompts_within, tokenize_prompt
 from ..data.template import IGNORE_INDEX, Tokenized
@@ -275,13 +275,12 @@ class PPO(Objective):
         device = next(model.parameters()).device
         batch = pad_batch([Tokenized(i.input_ids + ids, [IGNORE_INDEX] * len(i.input_ids) + ids, i.source)
                            for i, ids in zip(items, completions)], self.tokenizer.pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits, targets, hidden, keep = action_outputs(model, batch["input_ids"], batch["attention_mask"],
-                                                       batch["labels"])
+        batch = to_device(batch, device)
+        logits, targets, hidden, keep = action_outputs(model, batch)
         old_logps, values = token_logps(logits, targets), self.value_head(hidden)
         del logits
         with ctx.reference() as reference:
-            ref_logits, _ = target_logits(reference, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            ref_logits, _ = target_logits(reference, batch)
         ref_logps = token_logps(ref_logits, targets)
         scores = self.score(items, completions, stopped).to(device)
 
@@ -327,8 +326,7 @@ class PPO(Objective):
         if "items" in batch:
             return self.evaluation_loss(model, batch["items"])
         c = self.config
-        logits, targets, hidden, keep = action_outputs(model, batch["input_ids"], batch["attention_mask"],
-                                                       batch["labels"])
+        logits, targets, hidden, keep = action_outputs(model, batch)
         logps = token_logps(logits, targets)
         losses, stats = ppo_loss(logps, batch["old_logps"][keep], batch["advantages"][keep],
                                  self.value_head(hidden), batch["old_values"][keep], batch["returns"][keep],

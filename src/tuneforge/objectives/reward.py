@@ -23,8 +23,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..data.batching import pad_batch
+from ..data.batching import pad_batch, to_device
 from ..data.formats import Message
+from ..data.packing import example_index, is_packed, model_inputs
 from ..data.preference import tokenize_response
 from .base import ObjectiveConfig, PairObjective, TrainContext, disable_dropout, register
 from .logprobs import accepts_logits_mask
@@ -65,20 +66,29 @@ def hidden_size_of(model: nn.Module) -> int:
     return model.get_input_embeddings().embedding_dim
 
 
-def last_token_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden state at each row's last real token: ``[batch, hidden]``."""
+def last_token_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Final hidden state at each example's last token: ``[examples, hidden]`` (padded rows or packed segments)."""
     kwargs: dict[str, Any] = {"logits_to_keep": 1} if accepts_logits_mask(model) else {}  # skip the vocabulary
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs)
+    input_ids = batch["input_ids"]
+    out = model(**model_inputs(batch), output_hidden_states=True, **kwargs)
     hidden = out.hidden_states[-1][:, -input_ids.shape[1]:]  # a prompt-tuning method's virtual tokens come first
+    if is_packed(batch):
+        example_of, count = example_index(batch)
+        # A segment's last position: the next position belongs to another example (or the row ends).
+        following = torch.cat([example_of[:, 1:], example_of.new_full((len(example_of), 1), -1)], dim=1)
+        last = (example_of >= 0) & (following != example_of)
+        scores = hidden.new_empty((count, hidden.shape[-1]))
+        scores[example_of[last]] = hidden[last]
+        return scores
+    attention_mask = batch["attention_mask"]
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     last = (positions * attention_mask).argmax(-1)  # works for right and left padding
     return hidden[torch.arange(len(last), device=last.device), last]
 
 
-def reward_scores(model: nn.Module, head: RewardHead, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar reward per row: ``[batch]`` float32."""
-    return head(last_token_hidden(model, input_ids, attention_mask))
+def reward_scores(model: nn.Module, head: RewardHead, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Scalar reward per example: ``[examples]`` float32."""
+    return head(last_token_hidden(model, batch))
 
 
 def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
@@ -114,7 +124,7 @@ class Reward(PairObjective):
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: TrainContext
              ) -> tuple[torch.Tensor, dict[str, float]]:
-        scores = reward_scores(model, self.head, batch["input_ids"], batch["attention_mask"])
+        scores = reward_scores(model, self.head, batch)
         chosen, rejected = scores.chunk(2)
         losses = reward_loss(chosen, rejected, batch.get("margin"), self.config.center_rewards_coefficient)
         loss = losses.sum()
@@ -170,8 +180,7 @@ class RewardModel:
         out: list[float] = []
         for start in range(0, len(items), self.batch_size):
             batch = pad_batch(items[start:start + self.batch_size], self.tokenizer.pad_token_id)
-            scores = reward_scores(self.model, self.head, batch["input_ids"].to(device),
-                                   batch["attention_mask"].to(device))
+            scores = reward_scores(self.model, self.head, to_device(batch, device))
             out += scores.tolist()
         return out
 

@@ -62,8 +62,8 @@ class SimPO(PairObjective):
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: TrainContext
              ) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
-        mean_logps = (sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-                      / response_lengths(batch["labels"]).clamp(min=1))
+        mean_logps = (sequence_logps(model, batch)
+                      / response_lengths(batch).clamp(min=1))
         chosen, rejected = mean_logps.chunk(2)
         loss = simpo_loss(chosen, rejected, c.beta, c.gamma, c.label_smoothing).sum()
         rewards_c, rewards_r = c.beta * chosen.detach(), c.beta * rejected.detach()
