@@ -1,6 +1,7 @@
 """Distributed training on CPU: 2 gloo processes under torchrun reach the weights one process reaches on the same
-global batch (DDP and FSDP2), every objective runs, only rank 0 writes, one rank's failure stops the job, and a run
-stopped after a checkpoint resumes (on 2 ranks, or an FSDP checkpoint on 1 process) to the uninterrupted weights."""
+global batch (DDP and FSDP2, full DPO with its sharded reference too), every objective runs, only rank 0 writes, one
+rank's failure stops the job, a run stopped after a checkpoint resumes (on 2 ranks, or an FSDP checkpoint on 1
+process) to the uninterrupted weights, and each FSDP rank holds the shards the memory model projects."""
 
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ from safetensors.torch import load_file
 import tuneforge
 from tuneforge import checkpoint as ckpt
 from tuneforge.distributed import Distributed
+from tuneforge.recommend import memory_breakdown, model_shape
 
 from conftest import qa_rows, write_jsonl
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
+MEASURED = "full_dpo_fsdp_state"  # distributed_worker.py writes <MEASURED>.rank<r>.json
 
 
 def torchrun(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -57,6 +60,9 @@ def runs(tmp_path_factory, tiny_model_dir):
         "lora_dpo": base(tiny_model_dir, pairs, root / "lora_dpo", objective="dpo",
                          method_options={"lora_dropout": 0.0}),
         "full_sft_fsdp": base(tiny_model_dir, sft, root / "full_sft_fsdp", method="full", learning_rate=1e-3),
+        # Full fine-tuning with DPO: the frozen reference copy is sharded by FSDP too.
+        "full_dpo_fsdp": base(tiny_model_dir, pairs, root / "full_dpo_fsdp", objective="dpo", method="full",
+                              distributed="fsdp", learning_rate=1e-3),
         "lora_sft_fsdp": base(tiny_model_dir, sft, root / "lora_sft_fsdp", distributed="fsdp",
                               method_options={"lora_dropout": 0.0}),
         "ppo": base(tiny_model_dir, pairs, root / "ppo", objective="ppo", max_steps=2,
@@ -72,7 +78,10 @@ def runs(tmp_path_factory, tiny_model_dir):
                                       "save_every": 2, "_stop_before_step": 3}
     configs["full_fsdp_killed"] = {**configs["full_sft_fsdp"], "output": str(root / "full_fsdp_killed"),
                                    "save_every": 1, "_stop_before_step": 2}
-    done = torchrun([str(WORKER), json.dumps(list(configs.values()))], cwd=root)
+    # The full DPO run also records what each rank holds after its first step, for the memory model's check.
+    launched = [{**c, "_measure_state": str(root / MEASURED)} if name == "full_dpo_fsdp" else c
+                for name, c in configs.items()]
+    done = torchrun([str(WORKER), json.dumps(launched)], cwd=root)
     assert done.returncode == 0, done.stderr[-4000:]
     return root, configs
 
@@ -103,11 +112,28 @@ def assert_same_weights(a: Path, b: Path, atol: float) -> None:
 # DPO packs a rank's pair into a row, the single process both pairs into one: sums in another order (1e-6 relative
 # after AdamW's normalisation of near-zero gradients).
 @pytest.mark.parametrize("name, atol", [("lora_sft", 1e-6), ("lora_dpo", 1e-5), ("lora_sft_fsdp", 1e-5),
-                                        ("full_sft_fsdp", 1e-5)])
+                                        ("full_sft_fsdp", 1e-5), ("full_dpo_fsdp", 1e-5)])
 def test_two_ranks_reach_the_single_process_weights(runs, tmp_path, name, atol):
     root, configs = runs
     single = single_process(configs[name], tmp_path / "single")
     assert_same_weights(root / name, single, atol)
+
+
+def test_fsdp_ranks_hold_the_sharded_state_the_memory_model_projects(runs, tiny_model_dir):
+    """Full DPO under FSDP2 on 2 ranks: the bytes each rank holds of the weights, gradients, AdamW moments and the
+    frozen reference (local shards, after the first step) are recommend's per-rank terms; the reference is sharded
+    whole, its root unit too (FSDP2 would keep a forward-only root all-gathered)."""
+    root, _ = runs
+    projected = memory_breakdown(model_shape(str(tiny_model_dir), ("full",)), "full", "dpo", world_size=2,
+                                 strategy="fsdp")
+    held = [json.loads(path.read_text()) for path in sorted(root.glob(f"{MEASURED}.rank*.json"))]
+    assert [h["rank"] for h in held] == [0, 1]
+    for rank in held:
+        assert rank["unsharded_reference"] == []
+        for part in ("parameters", "gradients", "optimizer", "reference"):
+            assert rank[part] / 2**20 == pytest.approx(projected[part], rel=0.03), (rank["rank"], part)
+    for part in ("parameters", "gradients", "optimizer", "reference"):  # the shards add up to the whole, exactly
+        assert sum(h[part] for h in held) / 2**20 == pytest.approx(2 * projected[part], rel=1e-9), part
 
 
 def test_eval_loss_is_gathered_over_ranks(runs, tmp_path):

@@ -14,7 +14,8 @@ import yaml
 import tuneforge
 from tuneforge.cli import main
 from tuneforge.pipeline import read_pipeline
-from tuneforge.recommend import ModelShape, estimate_memory_mb, model_shape, parse_memory, recommend
+from tuneforge.recommend import (ModelShape, estimate_memory_mb, memory_breakdown, model_shape, parse_memory,
+                                 recommend)
 
 CALIBRATION = Path(__file__).parents[1] / "bench" / "results"
 
@@ -84,3 +85,67 @@ def test_recommend_command_prints_estimates_and_the_command(tiny_model_dir, caps
     assert main(["recommend", "--model", str(tiny_model_dir), "--gpu-memory", "24GB", "--goal", "task"]) == 0
     out = capsys.readouterr().out
     assert "recommended: SFT with lora" in out and f"tuneforge train --model {tiny_model_dir} --method lora" in out
+
+
+# -- per-rank memory: DDP replicas, FSDP shards ------------------------------------------------------------------
+
+CASES = [(method, objective, gpu) for method in ("full", "lora", "qlora", "prompt_tuning")
+         for objective in ("sft", "dpo") for gpu in (False, True)]
+
+
+@pytest.mark.parametrize("method, objective, gpu", CASES)
+def test_the_breakdown_sums_to_the_estimate_and_one_ddp_rank_is_one_device(method, objective, gpu):
+    s = shape()
+    one = estimate_memory_mb(s, method, objective, gpu=gpu, batch_size=2, max_length=256)
+    parts = memory_breakdown(s, method, objective, gpu=gpu, batch_size=2, max_length=256)
+    assert sum(parts.values()) == pytest.approx(one, rel=1e-12)
+    for world in (1, 8):  # DDP: every rank a whole replica
+        assert estimate_memory_mb(s, method, objective, gpu=gpu, batch_size=2, max_length=256, world_size=world,
+                                  strategy="ddp") == one
+
+
+@pytest.mark.parametrize("method, objective, gpu", CASES)
+def test_fsdp_divides_the_sharded_state_by_the_ranks(method, objective, gpu):
+    s, kwargs = shape(), dict(gpu=gpu, batch_size=2, max_length=256)
+    one = memory_breakdown(s, method, objective, **kwargs)
+    for world in (1, 2, 8):
+        ranks = memory_breakdown(s, method, objective, world_size=world, strategy="fsdp", **kwargs)
+        for part in ("parameters", "gradients", "optimizer", "reference"):
+            assert ranks[part] == pytest.approx(one[part] / world, rel=1e-12), (part, world)
+        assert ranks["activations"] == one["activations"] and ranks["logits"] == one["logits"]  # per micro-batch
+        assert ranks["gathered"] > 0 and one["gathered"] == 0
+
+
+def test_fsdp_terms_by_hand():
+    # 100 Mi parameters: 96 Mi in 16 blocks of 6 Mi linear weights (+2 x 1024 norm weights), the rest the root.
+    s = ModelShape("hand", 100 * 2**20, 96 * 2**20, 1024, 4096, 16, 32_000, {"full": 100 * 2**20})
+    assert s.block_params == 6 * 2**20 + 2048 and s.root_params == 4 * 2**20 - 16 * 2048
+    bf16 = memory_breakdown(s, "full", "dpo", gpu=True, world_size=4, strategy="fsdp", batch_size=1, max_length=1)
+    # bf16 weights, gradients, two moments and the reference copy, a quarter each per rank (MB = MiB here).
+    assert (bf16["parameters"], bf16["gradients"], bf16["optimizer"], bf16["reference"]) == (50, 50, 100, 50)
+    # Root and two blocks gathered in bf16, root and one block's gradients in bf16, the block's also in float32.
+    root, block = s.root_params / 2**20, s.block_params / 2**20
+    assert bf16["gathered"] == pytest.approx((root + 2 * block) * 2 + (root + block) * 2 + block * 4)
+    fp32 = memory_breakdown(s, "full", "sft", gpu=True, world_size=4, strategy="fsdp", fp32_master=True)
+    assert (fp32["parameters"], fp32["gradients"], fp32["optimizer"]) == (100, 100, 200)  # 16 bytes / param / 4
+    assert fp32["reference"] == 0
+
+
+def test_bad_strategy_or_world_size_is_named():
+    with pytest.raises(ValueError, match="strategy"):
+        memory_breakdown(shape(), "lora", strategy="zero3", world_size=2)
+    with pytest.raises(ValueError, match="world_size"):
+        memory_breakdown(shape(), "lora", world_size=2)
+
+
+def test_published_llama_shapes_are_built_from_the_config_alone():
+    from transformers import LlamaConfig
+
+    from tuneforge.recommend import shape_from_config
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+    s = shape_from_config(config, "llama-3.1-8b", ("full",))
+    assert s.params == 8_030_261_248  # Llama-3.1-8B's published parameter count
+    assert s.layers * s.block_params + s.root_params == s.params
+    assert s.root_params == 2 * 128256 * 4096 + 4096  # embeddings, head, final norm

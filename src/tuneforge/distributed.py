@@ -269,11 +269,15 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def shard_model(model: nn.Module, *, mixed_precision: bool, cpu_offload: bool) -> None:
-    """FSDP2 ``fully_shard`` per decoder block, then the root (embeddings, final norm, head, prompt encoders)."""
+def shard_model(model: nn.Module, *, mixed_precision: bool, cpu_offload: bool, forward_only: bool = False) -> None:
+    """FSDP2 ``fully_shard`` per decoder block, then the root (embeddings, final norm, head, prompt encoders).
+
+    ``forward_only``: a model that never runs backward (the frozen reference of DPO / PPO). FSDP2 keeps the root's
+    parameters all-gathered after forward, for the backward that follows at once; with no backward they would stay
+    whole on every rank for the rest of the run, so every unit, the root too, reshards after its forward."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"reshard_after_forward": True} if forward_only else {}
     if mixed_precision:
         # bf16 all-gathers and compute; gradients reduced in float32, where summing many ranks' bf16 would round.
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

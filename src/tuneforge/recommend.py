@@ -20,7 +20,10 @@ Memory is an analytic model of what training holds at its peak, with constants c
 * activations saved for backward: per token and layer ``ACT_HIDDEN x hidden + ACT_MLP x intermediate`` values
   (``ACT_HIDDEN_FROZEN`` when nothing inside the blocks trains: prompt tuning), plus the logits (``vocab``
   values in the model's dtype, their float32 copy and its gradient); pairs double the tokens; gradient
-  checkpointing keeps one hidden state per layer instead;
+  checkpointing keeps one hidden state per layer instead, and one block's activations while it is recomputed;
+* per rank (``world_size``, ``strategy``): DDP ranks hold whole replicas; FSDP2 ranks hold 1/N of the parameters,
+  gradients, optimiser state and reference copy, plus the units all-gathered at once (:func:`memory_breakdown`;
+  ``tests/test_distributed.py`` checks the sharded terms against the shards two gloo ranks hold);
 * on CPU the peak is the process's resident memory, which also holds the Python/PyTorch runtime (``CPU_RUNTIME_MB``)
   and, while the checkpoint loads, pages of the weight file (``CPU_LOAD_FACTOR``); QLoRA's also holds the float
   linear weights it quantised (``CPU_QLORA_SOURCE``, measured).
@@ -49,6 +52,7 @@ CPU_FLOPS = 30e9  # sustained float32 FLOP/s of a small multi-core CPU in traini
 GPU_BF16_FLOPS = {"h100": 990e12, "h200": 990e12, "a100": 312e12, "l4": 121e12, "a10": 125e12, "4090": 165e12,
                   "3090": 71e12, "t4": 65e12}
 GPU_UTILISATION = 0.35
+QLORA_BYTES = 0.5 + 4 / 64  # a 4-bit value and its share of one float32 scale per 64
 
 SITUATIONS = {
     "task": "SFT on your task's examples",
@@ -71,16 +75,37 @@ class ModelShape:
     # linear layer's input; trained virtual tokens alone (prompt tuning) keep far fewer activations.
     in_blocks: dict[str, bool] = dataclasses.field(default_factory=dict)
 
+    @property
+    def block_params(self) -> int:
+        """Parameters of one decoder block: its linear weights and (Llama family) its two norms' weights."""
+        return self.decoder_linear_params // self.layers + 2 * self.hidden
 
-def model_shape(model_name: str, methods: tuple[str, ...] = ("full", "lora", "qlora", "prompt_tuning")) -> ModelShape:
-    """Parameter counts from the model's config alone: the model is built on the meta device (no weights read)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    @property
+    def root_params(self) -> int:
+        """Parameters outside the decoder blocks (embeddings, final norm, head): FSDP's root unit."""
+        return self.params - self.layers * self.block_params
 
-    from .methods.base import METHODS, in_out_features, linear_like, output_embedding_names
+
+def model_shape(model_name: str, methods: tuple[str, ...] = ("full", "lora", "qlora", "prompt_tuning"),
+                method_options: dict[str, dict] | None = None) -> ModelShape:
+    """Parameter counts from the model's config alone (no weights read)."""
+    from transformers import AutoConfig
+
     from .models import resolve_model_path
 
     config = AutoConfig.from_pretrained(resolve_model_path(model_name))
+    return shape_from_config(config, model_name, methods, method_options)
+
+
+def shape_from_config(config, name: str, methods: tuple[str, ...] = ("full", "lora", "qlora", "prompt_tuning"),
+                      method_options: dict[str, dict] | None = None) -> ModelShape:
+    """Parameter counts of the model ``config`` describes, built on the meta device (no memory, no download).
+    ``method_options``: per method, the options its trainable count is taken with (e.g. ``{"qlora": {"r": 16}}``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .methods.base import METHODS, in_out_features, linear_like, output_embedding_names
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in model.parameters())
@@ -90,54 +115,113 @@ def model_shape(model_name: str, methods: tuple[str, ...] = ("full", "lora", "ql
     blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)),
                  key=lambda m: sum(p.numel() for p in m.parameters()))
     trainable, in_blocks = {}, {}
-    for name in methods:
-        method = METHODS.get(name)
+    for method_name in methods:
+        method = METHODS.get(method_name)
         if method.trains_base_weights:
-            trainable[name], in_blocks[name] = params, True
+            trainable[method_name], in_blocks[method_name] = params, True
             continue
-        counted = METHODS.get("lora") if name == "qlora" else method  # the same adapter, over a 4-bit base
+        counted = METHODS.get("lora") if method_name == "qlora" else method  # the same adapter, over a 4-bit base
         attached = copy.deepcopy(model)
-        handle = counted.attach(attached, counted.config_class.from_dict({}))
-        trainable[name] = handle.num_trainable_parameters()
+        options = (method_options or {}).get(method_name, {})
+        handle = counted.attach(attached, counted.config_class.from_dict(dict(options)))
+        trainable[method_name] = handle.num_trainable_parameters()
         block_ids = {id(p) for m in attached.modules() if isinstance(m, torch.nn.ModuleList)
                      and len(m) == len(blocks) for p in m.parameters()}
-        in_blocks[name] = any(id(p) in block_ids for _, p in handle.trainable_parameters())
+        in_blocks[method_name] = any(id(p) in block_ids for _, p in handle.trainable_parameters())
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return ModelShape(model_name, params, linear, text.hidden_size, getattr(text, "intermediate_size", 4 *
+    return ModelShape(name, params, linear, text.hidden_size, getattr(text, "intermediate_size", 4 *
                       text.hidden_size), text.num_hidden_layers, text.vocab_size, trainable, in_blocks)
 
 
-def estimate_memory_mb(shape: ModelShape, method: str, objective: str = "sft", *, gpu: bool = False,
-                       batch_size: int = 4, max_length: int = 512, gradient_checkpointing: bool = False) -> float:
-    """Peak training memory in MB (CUDA allocated on GPU, process resident memory on CPU)."""
+def memory_breakdown(shape: ModelShape, method: str, objective: str = "sft", *, gpu: bool = False,
+                     batch_size: int = 4, max_length: int = 512, gradient_checkpointing: bool = False,
+                     world_size: int = 1, strategy: str | None = None, fp32_master: bool = False) -> dict[str, float]:
+    """What one device (one rank) holds at the training peak, per component, in MB; the values sum to the peak.
+
+    ``batch_size`` is the micro-batch this device runs in one forward. ``strategy``: None (one process), ``"ddp"``
+    (every rank holds a whole replica: the one-device figures; DDP's gradient buckets, one more copy of the trainable
+    gradients, are left out since tuneforge runs DDP for adapters, whose gradients are small) or ``"fsdp"`` (FSDP2
+    ``fully_shard`` per decoder block, then the root): parameters, gradients, optimiser state and the frozen
+    reference copy are sharded, 1/``world_size`` each per rank, and a rank also holds what is all-gathered at once:
+    the root unit (embeddings, final norm, head; the root keeps its parameters from forward into backward), two
+    blocks (the one computing and the one prefetched) and, for trained base weights, the unsharded gradients of the
+    root and of one block in the compute dtype, plus the block's float32 copy a GPU run reduce-scatters.
+    ``fp32_master`` (full fine-tuning on a GPU): weights, gradients and AdamW moments kept in float32 per shard and
+    all-gathered to bf16 for compute (FSDP's MixedPrecisionPolicy over a float32-loaded model); otherwise they are
+    all in the weights' dtype (tuneforge's default: the model loads in bf16 on a GPU).
+
+    On CPU the peak is a process's resident memory: the runtime and load terms are added (one per rank); under FSDP
+    a rank's peak may instead come while it still holds the whole loaded model, before sharding.
+    """
     from .methods.base import METHODS
     from .objectives.base import OBJECTIVES
 
+    if strategy not in (None, "ddp", "fsdp"):
+        raise ValueError(f"strategy must be None, 'ddp' or 'fsdp', got {strategy!r}")
+    if world_size < 1 or (strategy is None and world_size != 1):
+        raise ValueError(f"world_size must be >= 1 (and 1 without a strategy), got {world_size}")
+    m = METHODS.get(method)
     value_bytes = 2 if gpu else 4
-    full = METHODS.get(method).trains_base_weights
-    if METHODS.get(method).name == "qlora":
+    full, qlora = m.trains_base_weights, m.name == "qlora"
+    shards = world_size if strategy == "fsdp" else 1
+    # Full fine-tuning trains the weights in their storage dtype; adapters train in float32 (as PEFT's autocast).
+    state_bytes = (4 if fp32_master else value_bytes) if full else 4
+    if qlora:
         rest = shape.params - shape.decoder_linear_params  # embeddings, norms, the head: as loaded
-        weights = shape.decoder_linear_params * (0.5 + 4 / 64) + rest * value_bytes
+        weights = shape.decoder_linear_params * QLORA_BYTES + rest * value_bytes
     else:
-        weights = shape.params * value_bytes
-    trainable = shape.trainable[METHODS.get(method).name]
-    state = trainable * 3 * value_bytes if full else trainable * 16  # gradient + AdamW moments (adapters: fp32)
+        weights = shape.params * (state_bytes if full else value_bytes)
+    trainable = shape.trainable[m.name]
+    adapter_values = 0 if full else trainable * 4
     objective_class = OBJECTIVES.get(objective)
-    if full and objective_class.needs_reference:
-        state += shape.params * value_bytes  # the frozen reference copy
+    parts = {
+        "parameters": (weights + adapter_values) / shards,
+        "gradients": trainable * state_bytes / shards,
+        "optimizer": 2 * trainable * state_bytes / shards,  # AdamW's two moments
+        "reference": weights / shards if full and objective_class.needs_reference else 0.0,  # DPO/PPO's frozen copy
+        "gathered": _gathered_bytes(shape, full, qlora, value_bytes, gpu) if strategy == "fsdp" else 0.0,
+    }
     tokens = batch_size * max_length * (2 if objective_class.name in ("dpo", "reward", "orpo", "simpo") else 1)
-    act_hidden = ACT_HIDDEN if shape.in_blocks.get(METHODS.get(method).name, True) else ACT_HIDDEN_FROZEN
-    per_layer = shape.hidden if gradient_checkpointing else act_hidden * shape.hidden + ACT_MLP * shape.intermediate
-    activations = tokens * (shape.layers * per_layer * value_bytes + shape.vocab * (value_bytes + 8))
-    if full:  # backward frees activations as it fills the weight gradients: the larger of the two is the peak
-        total = weights + state - trainable * value_bytes + max(activations, trainable * value_bytes)
+    act_hidden = ACT_HIDDEN if shape.in_blocks.get(m.name, True) else ACT_HIDDEN_FROZEN
+    block_activations = act_hidden * shape.hidden + ACT_MLP * shape.intermediate
+    if gradient_checkpointing:  # one hidden state per layer, and one block's activations while it is recomputed
+        per_token = (shape.layers * shape.hidden + block_activations) * value_bytes
     else:
-        total = weights + state + activations
+        per_token = shape.layers * block_activations * value_bytes
+    parts["activations"] = tokens * per_token
+    parts["logits"] = tokens * shape.vocab * (value_bytes + 8)  # model dtype, float32 copy and its gradient
+    if full:  # backward frees activations as it fills the weight gradients: the larger of the two is the peak
+        parts["freed_in_backward"] = -min(parts["activations"] + parts["logits"], parts["gradients"])
     if not gpu:
-        total += weights * (CPU_LOAD_FACTOR - 1) + CPU_RUNTIME_MB * 2**20
-        if METHODS.get(method).name == "qlora":  # measured: the float linear weights the 4-bit ones came from
-            total += shape.decoder_linear_params * value_bytes * CPU_QLORA_SOURCE
-    return total / 2**20
+        parts["runtime"] = weights * (CPU_LOAD_FACTOR - 1) + CPU_RUNTIME_MB * 2**20
+        if qlora:  # measured: the float linear weights the 4-bit ones came from
+            parts["runtime"] += shape.decoder_linear_params * value_bytes * CPU_QLORA_SOURCE
+    return {name: value / 2**20 for name, value in parts.items()}
+
+
+def _gathered_bytes(shape: ModelShape, full: bool, qlora: bool, value_bytes: int, gpu: bool) -> float:
+    """FSDP2's unsharded tensors at the peak: the root unit's and two blocks' parameters in the compute dtype (a
+    QLoRA block is all-gathered packed, 4-bit), and for trained weights the root's and one block's gradients (the
+    block's also in float32 on a GPU)."""
+    block_linear = shape.decoder_linear_params // shape.layers
+    block = block_linear * QLORA_BYTES + (shape.block_params - block_linear) * value_bytes if qlora else \
+        shape.block_params * value_bytes
+    gathered = shape.root_params * value_bytes + 2 * block
+    if full:  # the head's gradient comes first in backward and stays unsharded until the root's reduce-scatter
+        gathered += (shape.root_params + shape.block_params) * value_bytes
+        if gpu:  # a GPU run reduce-scatters a block's gradients in float32 (reduce_dtype): a copy beside the bf16
+            gathered += shape.block_params * 4  # (the root's float32 copy comes last, its activations freed)
+    return gathered
+
+
+def estimate_memory_mb(shape: ModelShape, method: str, objective: str = "sft", *, gpu: bool = False,
+                       batch_size: int = 4, max_length: int = 512, gradient_checkpointing: bool = False,
+                       world_size: int = 1, strategy: str | None = None, fp32_master: bool = False) -> float:
+    """Peak training memory of one device in MB (CUDA allocated on GPU, process resident memory on CPU): the sum
+    of :func:`memory_breakdown`."""
+    return sum(memory_breakdown(shape, method, objective, gpu=gpu, batch_size=batch_size, max_length=max_length,
+                                gradient_checkpointing=gradient_checkpointing, world_size=world_size,
+                                strategy=strategy, fp32_master=fp32_master).values())
 
 
 def estimate_step_seconds(shape: ModelShape, method: str, *, gpu: str | None = None, batch_size: int = 4,
@@ -247,4 +331,5 @@ def add_subcommands(sub) -> None:
     p.set_defaults(func=cmd_recommend)
 
 
-__all__ = ["model_shape", "estimate_memory_mb", "estimate_step_seconds", "recommend", "ModelShape"]
+__all__ = ["model_shape", "shape_from_config", "memory_breakdown", "estimate_memory_mb", "estimate_step_seconds",
+           "recommend", "ModelShape"]

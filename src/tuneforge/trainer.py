@@ -235,7 +235,8 @@ class Trainer:
             raise ValueError(f"{self.config.objective} samples its own batches per rank: run it with --distributed ddp")
         mixed = fsdp and self.dist.device.type == "cuda" and torch.cuda.is_bf16_supported()
         if fsdp and self.reference_model is not None:  # the frozen copy is sharded the same way
-            shard_model(self.reference_model, mixed_precision=mixed, cpu_offload=self.config.fsdp_cpu_offload)
+            shard_model(self.reference_model, mixed_precision=mixed, cpu_offload=self.config.fsdp_cpu_offload,
+                        forward_only=True)
         return self.dist.wrap(model, mixed_precision=mixed, cpu_offload=self.config.fsdp_cpu_offload)
 
     def _upcast_trainable(self) -> None:
