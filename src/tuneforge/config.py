@@ -65,6 +65,11 @@ class RunConfig(BaseModel):
     general_eval: str | None = Field("builtin", description="General text whose perplexity before and after "
                                      "training measures forgetting: builtin (the shipped general set), a file "
                                      "of text/chat records, or none.")
+    streaming: bool = Field(False, description="Read `data` as a stream (Hugging Face datasets, streaming=True): "
+                            "records are shuffled in a buffer and tokenized as training goes, never held whole; "
+                            "for files larger than memory. Needs max_steps; eval data comes from eval_data.")
+    shuffle_buffer: int = Field(1000, ge=1, description="Streaming: records in the shuffle buffer (a buffer shuffle, "
+                                "not a global permutation: larger mixes more, holds more); 1 keeps the file order.")
     max_length: int = Field(512, ge=2, description="Tokens per example (per block for pretraining).")
     max_length_policy: Literal["drop", "truncate", "error"] = Field(
         "drop", description="What to do with longer examples; always counted and reported.")
@@ -130,11 +135,24 @@ class RunConfig(BaseModel):
         # Aliases become the one canonical name everything downstream sees; options are checked by building them.
         if self.batch_size % self.micro_batch:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch}")
+        self._check_streaming()
         self.method = METHODS.get(self.method).name
         self.objective = OBJECTIVES.get(self.objective).name
         self.method_config()
         self.objective_config()
         return self
+
+    def _check_streaming(self) -> None:
+        if not self.streaming:
+            return
+        if self.data is None:
+            raise ValueError("streaming reads `data`: give a data file (--data big.jsonl)")
+        if self.max_steps is None:
+            raise ValueError("streaming: the data's length is not known until it has been read; set max_steps "
+                             "(epochs roll over when the stream ends)")
+        if self.eval_split:
+            raise ValueError("streaming: eval_split would have to read the whole file to hold records out; give "
+                             "held-out records as eval_data instead")
 
     @property
     def method_class(self) -> type[Method]:

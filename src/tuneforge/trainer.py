@@ -33,10 +33,11 @@ from . import checkpoint as ckpt
 from .config import RunConfig, save_config
 from .data.batching import to_device
 from .data.formats import Example, load_examples
-from .data.mixing import LoadedData, general_eval_file, load_mixed
+from .data.mixing import LoadedData, general_eval_file, load_mixed, parse_sources
 from .data.packing import model_packing_refusal, real_tokens
+from .data.streaming import RecordStream, StreamSampler
 from .data.template import ensure_chat_template
-from .distributed import Distributed, full_state_dict, plain_state_dict, shard_model
+from .distributed import Distributed, full_state_dict, launched_by_torchrun, plain_state_dict, shard_model
 from .errors import ResumeMismatch, TrainingDiverged, TuneforgeError
 from .methods.adapter_files import nonfinite_tensors
 from .methods.base import Method, MethodHandle
@@ -106,6 +107,8 @@ def training_data(config: RunConfig) -> LoadedData:
         eval_path = config.eval_data or str(DEMO_DIR / "eval.jsonl")
         return LoadedData(load_examples(DEMO_DIR / "train.jsonl", config.data_format),
                           load_examples(eval_path, config.data_format))
+    if config.streaming:
+        return streamed_data(config)
     data = load_mixed(config.data, config.data_format, config.seed, 0.0 if config.eval_data else config.eval_split)
     if config.eval_data:
         data.eval = load_examples(config.eval_data, config.data_format)
@@ -119,6 +122,16 @@ def packing_refusal(method: type[Method], objective: Objective, model: nn.Module
     if method.packing_refusal:
         return f"{method.name} cannot pack: {method.packing_refusal}"
     return model_packing_refusal(model)
+
+
+def streamed_data(config: RunConfig) -> LoadedData:
+    """``--streaming``: the training records as a stream (see ``data/streaming.py``); eval data, small, in memory."""
+    if launched_by_torchrun():
+        raise TuneforgeError("--streaming runs in one process: each rank would need its own disjoint part of the "
+                             "stream (not supported yet); train without torchrun, or without --streaming")
+    stream = RecordStream(parse_sources(config.data), config.data_format, config.seed, config.shuffle_buffer)
+    eval_ = load_examples(config.eval_data, config.data_format) if config.eval_data else []
+    return LoadedData([], eval_, stream=stream)
 
 
 class EpochSampler:
@@ -143,6 +156,16 @@ class EpochSampler:
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._order = self._permutation()
+
+    def progress(self) -> dict[str, float]:
+        return {"epoch": round(self.epoch + self.index / self.n, 3)}
+
+
+Sampler = EpochSampler | StreamSampler  # where training items come from: memory (by index) or a stream
 
 
 # -- optimiser and schedule ---------------------------------------------------------------------------
@@ -266,9 +289,11 @@ class Trainer:
         return {"trainable_params": trainable, "total_params": total}
 
     # -- main loop ------------------------------------------------------------------------------------
-    def prepare_data(self, train: list[Example], eval_: list[Example]) -> None:
+    def prepare_data(self, train: list[Example] | RecordStream, eval_: list[Example]) -> None:
         c = self.config
-        self.train_items = self.objective.prepare(train, c.max_length, "train")
+        # A stream is tokenized a chunk at a time as training reads it (``sampler``); max_steps sizes the run.
+        self.train_stream = train if isinstance(train, RecordStream) else None
+        self.train_items = [] if self.train_stream else self.objective.prepare(train, c.max_length, "train")
         self.eval_items = self.objective.prepare(eval_, c.max_length, "eval") if eval_ else []
         # PPO turns each batch of prompts into several optimiser steps (ppo epochs x mini-batches).
         batches = max(1, int(math.ceil(c.epochs * len(self.train_items) / c.batch_size)))
@@ -284,13 +309,28 @@ class Trainer:
         self.objective.setup(self.model, self.ctx)
         self.dist.broadcast([p for _, p in self.objective.extra_parameters()])  # one starting head for all ranks
 
-    def micro_batches(self, sampler: EpochSampler) -> list[dict[str, torch.Tensor]]:
+    def sampler(self) -> Sampler:
+        if self.train_stream is None:
+            return EpochSampler(len(self.train_items), self.config.seed)
+        return StreamSampler(self.train_stream, self._prepare_chunk)
+
+    def _prepare_chunk(self, examples: list[Example]) -> tuple[list[Any], Any]:
+        items = self.objective.prepare(examples, self.config.max_length, "train")
+        return items, self.objective.length_report
+
+    def draw(self, sampler: Sampler, k: int) -> list[Any]:
+        """The next ``k`` training items: by index from memory, or straight from the stream."""
+        if isinstance(sampler, StreamSampler):
+            return sampler.take(k)
+        return [self.train_items[i] for i in sampler.take(k)]
+
+    def micro_batches(self, sampler: Sampler) -> list[dict[str, torch.Tensor]]:
         c = self.config
         device = next(self.model.parameters()).device
         out = []
-        mine = self.dist.shard(sampler.take(c.batch_size))  # every rank draws the global batch, keeps its slice
+        mine = self.dist.shard(self.draw(sampler, c.batch_size))  # every rank draws the global batch, keeps its slice
         for k in range(self.accumulation):
-            items = [self.train_items[i] for i in mine[k * self.micro:(k + 1) * self.micro]]
+            items = mine[k * self.micro:(k + 1) * self.micro]
             batch = self.objective.collate(items)
             units = self.objective.units(batch)  # counted on the CPU copy: no device sync in the step
             tokens = real_tokens(batch)
@@ -299,12 +339,12 @@ class Trainer:
             out.append(batch)
         return out
 
-    def next_steps(self, sampler: EpochSampler) -> list[list[dict[str, torch.Tensor]]]:
+    def next_steps(self, sampler: Sampler) -> list[list[dict[str, torch.Tensor]]]:
         """The optimiser steps (each a list of micro-batches) that the next batch of examples feeds: one, or for
         an online objective (PPO) a rollout on the batch and the several steps it makes."""
         if not self.objective.online:
             return [self.micro_batches(sampler)]
-        items = [self.train_items[i] for i in self.dist.shard(sampler.take(self.config.batch_size))]
+        items = self.dist.shard(self.draw(sampler, self.config.batch_size))
         return self.objective.rollout_steps(self.model, self.objective.collate(items), self.ctx)  # rollouts per rank
 
     def optimizer_step(self, batches: list[dict[str, torch.Tensor]], step: int) -> dict[str, float]:
@@ -396,7 +436,7 @@ class Trainer:
         self.dist.reshard(self.model)  # an evaluation before training (forgetting, exact match) left it unsharded
         self.optimizer = build_optimizer(self.trainable(), c)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(c, self.total_steps))
-        sampler = EpochSampler(len(self.train_items), c.seed)
+        sampler = self.sampler()
         start = self._resume(sampler) if c.resume else 0
         before: dict[str, float] = {}
         if start == 0:
@@ -418,8 +458,7 @@ class Trainer:
             last = self.optimizer_step(queued.pop(0), step)
             tokens += last.get("tokens", 0)
             done = step + 1
-            last.update(step=done, lr=self.scheduler.get_last_lr()[0],
-                        epoch=round(sampler.epoch + sampler.index / sampler.n, 3),
+            last.update(step=done, lr=self.scheduler.get_last_lr()[0], **sampler.progress(),
                         tokens_per_s=round(tokens / (time.perf_counter() - t0), 1))
             if c.eval_every and done % c.eval_every == 0 and done < self.total_steps:
                 last.update(self.evaluate_loss())
@@ -534,7 +573,7 @@ class Trainer:
     def _shards_checkpoints(self) -> bool:
         return self.dist.enabled and self.dist.strategy == "fsdp"
 
-    def save_checkpoint(self, step: int, sampler: EpochSampler) -> Path:
+    def save_checkpoint(self, step: int, sampler: Sampler) -> Path:
         path = self.output / "checkpoints" / f"step-{step}"
         # DDP replicas hold identical tensors: rank 0 writes them, with every rank's RNG (dropout differs per rank).
         rngs = self.dist.gather(ckpt.rng_state())
@@ -546,7 +585,7 @@ class Trainer:
                              rng)
         return path
 
-    def _write_sharded_checkpoint(self, path: Path, step: int, sampler: EpochSampler, rng: dict[str, Any]) -> None:
+    def _write_sharded_checkpoint(self, path: Path, step: int, sampler: Sampler, rng: dict[str, Any]) -> None:
         """FSDP: every rank writes its shards (DCP) into one temporary directory, rank 0 adds the training state and
         renames the directory into place only after every rank's write succeeded."""
         d, heads = self.dist, self.objective.extra_parameters()
@@ -570,13 +609,13 @@ class Trainer:
         target.__exit__(None, None, None)  # every rank wrote: rename into place
         self._rotate_checkpoints()
 
-    def _write_checkpoint(self, path: Path, step: int, sampler: EpochSampler, rng: dict[str, Any]) -> None:
+    def _write_checkpoint(self, path: Path, step: int, sampler: Sampler, rng: dict[str, Any]) -> None:
         with ckpt.atomic_directory(path) as tmp:
             self._write_training_state(tmp, self._trainable_state(), self.optimizer, step, sampler, rng)
         self._rotate_checkpoints()
 
     def _write_training_state(self, directory: Path, state: dict[str, torch.Tensor], optimizer, step: int,
-                              sampler: EpochSampler, rng: dict[str, Any]) -> None:
+                              sampler: Sampler, rng: dict[str, Any]) -> None:
         check_finite(state, f"step {step}: trainable tensors", self._kept())  # a NaN is never a "good" checkpoint
         progress = {"step": step, **sampler.state(), "run_id": self.run_record["run_id"],
                     "signature": self.resume_signature()}
@@ -588,7 +627,7 @@ class Trainer:
         for _, old in kept[:-self.config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def _resume(self, sampler: EpochSampler) -> int:
+    def _resume(self, sampler: Sampler) -> int:
         """Continue from the newest checkpoint that reads back whole (a corrupt one falls back to the one before)."""
         partly_read = False
         for path in ckpt.checkpoints_newest_first(self.output):
@@ -631,7 +670,7 @@ class Trainer:
                                  "resume with the run's own settings, or start a new run with --overwrite")
 
     def _restore(self, path: Path, trainable: dict[str, torch.Tensor], state: dict[str, Any],
-                 sampler: EpochSampler) -> int:
+                 sampler: Sampler) -> int:
         if not ckpt.is_sharded(path):  # a sharded checkpoint's tensors and optimiser state are restored already
             with torch.no_grad():
                 for name, p in self.trainable():
@@ -644,8 +683,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(self._own_rng(state["rng"]))
         progress = state["progress"]
-        sampler.epoch, sampler.index = progress["epoch"], progress["index"]
-        sampler._order = sampler._permutation()
+        sampler.restore(progress)
         log.info("resumed from %s (step %d)", path, progress["step"])
         return int(progress["step"])
 
@@ -803,7 +841,7 @@ def _train_with_forgetting(trainer: Trainer, config: RunConfig, data: LoadedData
                            ) -> TrainResult:
     """Training, with general-text perplexity before and after (forgetting) and the data mix in the metrics."""
     before = general_metric(trainer, general, base=True)
-    result = _train_with_exact_match(trainer, config, data.train, data.eval)
+    result = _train_with_exact_match(trainer, config, data.stream or data.train, data.eval)
     after = general_metric(trainer, general, base=False)
     m = result.metrics
     if before is not None:
@@ -817,10 +855,12 @@ def _train_with_forgetting(trainer: Trainer, config: RunConfig, data: LoadedData
                  else "", after["perplexity"])
     if len(data.sources) > 1:
         m["data_sources"] = data.sources
+    elif data.stream is not None and len(data.stream.sources) > 1:  # what the stream gave, known once it was read
+        m["data_sources"] = data.stream.summary()
     return result
 
 
-def _train_with_exact_match(trainer: Trainer, config: RunConfig, train_examples: list[Example],
+def _train_with_exact_match(trainer: Trainer, config: RunConfig, train_examples: list[Example] | RecordStream,
                             eval_examples: list[Example]) -> TrainResult:
     trainer.prepare_data(train_examples, eval_examples)
     log.info("parameters: %s", trainer.parameter_report())

@@ -124,13 +124,17 @@ def _read_csv(p: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 def _read_jsonl(p: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     with p.open(encoding="utf-8-sig", errors="surrogateescape") as f:
         for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            _check_utf8(line, p, i)
-            row = _parse_json(line, p, i)
-            if not isinstance(row, dict):
-                raise DataError(f"{p}:{i}: expected a JSON object, got {type(row).__name__}")
-            yield f"{p}:{i}", row
+            if line.strip():
+                yield f"{p}:{i}", parse_jsonl_line(line, p, i)
+
+
+def parse_jsonl_line(line: str, p: Path, i: int) -> dict[str, Any]:
+    """Line ``i`` of a JSONL file as its record (``--streaming`` reads lines through datasets and parses them here)."""
+    _check_utf8(line, p, i)
+    row = _parse_json(line, p, i)
+    if not isinstance(row, dict):
+        raise DataError(f"{p}:{i}: expected a JSON object, got {type(row).__name__}")
+    return row
 
 
 def _read_json(p: Path) -> Iterator[tuple[str, dict[str, Any]]]:

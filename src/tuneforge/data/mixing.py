@@ -22,11 +22,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .formats import DataError, Example, load_examples
+
+if TYPE_CHECKING:
+    from .streaming import RecordStream
 
 GENERAL_DIR = Path(__file__).parents[1] / "assets" / "general"
 GENERAL_SOURCE = "general"  # a data source name: the built-in general-text replay set
@@ -51,6 +54,7 @@ class LoadedData:
     train: list[Example]
     eval: list[Example]
     sources: list[dict[str, Any]] = field(default_factory=list)  # per source: records, weight, examples drawn
+    stream: RecordStream | None = None  # --streaming: the training records, read as training goes (train is empty)
 
 
 def parse_source(entry: Any) -> DataSource:

@@ -93,6 +93,9 @@ class Objective:
     online: ClassVar[bool] = False
     """The objective makes its own training batches from the current policy (PPO's rollouts): the trainer hands
     it each batch of examples through ``rollout_steps`` instead of training on them directly."""
+    length_report: Any = None
+    """The max-length policy's counts (a ``data.batching.LengthReport``) of the last ``prepare``; None where nothing
+    is ever dropped or cut (pretraining packs). A streaming run adds them up over its chunks."""
 
     packable: ClassVar[bool] = False
     """``collate`` can put several examples in one padding-free row (``data.packing``) with the losses and gradients
