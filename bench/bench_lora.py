@@ -79,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "cut at --seq-len; uniform: --min-length-fraction and --supervised-fraction decide")
     p.add_argument("--min-length-fraction", type=float, default=1.0,
                    help="uniform: lengths uniform in [this * seq_len, seq_len], right-padded; 1.0 = no padding")
+    p.add_argument("--fused-loss", choices=("auto", "on", "off"), default="auto",
+                   help="tuneforge: fuse the output projection with the cross-entropy (chunked, no [tokens x vocab] "
+                        "logits): auto = above objectives.logprobs.FUSE_FROM_LOGITS logits, as the trainer does")
     p.add_argument("--no-packing", action="store_true",
                    help="tuneforge trains on the padded batches too (by default it packs them, as its trainer does)")
     p.add_argument("--r", type=int, default=16)
@@ -232,6 +235,10 @@ def setup_tuneforge(args, model, tokenizer):
             p.data = p.data.float()
     objective = get_objective("sft")(tokenizer)
     ctx = TrainContext(handle=handle)
+    if args.fused_loss != "auto":
+        from tuneforge.objectives import logprobs
+
+        logprobs.FUSE_FROM_LOGITS = 0 if args.fused_loss == "on" else float("inf")
 
     def loss_fn(batch):
         loss_sum, _ = objective.loss(model, batch, ctx)

@@ -16,6 +16,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# float32 on every CPU, so that results do not depend on the machine's bf16 instructions (models.cpu_computes_bf16);
+# set in the environment, so torchrun's worker processes get it too. tests/test_models.py checks the choice itself.
+os.environ["TUNEFORGE_CPU_BF16"] = "0"
 # Tiny models are dominated by per-op overhead, where one thread beats two (and never fights other processes).
 torch.set_num_threads(1)
 

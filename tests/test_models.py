@@ -241,3 +241,23 @@ def test_loading_an_adapter_on_a_different_base_warns(good_dir, tmp_path, tokeni
     # Older adapters and PEFT's files record no fingerprint: nothing to compare, no warning.
     old = adapter_on(good_dir, tmp_path / "old", None)
     assert not check_base_model(old, str(other))
+
+
+def test_auto_dtype_uses_bf16_for_a_frozen_base_only_on_a_cpu_with_bf16_instructions(monkeypatch, tmp_path,
+                                                                                       tiny_model_dir, sft_file):
+    from tuneforge.models import cpu_computes_bf16, default_dtype
+    from tuneforge.trainer import Trainer
+
+    monkeypatch.setenv("TUNEFORGE_CPU_BF16", "1")
+    assert cpu_computes_bf16()
+    assert default_dtype("cpu", frozen_base=True) == torch.bfloat16
+    assert default_dtype("cpu") == torch.float32  # full fine-tuning keeps float32 weights and AdamW state
+    lora = Trainer(tuneforge.load_config(None, dict(model=str(tiny_model_dir), data=str(sft_file), device="cpu",
+                                                    output=str(tmp_path / "lora"))))
+    assert lora.model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for _, p in lora.handle.trainable_parameters())  # adapters: float32
+    full = Trainer(tuneforge.load_config(None, dict(model=str(tiny_model_dir), data=str(sft_file), device="cpu",
+                                                    method="full", output=str(tmp_path / "full"))))
+    assert full.model.model.embed_tokens.weight.dtype == torch.float32
+    monkeypatch.setenv("TUNEFORGE_CPU_BF16", "0")
+    assert default_dtype("cpu", frozen_base=True) == torch.float32

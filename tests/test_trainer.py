@@ -343,3 +343,29 @@ def test_finished_run_is_not_overwritten(tmp_path, tokenizer, sft_file):
 def test_batch_size_must_be_a_multiple_of_micro_batch(tmp_path, sft_file):
     with pytest.raises(ValueError, match="batch_size 8 is not a multiple of micro_batch_size 3"):
         tuneforge.load_config(None, {"data": str(sft_file), "batch_size": 8, "micro_batch_size": 3})
+
+
+def test_checkpointing_every_other_block_and_offloading_activations_keep_the_weights(tmp_path, tokenizer):
+    """Memory for time, never different arithmetic: checkpointing half the blocks and keeping saved activations
+    in CPU memory train to the weights of a plain run."""
+    from conftest import qa_rows
+    from tuneforge.trainer import Trainer, checkpoint_blocks, training_examples
+
+    assert checkpoint_blocks(make_tiny_model("llama", len(tokenizer)), every=2) == [True, False]
+    data = write_jsonl(tmp_path / "data.jsonl", qa_rows(8))
+
+    def weights(name, **changes):
+        config = tuneforge.load_config(None, dict(model="tiny", data=str(data), max_steps=2, batch_size=4,
+                                                  output=str(tmp_path / name), eval_generate=False, progress=False,
+                                                  general_eval="none", method_options={"lora_dropout": 0.0},
+                                                  **changes))
+        model = make_tiny_model("llama", len(tokenizer))
+        trainer = Trainer(config, model, copy.deepcopy(tokenizer))
+        trainer.prepare_data(*training_examples(config))
+        trainer.train()
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain = weights("plain")
+    lean = weights("lean", gradient_checkpointing=True, checkpoint_every=2, offload_activations=True)
+    for name, value in plain.items():
+        torch.testing.assert_close(lean[name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -42,7 +42,8 @@ class RunConfig(BaseModel):
                                               "{beta: 0.1} for DPO or {train_on_prompt: true} for SFT.")
     trust_remote_code: bool = Field(False, description="Run model code shipped with a hub model (off: safety).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto: bf16 on a GPU that supports it, float32 on CPU.")
+        "auto", description="auto: bf16 on a GPU that supports it; on a CPU with bf16 instructions (AVX512-BF16, "
+        "AMX) bf16 for a frozen base under adapters (they train in float32); float32 otherwise.")
     device: str | None = Field(None, description="cpu, cuda, cuda:1 ...; default: cuda if available.")
     distributed: Literal["ddp", "fsdp"] | None = Field(
         None, description="Under torchrun: ddp (a replica per rank) or fsdp (FSDP2, weights sharded per decoder "
@@ -92,6 +93,11 @@ class RunConfig(BaseModel):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm (> 0); null disables clipping.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, "
                                          "~30% more time.")
+    checkpoint_every: int = Field(1, ge=1, description="With gradient_checkpointing: recompute every Nth decoder "
+                                  "block only (1: all; 2: half of them, less recomputation for more memory).")
+    offload_activations: bool = Field(False, description="Keep the tensors saved for backward in (pinned) CPU memory "
+                                      "instead of the GPU's: less GPU memory for host-device copies; pairs with "
+                                      "gradient_checkpointing (then only each block's input moves).")
     packing: bool | None = Field(None, description="Pack several examples into each row of max_length tokens, no "
                                  "padding, each example attending only to itself (the same losses as padded rows). "
                                  "Default: on wherever the method and objective allow it; true insists (an error "

@@ -33,7 +33,7 @@ def split_prompt_answer(example: Example) -> tuple[list[dict], str]:
 
 
 def exact_match(model: nn.Module, tokenizer, examples: list[Example], *, max_new_tokens: int = 32,
-                batch_size: int = 16, limit: int | None = None) -> dict[str, Any]:
+                batch_size: int = 64, limit: int | None = None) -> dict[str, Any]:
     """Greedy-generate an answer for every chat example and compare it with the reference answer."""
     examples = examples_of_kind(examples, ("chat",), "exact match")[:limit]
     prompts, references = zip(*(split_prompt_answer(e) for e in examples))

@@ -30,6 +30,7 @@ import torch
 
 from .errors import TuneforgeError
 from .hub import HubLookupError, looks_like_hub_id, probe_hub
+from .kernels import attention_implementation
 
 log = logging.getLogger(__name__)
 
@@ -287,11 +288,28 @@ def converted_gguf_dir(gguf_path: Path) -> Path:
     return target
 
 
-def default_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 on GPUs that support it, float32 elsewhere (CPU bf16 matmuls are slow and lossy)."""
+def default_dtype(device: torch.device | str, frozen_base: bool = False) -> torch.dtype:
+    """bf16 on GPUs that support it; on a CPU, bf16 for a frozen base (adapters still train in float32) where the
+    CPU multiplies bf16 natively (``cpu_computes_bf16``); float32 elsewhere."""
     if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
+    if torch.device(device).type == "cpu" and frozen_base and cpu_computes_bf16():
+        return torch.bfloat16
     return torch.float32
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX). There a bf16 GEMM runs ~2.6x faster than
+    float32 (2-core AMD EPYC, 424x576 @ 576x1536: 338 vs 131 GFLOP/s) and the demo trains 1.3x faster with the same
+    held-out result; without them bf16 is emulated, slower than float32. ``TUNEFORGE_CPU_BF16=0`` (or 1) decides."""
+    forced = os.environ.get("TUNEFORGE_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no probe, no surprise
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def default_device() -> torch.device:
@@ -330,6 +348,9 @@ def load_model(
     dtype = dtype or default_dtype(device)
     # use_safetensors: never fall back to unpickling weights, whatever resolve_model_path let through.
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
+    attention = attention_implementation(device, dtype)  # flash-attn where installed (tuneforge[gpu]) on CUDA
+    if attention is not None:
+        kwargs["attn_implementation"] = attention
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device}

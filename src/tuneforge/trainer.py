@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import kernels
 from .config import RunConfig, save_config
 from .data.batching import to_device
 from .data.formats import Example, load_examples
@@ -41,7 +42,7 @@ from .distributed import Distributed, full_state_dict, launched_by_torchrun, pla
 from .errors import ResumeMismatch, TrainingDiverged, TuneforgeError
 from .methods.adapter_files import nonfinite_tensors
 from .methods.base import Method, MethodHandle
-from .models import load_model, resolve_model_reference
+from .models import default_device, default_dtype, load_model, resolve_model_reference
 from .objectives import Objective, TrainContext
 from .tracking import Tracking
 
@@ -113,6 +114,18 @@ def training_data(config: RunConfig) -> LoadedData:
     if config.eval_data:
         data.eval = load_examples(config.eval_data, config.data_format)
     return data
+
+
+def checkpoint_blocks(model: nn.Module, every: int = 1) -> list[bool]:
+    """Gradient checkpointing on every ``every``-th decoder block (transformers' per-layer switch), re-entrant-free so
+    that frozen inputs and adapters work; returns which blocks recompute."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for i, block in enumerate(blocks):
+        block.gradient_checkpointing = i % every == 0
+    return [block.gradient_checkpointing for block in blocks]
 
 
 def packing_refusal(method: type[Method], objective: Objective, model: nn.Module) -> str | None:
@@ -216,11 +229,20 @@ class Trainer:
         # Under torchrun: join the process group; this rank's device (cuda:LOCAL_RANK, or the CPU with gloo).
         self.dist = Distributed.from_env(config.distributed_strategy, config.device)
         if model is None:
-            device = str(self.dist.device) if self.dist.enabled else config.device
-            model, tokenizer = load_model(config.model, device=device, dtype=config.dtype,
-                                          trust_remote_code=config.trust_remote_code,
-                                          **self.method.model_load_kwargs(dict(config.method_options)))
+            device = str(self.dist.device) if self.dist.enabled else (config.device or str(default_device()))
+            load_kwargs = self.method.model_load_kwargs(dict(config.method_options))
+            dtype = config.dtype
+            if dtype == "auto":  # a frozen float base computes in bf16 on a CPU that does so natively
+                dtype = default_dtype(device, frozen_base=not self.method.trains_base_weights and not load_kwargs)
+            model, tokenizer = load_model(config.model, device=device, dtype=dtype,
+                                          trust_remote_code=config.trust_remote_code, **load_kwargs)
         self.model, self.tokenizer = model, tokenizer
+        device = next(model.parameters()).device
+        # Optional GPU kernels (tuneforge[gpu]) the run uses: flash-attn came in with the load, liger patches here.
+        self.kernels = {name: version for name, version in kernels.usable(device).items()
+                        if name != "liger_kernel" or kernels.apply_liger(model, device)}
+        if "flash_attn" in self.kernels and model.config._attn_implementation != "flash_attention_2":
+            del self.kernels["flash_attn"]  # installed, but this model was loaded with another attention
         ensure_chat_template(tokenizer, override=config.chat_template)
         self.objective = config.objective_class(tokenizer, config.objective_config())
         method_config = config.method_config()
@@ -233,10 +255,23 @@ class Trainer:
         self.objective.pack_capacity = config.max_length if self._packs(model) else None
         self._upcast_trainable()
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            checkpoint_blocks(model, config.checkpoint_every)
         self.train_model = self._wrap(model)  # the training forward's module: DDP / FSDP2 under torchrun, else model
         self.ctx = TrainContext(handle=self.handle, reference_model=self.reference_model,
                                 sum_across_ranks=self.dist.sum_tensor if self.dist.enabled else None)
+
+    def saved_activations(self) -> contextlib.AbstractContextManager:
+        """Where the forward keeps what backward needs: on the model's device, or (``--offload-activations``) in
+        pinned CPU memory, copied back as backward reaches each tensor."""
+        if not self.config.offload_activations:
+            return contextlib.nullcontext()
+        return torch.autograd.graph.save_on_cpu(pin_memory=next(self.model.parameters()).device.type == "cuda")
+
+    def speed_report(self) -> dict[str, Any]:
+        """What this run computed with: packed or padded batches, the attention kernel, optional GPU kernels."""
+        return {"packing": self.objective.pack_capacity is not None,
+                "attention": getattr(self.model.config, "_attn_implementation", None),
+                "kernels": {name: version for name, version in self.kernels.items()}}
 
     def _packs(self, model: nn.Module) -> bool:
         """Whether batches are packed (``--packing``): by default wherever it is exact; insisting where it is not
@@ -359,7 +394,8 @@ class Trainer:
         sums: dict[str, Any] = {}
         total_loss = 0.0
         for i, batch in enumerate(batches):
-            loss_sum, metrics = self.objective.loss(self.train_model, batch, self.ctx)
+            with self.saved_activations():
+                loss_sum, metrics = self.objective.loss(self.train_model, batch, self.ctx)
             loss = loss_sum * self.dist.world_size / total_units
             extra = self.handle.extra_loss()
             if extra is not None:
@@ -476,7 +512,8 @@ class Trainer:
             self._log({"step": self.total_steps, **final})
         self.save_final()
         device = next(self.model.parameters()).device
-        metrics = {**last, **final, **self.parameter_report(), "peak_memory_mb": round(peak_memory_mb(device), 1)}
+        metrics = {**last, **final, **self.parameter_report(), "peak_memory_mb": round(peak_memory_mb(device), 1),
+                   **self.speed_report()}
         metrics.update({key.replace("eval_", "eval_before_", 1): value for key, value in before.items()})
         log.info("peak memory: %.1f MB (%s)", metrics["peak_memory_mb"],
                  "CUDA allocated" if device.type == "cuda" else "process RSS")
@@ -729,7 +766,9 @@ class Trainer:
 RESUMABLE_CHANGES = {"output", "resume", "overwrite", "progress", "device", "trust_remote_code", "eval_every",
                      "general_eval",
                      "eval_before", "eval_generate", "eval_max_new_tokens", "eval_limit", "log_every", "save_every",
-                     "keep_checkpoints", "report_to", "distributed", "fsdp_cpu_offload"}
+                     "keep_checkpoints", "report_to", "distributed", "fsdp_cpu_offload",
+                     # memory for time: the same arithmetic
+                     "gradient_checkpointing", "checkpoint_every", "offload_activations"}
 
 
 def check_finite(tensors: dict[str, torch.Tensor], what: str, kept: str) -> None:

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..data.packing import example_index, model_inputs
 from ..data.template import IGNORE_INDEX
+from .linear_cross_entropy import linear_cross_entropy_sum, linear_token_logps
 
 # Per model class: whether its forward takes a boolean logits_to_keep mask. Keyed weakly by class, so nothing is
 # stored on the user's model and a class that proves unable (IndexError) is remembered.
@@ -42,6 +43,47 @@ def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     return keep
+
+
+# Above this many [positions x vocab] logits (256 MiB in float32) the loss fuses the output projection with the
+# cross-entropy, chunk by chunk (linear_cross_entropy.py), instead of asking the model for logits.
+FUSE_FROM_LOGITS = 2**26
+# Config fields that change logits after the projection (Gemma's soft-capping, Cohere's and Granite's scales): such
+# models always go through their own forward.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def fusable_head(model: nn.Module, labels: torch.Tensor) -> nn.Linear | None:
+    """The output projection, when this batch's loss should fuse it with the cross-entropy: many logits, a plain
+    linear head (no adapter on it, not sharded), nothing applied to the logits after it."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or type(head.weight).__name__ == "DTensor":
+        return None
+    if labels.numel() * head.weight.shape[0] < FUSE_FROM_LOGITS or not accepts_logits_mask(model):
+        return None
+    if any(getattr(model.config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    return head
+
+
+def target_hidden(model: nn.Module, batch: dict[str, torch.Tensor], prefix: str = ""
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final hidden states at the positions that predict a supervised label, ``([n, hidden], [n] targets)``:
+    what the output projection would read. The model computes no logits (an empty ``logits_to_keep`` mask)."""
+    labels = batch[f"{prefix}labels"]
+    keep = supervised_positions(labels)
+    out = model(**model_inputs(batch, prefix), output_hidden_states=True, logits_to_keep=torch.zeros_like(keep))
+    hidden = out.hidden_states[-1][:, -labels.shape[1]:]  # a prompt-tuning method's virtual tokens come first
+    return hidden[keep], labels[:, 1:][keep[:, :-1]]
+
+
+def target_token_logps(model: nn.Module, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+    """log p(label) at every supervised position, float32 ``[n]`` (fused with the projection for large batches)."""
+    head = fusable_head(model, batch[f"{prefix}labels"])
+    if head is not None:
+        hidden, targets = target_hidden(model, batch, prefix)
+        return linear_token_logps(hidden, head.weight, head.bias, targets)
+    return token_logps(*target_logits(model, batch, prefix))
 
 
 def target_logits(model: nn.Module, batch: dict[str, torch.Tensor], prefix: str = ""
@@ -84,6 +126,10 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def token_cross_entropy_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over supervised tokens, and their count."""
+    head = fusable_head(model, batch["labels"])
+    if head is not None:
+        hidden, targets = target_hidden(model, batch)
+        return linear_cross_entropy_sum(hidden, head.weight, head.bias, targets), int(targets.numel())
     logits, targets = target_logits(model, batch)
     loss = F.cross_entropy(logits.float(), targets, reduction="sum")
     return loss, int(targets.numel())
@@ -100,8 +146,7 @@ def per_example_sum(values: torch.Tensor, batch: dict[str, torch.Tensor], prefix
 
 def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
     """Sum of log p(label) over each example's supervised tokens: ``[examples]`` (DPO's sequence log-probability)."""
-    logits, targets = target_logits(model, batch, prefix)
-    return per_example_sum(token_logps(logits, targets), batch, prefix)
+    return per_example_sum(target_token_logps(model, batch, prefix), batch, prefix)
 
 
 def response_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
