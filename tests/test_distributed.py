@@ -68,6 +68,11 @@ def runs(tmp_path_factory, tiny_model_dir):
         "ppo": base(tiny_model_dir, pairs, root / "ppo", objective="ppo", max_steps=2,
                     objective_options={"reward_function": f"{reward}:reward", "max_new_tokens": 4,
                                        "num_ppo_epochs": 1}),
+        # FSDP: every decoding step all-gathers the weights, so ranks whose samples stop at different lengths must
+        # keep stepping together (12 new tokens of a random model: EOS comes at different steps per rank).
+        "ppo_fsdp": base(tiny_model_dir, pairs, root / "ppo_fsdp", objective="ppo", max_steps=2, distributed="fsdp",
+                         objective_options={"reward_function": f"{reward}:reward", "max_new_tokens": 12,
+                                            "num_ppo_epochs": 1}),
         # Dropout on: a resume must restore every rank's own random stream. 4 steps of 4 cross the epoch of 12.
         "lora_dropout": base(tiny_model_dir, sft, root / "lora_dropout", max_steps=4,
                              method_options={"lora_dropout": 0.1}),
@@ -146,15 +151,17 @@ def test_eval_loss_is_gathered_over_ranks(runs, tmp_path):
 
 def test_only_rank_zero_writes_and_ppo_runs(runs):
     root, _ = runs
-    for name in ("lora_sft", "lora_dpo", "ppo"):
+    for name in ("lora_sft", "lora_dpo", "ppo", "ppo_fsdp"):
         run = root / name
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         steps = [r["step"] for r in records if "loss" in r]
         assert steps == sorted(set(steps))  # one writer: no step logged twice
         assert json.loads((run / "run.json").read_text())["finished"] is True
         assert not list(run.glob(".*tmp*"))
-    ppo = [json.loads(line) for line in (root / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    assert all("reward" in r and "kl" in r for r in ppo if "loss" in r)
+    for name in ("ppo", "ppo_fsdp"):
+        ppo = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in ppo if "loss" in r] == [1, 2]
+        assert all("reward" in r and "kl" in r for r in ppo if "loss" in r)
 
 
 def test_local_batch_and_shards_cover_the_global_batch():

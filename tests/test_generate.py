@@ -99,6 +99,14 @@ def test_stops_at_eos(tokenizer):
     calls["n"] = 0
     outs = generate_ids(model, tokenizer, [[40, 41, 42]], max_new_tokens=50, batch_size=1)
     assert len(outs[0]) == 2 and calls["n"] == 3
+    # In a distributed run another rank may still be generating: this one keeps stepping (FSDP's forwards pair up
+    # across ranks) until every rank is done, and its finished row stays cut at its stop token.
+    calls["n"] = 0
+    asked = []
+    still = lambda running: asked.append(running) or len(asked) < 6  # noqa: E731  (the other rank: 6 steps)
+    outs = generate_ids(model, tokenizer, [[40, 41, 42]], max_new_tokens=50, batch_size=1, any_running=still)
+    assert len(outs[0]) == 2 and calls["n"] == 6
+    assert asked[:3] == [True, True, False]  # this rank's own state, reported each step
 
 
 def test_generation_config_eos_also_stops(tokenizer):

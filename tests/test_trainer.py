@@ -369,3 +369,26 @@ def test_checkpointing_every_other_block_and_offloading_activations_keep_the_wei
     lean = weights("lean", gradient_checkpointing=True, checkpoint_every=2, offload_activations=True)
     for name, value in plain.items():
         torch.testing.assert_close(lean[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_compiled_blocks_train_to_the_eager_weights(tmp_path, tokenizer):
+    """--compile: torch.compile of each decoder block (dynamic shapes for packed rows) changes speed, not results."""
+    from conftest import qa_rows
+    from tuneforge.trainer import Trainer, training_examples
+
+    data = write_jsonl(tmp_path / "data.jsonl", qa_rows(8))
+
+    def weights(name, **changes):
+        config = tuneforge.load_config(None, dict(model="tiny", data=str(data), max_steps=2, batch_size=4,
+                                                  output=str(tmp_path / name), eval_generate=False, progress=False,
+                                                  general_eval="none", eval_before=False, **changes))
+        model = make_tiny_model("llama", len(tokenizer))
+        trainer = Trainer(config, model, copy.deepcopy(tokenizer))
+        trainer.prepare_data(*training_examples(config))
+        trainer.train()
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    eager = weights("eager")
+    compiled = weights("compiled", compile=True)
+    for name, value in eager.items():
+        torch.testing.assert_close(compiled[name], value, rtol=1e-4, atol=1e-5, msg=name)

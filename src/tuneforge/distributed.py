@@ -20,6 +20,7 @@ import contextlib
 import datetime
 import functools
 import logging
+import math
 import os
 from typing import Any, Iterator
 
@@ -127,6 +128,10 @@ class Distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor.cpu()
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (one small all-reduce)."""
+        return bool(self.sum([float(flag)])[0] > 0)
+
     def sum_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         """Differentiation-free sum over ranks of a device tensor (PPO's whitening statistics), same dtype."""
         if not self.enabled:
@@ -176,11 +181,22 @@ class Distributed:
 
     # -- gradients --------------------------------------------------------------------------------------------
     def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
-        """Clip the global gradient norm; FSDP's sharded gradients (DTensors) give their norm over all shards."""
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if hasattr(norm, "full_tensor"):  # a DTensor: the partial norms of the shards, reduced
-            norm = norm.full_tensor()
-        return float(norm)
+        """Clip the global gradient norm; FSDP's sharded gradients (DTensors) give their norm over all shards.
+        A head outside the sharded model (PPO's value head) has plain gradients: the two kinds are normed apart
+        (torch refuses to mix them in one norm) and scaled by one coefficient."""
+        grads = [p.grad for p in params if p.grad is not None]
+        groups = [[g for g in grads if hasattr(g, "full_tensor")], [g for g in grads if not hasattr(g, "full_tensor")]]
+        if not all(groups):  # one kind only: torch's own clipping
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        norms = [torch.nn.utils.get_total_norm(group) for group in groups]
+        total = math.hypot(*(float(n.full_tensor() if hasattr(n, "full_tensor") else n) for n in norms))
+        coefficient = max_norm / (total + 1e-6)
+        if coefficient < 1.0:
+            with torch.no_grad():
+                for g in grads:
+                    g.mul_(coefficient)
+        return total
 
     def average_gradients(self, params: list[nn.Parameter]) -> None:
         """Average the gradients of parameters outside the wrapped model (an objective's reward / value head),

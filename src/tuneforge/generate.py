@@ -8,7 +8,7 @@ holds similar lengths (less padding), and results come back in the caller's orde
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from .data.batching import left_pad
 from .data.formats import Message
 from .data.template import ensure_chat_template, prompt_ids
 from .methods.kv_cache import cache_kwarg, output_cache
+
+
+AnyRunning = Callable[[bool], bool]  # this process still generates -> some process of the run still does
 
 
 @contextlib.contextmanager
@@ -64,7 +67,7 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
 
 def _generate_batch(model: nn.Module, prompts: list[list[int]], pad_id: int, stops: set[int], max_new_tokens: int,
                     do_sample: bool, temperature: float, top_k: int, top_p: float,
-                    generator: torch.Generator | None) -> list[list[int]]:
+                    generator: torch.Generator | None, any_running: AnyRunning | None = None) -> list[list[int]]:
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
@@ -84,7 +87,8 @@ def _generate_batch(model: nn.Module, prompts: list[list[int]], pad_id: int, sto
         generated.append(token)
         if stop_tensor is not None:
             finished |= torch.isin(token, stop_tensor)
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        running = not bool(finished.all())
+        if step == max_new_tokens - 1 or not (any_running(running) if any_running else running):
             break
         mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)  # finished rows keep feeding pad
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
@@ -104,10 +108,14 @@ def _cut_at_stop(row: list[int], stops: set[int], keep_stop: bool = False) -> li
 
 def generate_ids(model: nn.Module, tokenizer, prompt_id_lists: Sequence[list[int]], *, max_new_tokens: int = 64,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 batch_size: int = 8, seed: int | None = 0, keep_stop: bool = False) -> list[list[int]]:
+                 batch_size: int = 8, seed: int | None = 0, keep_stop: bool = False,
+                 any_running: AnyRunning | None = None) -> list[list[int]]:
     """Generate continuations of token-id prompts; returns the new token ids, in the prompts' order.
 
     Each row ends before its stop token, or with it when ``keep_stop`` (PPO credits the token that ended it).
+    ``any_running(this process still generates)`` says whether any process of a distributed run does: under FSDP
+    every decoding step is a forward with collective all-gathers, so all ranks step until the last one is done
+    (a finished row feeds padding, as within one batch).
     """
     stops = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -121,7 +129,7 @@ def generate_ids(model: nn.Module, tokenizer, prompt_id_lists: Sequence[list[int
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             outs = _generate_batch(model, [list(prompt_id_lists[i]) for i in chunk], pad_id, stops, max_new_tokens,
-                                   do_sample, temperature, top_k, top_p, generator)
+                                   do_sample, temperature, top_k, top_p, generator, any_running)
             for i, row in zip(chunk, outs):
                 results[i] = _cut_at_stop(row, stops, keep_stop)
     return results

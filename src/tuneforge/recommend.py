@@ -19,8 +19,10 @@ Memory is an analytic model of what training holds at its peak, with constants c
   activations (the larger of the two counts); DPO/PPO of a full fine-tune keep a copy;
 * activations saved for backward: per token and layer ``ACT_HIDDEN x hidden + ACT_MLP x intermediate`` values
   (``ACT_HIDDEN_FROZEN`` when nothing inside the blocks trains: prompt tuning), plus the logits (``vocab``
-  values in the model's dtype, their float32 copy and its gradient); pairs double the tokens; gradient
-  checkpointing keeps one hidden state per layer instead, and one block's activations while it is recomputed;
+  values in the model's dtype, their float32 copy and its gradient; above ``FUSE_FROM_LOGITS`` the loss fuses the
+  projection, and only one chunk of float32 logits and the hidden states' gradient remain); pairs double the
+  tokens; gradient checkpointing keeps one hidden state per layer instead, and one block's activations while it
+  is recomputed;
 * per rank (``world_size``, ``strategy``): DDP ranks hold whole replicas; FSDP2 ranks hold 1/N of the parameters,
   gradients, optimiser state and reference copy, plus the units all-gathered at once (:func:`memory_breakdown`;
   ``tests/test_distributed.py`` checks the sharded terms against the shards two gloo ranks hold);
@@ -155,6 +157,8 @@ def memory_breakdown(shape: ModelShape, method: str, objective: str = "sft", *, 
     """
     from .methods.base import METHODS
     from .objectives.base import OBJECTIVES
+    from .objectives.linear_cross_entropy import CHUNK_BYTES
+    from .objectives.logprobs import FUSE_FROM_LOGITS
 
     if strategy not in (None, "ddp", "fsdp"):
         raise ValueError(f"strategy must be None, 'ddp' or 'fsdp', got {strategy!r}")
@@ -189,7 +193,10 @@ def memory_breakdown(shape: ModelShape, method: str, objective: str = "sft", *, 
     else:
         per_token = shape.layers * block_activations * value_bytes
     parts["activations"] = tokens * per_token
-    parts["logits"] = tokens * shape.vocab * (value_bytes + 8)  # model dtype, float32 copy and its gradient
+    if objective_class.online or tokens * shape.vocab < FUSE_FROM_LOGITS:
+        parts["logits"] = tokens * shape.vocab * (value_bytes + 8)  # model dtype, float32 copy and its gradient
+    else:  # the projection fused with the loss: one float32 chunk of logits, and the hidden states' gradient
+        parts["logits"] = CHUNK_BYTES + tokens * shape.hidden * 4
     if full:  # backward frees activations as it fills the weight gradients: the larger of the two is the peak
         parts["freed_in_backward"] = -min(parts["activations"] + parts["logits"], parts["gradients"])
     if not gpu:

@@ -119,13 +119,31 @@ def training_data(config: RunConfig) -> LoadedData:
 def checkpoint_blocks(model: nn.Module, every: int = 1) -> list[bool]:
     """Gradient checkpointing on every ``every``-th decoder block (transformers' per-layer switch), re-entrant-free so
     that frozen inputs and adapters work; returns which blocks recompute."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    # transformers 5.24 renamed the switch (the old name warns); earlier releases have only the old one.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    blocks = decoder_blocks(model)
     for i, block in enumerate(blocks):
         block.gradient_checkpointing = i % every == 0
     return [block.gradient_checkpointing for block in blocks]
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's decoder blocks, in order (transformers' per-layer checkpointing unit)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """``torch.compile`` every decoder block in place (``--compile``), with dynamic shapes: packed rows change width
+    from step to step. The blocks share one graph, so the compile happens once. Returns the blocks compiled."""
+    blocks = decoder_blocks(model)
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
 
 
 def packing_refusal(method: type[Method], objective: Objective, model: nn.Module) -> str | None:
@@ -256,9 +274,12 @@ class Trainer:
         self._upcast_trainable()
         if config.gradient_checkpointing:
             checkpoint_blocks(model, config.checkpoint_every)
+        if config.compile:
+            compile_blocks(model)
         self.train_model = self._wrap(model)  # the training forward's module: DDP / FSDP2 under torchrun, else model
         self.ctx = TrainContext(handle=self.handle, reference_model=self.reference_model,
-                                sum_across_ranks=self.dist.sum_tensor if self.dist.enabled else None)
+                                sum_across_ranks=self.dist.sum_tensor if self.dist.enabled else None,
+                                any_across_ranks=self.dist.any if self.dist.enabled else None)
 
     def saved_activations(self) -> contextlib.AbstractContextManager:
         """Where the forward keeps what backward needs: on the model's device, or (``--offload-activations``) in
@@ -288,9 +309,6 @@ class Trainer:
         if not self.dist.enabled:
             return model
         fsdp = self.dist.strategy == "fsdp"
-        if fsdp and self.objective.online:
-            # Rollouts generate different lengths per rank; FSDP's per-layer all-gathers would then wait forever.
-            raise ValueError(f"{self.config.objective} samples its own batches per rank: run it with --distributed ddp")
         mixed = fsdp and self.dist.device.type == "cuda" and torch.cuda.is_bf16_supported()
         if fsdp and self.reference_model is not None:  # the frozen copy is sharded the same way
             shard_model(self.reference_model, mixed_precision=mixed, cpu_offload=self.config.fsdp_cpu_offload,
@@ -768,7 +786,7 @@ RESUMABLE_CHANGES = {"output", "resume", "overwrite", "progress", "device", "tru
                      "eval_before", "eval_generate", "eval_max_new_tokens", "eval_limit", "log_every", "save_every",
                      "keep_checkpoints", "report_to", "distributed", "fsdp_cpu_offload",
                      # memory for time: the same arithmetic
-                     "gradient_checkpointing", "checkpoint_every", "offload_activations"}
+                     "gradient_checkpointing", "checkpoint_every", "offload_activations", "compile"}
 
 
 def check_finite(tensors: dict[str, torch.Tensor], what: str, kept: str) -> None:

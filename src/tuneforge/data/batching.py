@@ -28,6 +28,17 @@ class LengthReport:
     longest: int = 0
     sources: list[str] = field(default_factory=list)  # the first few over-long records
 
+    def add(self, chunk: "LengthReport | None", examples: int) -> None:
+        """Count a further chunk of the same data (streaming reads it a chunk at a time); a chunk without a report
+        (pretraining keeps every token) adds its examples only."""
+        if chunk is None:
+            self.total += examples
+            return
+        for name in ("total", "too_long", "truncated", "dropped"):
+            setattr(self, name, getattr(self, name) + getattr(chunk, name))
+        self.longest = max(self.longest, chunk.longest)
+        self.sources = (self.sources + chunk.sources)[:4]  # the first few, as one report keeps
+
     def message(self, max_length: int) -> str:
         if not self.too_long:
             return f"{self.total} examples, all within max_length={max_length} (longest {self.longest} tokens)"

@@ -26,13 +26,13 @@ held whole.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .formats import (FORMATS, DataError, Example, _looks_like_hub_id, detect_format, normalise, parse_jsonl_line,
                       read_rows)
+from .batching import LengthReport
 from .mixing import DataSource
 
 log = logging.getLogger(__name__)
@@ -204,23 +204,6 @@ class RecordStream:
                 for s, n in zip(self.sources, self.read)]
 
 
-@dataclass
-class LengthCounts:
-    """The max-length policy's counts, added up over the chunks tokenized so far."""
-
-    total: int = 0
-    too_long: int = 0
-    truncated: int = 0
-    dropped: int = 0
-
-    def add(self, report: Any, examples: int) -> None:
-        if report is None:  # an objective that packs (pretraining) keeps every token
-            self.total += examples
-            return
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(report, f.name))
-
-
 Prepare = Callable[[list[Example]], tuple[list[Any], Any]]  # examples -> (items, the chunk's LengthReport or None)
 
 
@@ -234,7 +217,7 @@ class StreamSampler:
         self.taken = 0  # of them handed out
         self.chunk_start = 0  # records of the epoch before the current chunk
         self.epoch_items = 0  # items this epoch has made so far
-        self.lengths = LengthCounts()
+        self.lengths = LengthReport()
         stream.seek(0, 0)
 
     @property
@@ -292,4 +275,4 @@ class StreamSampler:
         self.items = self.prepare(self.stream.read_chunk(self.chunk))[0] if state["taken"] else []
         self.chunk_start, self.taken, self.epoch_items = state["index"], state["taken"], state["epoch_items"]
         self.stream.read = list(state["read"])
-        self.lengths = LengthCounts(**state["lengths"])
+        self.lengths = LengthReport(**state["lengths"])

@@ -47,10 +47,15 @@ class TrainContext:
     reference_model: nn.Module | None = None  # a separate frozen copy (full fine-tuning only)
     step: int = 0
     sum_across_ranks: Any = None  # sums a tensor over the ranks of a distributed run (PPO's rollout statistics)
+    any_across_ranks: Any = None  # bool -> whether it holds on any rank (generation steps until every rank is done)
 
     def across_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over every rank of a distributed run; itself on one process."""
         return tensor if self.sum_across_ranks is None else self.sum_across_ranks(tensor)
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank of a distributed run; itself on one process."""
+        return flag if self.any_across_ranks is None else self.any_across_ranks(flag)
 
     def reference(self):
         """Context manager + model computing the frozen reference policy."""

@@ -230,12 +230,12 @@ class GRPO(Objective):
             self.rollouts = int(state["rollouts"])
 
     # -- rollout ----------------------------------------------------------------------------------------
-    def sample(self, model: nn.Module, items: list[PromptItem], do_sample: bool = True
-               ) -> tuple[list[list[int]], list[bool]]:
+    def sample(self, model: nn.Module, items: list[PromptItem], do_sample: bool = True,
+               ctx: TrainContext | None = None) -> tuple[list[list[int]], list[bool]]:
         c = self.config
         return sample_completions(model, self.tokenizer, [i.input_ids for i in items], max_new_tokens=c.max_new_tokens,
                                   temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
-                                  seed=c.seed * 1_000_003 + self.rollouts, do_sample=do_sample)
+                                  seed=c.seed * 1_000_003 + self.rollouts, do_sample=do_sample, ctx=ctx)
 
     def rewards(self, items: list[PromptItem], completions: list[list[int]]) -> torch.Tensor:
         """``[completions, sources]`` rewards: each function's, then the reward model's."""
@@ -257,7 +257,7 @@ class GRPO(Objective):
         compares against (the sampling policy's when it is optimised more than once, the reference's)."""
         c = self.config
         group = [item for item in items for _ in range(c.num_generations)]
-        completions, stopped = self.sample(model, group)
+        completions, stopped = self.sample(model, group, ctx=ctx)
         device = next(model.parameters()).device
         per_source = self.rewards(group, completions)
         rewards = self.weighted_reward(per_source)
@@ -312,7 +312,7 @@ class GRPO(Objective):
     def loss(self, model: nn.Module, batch: dict[str, Any], ctx: TrainContext
              ) -> tuple[torch.Tensor, dict[str, float]]:
         if "items" in batch:
-            return self.evaluation_loss(model, batch["items"])
+            return self.evaluation_loss(model, batch["items"], ctx)
         c = self.config
         keep = supervised_positions(batch["labels"])
         logits, targets = target_logits(model, batch)
@@ -331,8 +331,9 @@ class GRPO(Objective):
         return loss, metrics
 
     @torch.no_grad()
-    def evaluation_loss(self, model: nn.Module, items: list[PromptItem]) -> tuple[torch.Tensor, dict[str, float]]:
+    def evaluation_loss(self, model: nn.Module, items: list[PromptItem], ctx: TrainContext | None = None
+                        ) -> tuple[torch.Tensor, dict[str, float]]:
         """Held-out prompts: greedy completions' summed (weighted) reward, negated as a loss (lower is better)."""
-        completions, _ = self.sample(model, items, do_sample=False)
+        completions, _ = self.sample(model, items, do_sample=False, ctx=ctx)
         total = self.weighted_reward(self.rewards(items, completions)).sum().item()
         return torch.tensor(-total), {"loss": -total, "reward": total}

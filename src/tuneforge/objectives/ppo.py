@@ -246,13 +246,13 @@ class PPO(Objective):
             self.kl_coef, self.rollouts = float(state["kl_coef"]), int(state["rollouts"])
 
     # -- rollout ----------------------------------------------------------------------------------------
-    def sample(self, model: nn.Module, items: list[PromptItem], do_sample: bool = True) -> tuple[list[list[int]],
-                                                                                                 list[bool]]:
+    def sample(self, model: nn.Module, items: list[PromptItem], do_sample: bool = True,
+               ctx: TrainContext | None = None) -> tuple[list[list[int]], list[bool]]:
         """Completions (closed by EOS when the policy stopped) and whether each stopped on its own."""
         c = self.config
         return sample_completions(model, self.tokenizer, [i.input_ids for i in items],
                                   max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
-                                  top_k=c.top_k, seed=c.seed * 1_000_003 + self.rollouts, do_sample=do_sample)
+                                  top_k=c.top_k, seed=c.seed * 1_000_003 + self.rollouts, do_sample=do_sample, ctx=ctx)
 
     def score(self, items: list[PromptItem], completions: list[list[int]], stopped: list[bool]) -> torch.Tensor:
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
@@ -271,7 +271,7 @@ class PPO(Objective):
                 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Sample, score, and turn the scores into per-token advantages and returns (steps 1-3 above)."""
         c = self.config
-        completions, stopped = self.sample(model, items)
+        completions, stopped = self.sample(model, items, ctx=ctx)
         device = next(model.parameters()).device
         batch = pad_batch([Tokenized(i.input_ids + ids, [IGNORE_INDEX] * len(i.input_ids) + ids, i.source)
                            for i, ids in zip(items, completions)], self.tokenizer.pad_token_id)
@@ -324,7 +324,7 @@ class PPO(Objective):
     def loss(self, model: nn.Module, batch: dict[str, Any], ctx: TrainContext
              ) -> tuple[torch.Tensor, dict[str, float]]:
         if "items" in batch:
-            return self.evaluation_loss(model, batch["items"])
+            return self.evaluation_loss(model, batch["items"], ctx)
         c = self.config
         logits, targets, hidden, keep = action_outputs(model, batch)
         logps = token_logps(logits, targets)
@@ -343,8 +343,9 @@ class PPO(Objective):
         return loss, metrics
 
     @torch.no_grad()
-    def evaluation_loss(self, model: nn.Module, items: list[PromptItem]) -> tuple[torch.Tensor, dict[str, float]]:
+    def evaluation_loss(self, model: nn.Module, items: list[PromptItem], ctx: TrainContext | None = None
+                        ) -> tuple[torch.Tensor, dict[str, float]]:
         """Held-out prompts: greedy completions' summed reward, negated as a loss (lower is better)."""
-        completions, stopped = self.sample(model, items, do_sample=False)
+        completions, stopped = self.sample(model, items, do_sample=False, ctx=ctx)
         total = self.score(items, completions, stopped).sum().item()
         return torch.tensor(-total), {"loss": -total, "reward": total}

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..generate import generate_ids, stop_token_ids
+from .base import TrainContext
 
 RewardFunction = Callable[..., list[float]]
 
@@ -64,14 +65,15 @@ def call_reward_function(fn: RewardFunction, prompts: list[str], completions: li
 
 
 def sample_completions(model: nn.Module, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int,
-                       temperature: float, top_p: float, top_k: int, seed: int, do_sample: bool = True
-                       ) -> tuple[list[list[int]], list[bool]]:
+                       temperature: float, top_p: float, top_k: int, seed: int, do_sample: bool = True,
+                       ctx: TrainContext | None = None) -> tuple[list[list[int]], list[bool]]:
     """Completions (closed by the stop token when the policy stopped) and whether each stopped on its own.
 
-    The stop token is an action the policy took (and must be credited for), so it stays in the completion."""
+    The stop token is an action the policy took (and must be credited for), so it stays in the completion. In a
+    distributed run (``ctx``) every rank decodes until all are done, so sharded forwards stay paired."""
     out = generate_ids(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
                        temperature=temperature, top_p=top_p, top_k=top_k, batch_size=len(prompt_ids), seed=seed,
-                       keep_stop=True)
+                       keep_stop=True, any_running=ctx.any_rank if ctx is not None else None)
     stops = stop_token_ids(tokenizer, model)
     return out, [bool(ids) and ids[-1] in stops for ids in out]
 
