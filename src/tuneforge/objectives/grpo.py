@@ -36,7 +36,7 @@ from ..data.formats import Example, examples_of_kind
 from ..data.preference import PromptItem, prompts_within, tokenize_prompt
 from ..data.template import IGNORE_INDEX, Tokenized
 from .base import Objective, ObjectiveConfig, TrainContext, disable_dropout, register
-from .logprobs import supervised_positions, target_logits, token_logps
+from .logprobs import supervised_positions, target_token_logps
 from .rollouts import (
     RewardFunction,
     call_reward_function,
@@ -291,10 +291,9 @@ class GRPO(Objective):
     @staticmethod
     def grid_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[batch, time]`` log-probs of the sampled tokens (at the positions that predict them; 0 elsewhere)."""
-        logits, targets = target_logits(model, batch)
         keep = supervised_positions(batch["labels"])
         out = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device)
-        out[keep] = token_logps(logits, targets)
+        out[keep] = target_token_logps(model, batch)
         return out
 
     def optimizer_steps_per_batch(self) -> int:
@@ -315,8 +314,7 @@ class GRPO(Objective):
             return self.evaluation_loss(model, batch["items"], ctx)
         c = self.config
         keep = supervised_positions(batch["labels"])
-        logits, targets = target_logits(model, batch)
-        logps = token_logps(logits, targets)
+        logps = target_token_logps(model, batch)  # the projection fused with the loss for large batches
         rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
         old = batch["old_logps"][keep] if "old_logps" in batch else logps.detach()
         ref = batch["ref_logps"][keep] if "ref_logps" in batch else None

@@ -8,8 +8,9 @@ dropped:
 * ``linear_cross_entropy_sum`` (SFT, pretraining: one scalar loss) computes the gradients of the hidden states and
   of the projection inside the forward, chunk by chunk, as liger-kernel's fused linear cross-entropy does; backward
   only scales them by the incoming scalar. Nothing is computed twice.
-* ``linear_token_logps`` (DPO, ORPO, SimPO, KTO: per-token log-probabilities with per-token upstream gradients)
-  keeps the hidden states and the log-sum-exp per row and recomputes each chunk's logits in backward.
+* ``linear_token_logps`` (DPO, ORPO, SimPO, KTO, GRPO and PPO's reference: per-token log-probabilities with
+  per-token upstream gradients) keeps the hidden states and the log-sum-exp per row and recomputes each chunk's
+  logits in backward. PPO's policy forward keeps its logits: its entropy metric reads the whole distribution.
 
 Both agree with ``F.cross_entropy(hidden @ weight.T + bias)`` to float rounding (tests/objectives/
 test_linear_cross_entropy.py), in value and in every gradient.

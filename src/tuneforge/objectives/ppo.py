@@ -32,7 +32,7 @@ from ..data.formats import Example, examples_of_kind
 from ..data.preference import PromptItem, prompts_within, tokenize_prompt
 from ..data.template import IGNORE_INDEX, Tokenized
 from .base import Objective, ObjectiveConfig, TrainContext, disable_dropout, register
-from .logprobs import action_outputs, target_logits, token_logps
+from .logprobs import action_outputs, target_token_logps, token_logps
 from .rollouts import (  # noqa: F401  (load_reward_function / call_reward_function: importable from here too)
     RewardFunction,
     call_reward_function,
@@ -280,8 +280,7 @@ class PPO(Objective):
         old_logps, values = token_logps(logits, targets), self.value_head(hidden)
         del logits
         with ctx.reference() as reference:
-            ref_logits, _ = target_logits(reference, batch)
-        ref_logps = token_logps(ref_logits, targets)
+            ref_logps = target_token_logps(reference, batch)
         scores = self.score(items, completions, stopped).to(device)
 
         kl = spread(old_logps - ref_logps, keep)
