@@ -181,3 +181,18 @@ def test_a_model_with_its_own_attention_mask_is_not_packed(tokenizer):
             return input_ids
 
     assert "builds its own attention mask" in model_packing_refusal(OwnMasking())
+
+
+def test_kto_packs_its_examples_and_the_mismatched_pairs(chat_tokenizer):
+    rows = [{"prompt": f"Q{i}?", "completion": "yes " * (1 + i), "label": i % 2 == 0} for i in range(4)]
+    objective = get_objective("kto")(chat_tokenizer)
+    items = objective.prepare([normalise(r, "unpaired", f"u:{i}") for i, r in enumerate(rows)], 128)
+    padded = objective.collate(items)
+    objective.pack_capacity = 128
+    packed = objective.collate(items)
+    assert "kl_example_ids" in packed and objective.units(packed) == objective.units(padded) == 4
+    model = make_tiny_model("llama", len(chat_tokenizer))
+    with torch.no_grad():
+        for prefix in ("", "kl_"):
+            torch.testing.assert_close(sequence_logps(model, packed, prefix), sequence_logps(model, padded, prefix),
+                                       rtol=1e-4, atol=1e-4)

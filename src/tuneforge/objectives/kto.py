@@ -22,6 +22,7 @@ from torch import nn
 
 from ..data.batching import enforce_max_length, pad_batch, truncated
 from ..data.formats import Example, examples_of_kind
+from ..data.packing import example_count, pack_batch
 from ..data.preference import tokenize_response
 from ..data.template import IGNORE_INDEX, Tokenized, prompt_ids
 from .base import Objective, ObjectiveConfig, TrainContext, disable_dropout, register
@@ -109,6 +110,7 @@ def mismatched(items: list[UnpairedItem]) -> list[Tokenized]:
 @register
 class KTO(Objective):
     name = "kto"
+    packable = True
     aliases = ("kahneman_tversky_optimization",)
     kinds = ("unpaired",)
     config_class = KTOConfig
@@ -130,7 +132,7 @@ class KTO(Objective):
         return items
 
     def collate(self, items: list[UnpairedItem]) -> dict[str, torch.Tensor]:
-        batch = pad_batch([i.example for i in items], self.tokenizer.pad_token_id)
+        batch = self.rows([i.example for i in items])
         batch["label"] = torch.tensor([i.label for i in items], dtype=torch.bool)
         if self.config.loss_type == "kto":
             if len(items) < 2 and not self.warned_single:
@@ -138,12 +140,18 @@ class KTO(Objective):
                 log.warning("kto: a micro-batch of 1 example pairs its prompt with its own answer, so the KL "
                             "reference point is its implied reward; use micro_batch_size >= 2")
                 self.warned_single = True
-            kl = pad_batch(mismatched(items), self.tokenizer.pad_token_id)
+            kl = self.rows(mismatched(items))
             batch.update({f"kl_{k}": v for k, v in kl.items()})
         return batch
 
+    def rows(self, examples: list[Tokenized]) -> dict[str, torch.Tensor]:
+        """The examples as a packed batch (``pack_capacity`` set by the trainer) or a padded one."""
+        if self.pack_capacity:
+            return pack_batch(examples, self.tokenizer.pad_token_id, self.pack_capacity)
+        return pad_batch(examples, self.tokenizer.pad_token_id)
+
     def units(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["input_ids"].shape[0]  # examples
+        return example_count(batch)  # examples
 
     def setup(self, model: nn.Module, ctx: TrainContext) -> None:
         if self.config.disable_dropout:
