@@ -46,7 +46,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SIDES = ("tuneforge", "peft")
+SIDES = ("tuneforge", "peft", "liger")  # liger: PEFT over a liger-kernel-patched model (CUDA only; --sides)
+# Dense bf16 peak of the GPUs MFU is reported against (TFLOP/s, no sparsity); --peak-tflops for others or the CPU.
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0}
 IGNORE_INDEX = -100
 
 # Llama-3.2-1B's shape (meta-llama/Llama-3.2-1B config.json), random weights: nothing is downloaded.
@@ -91,7 +93,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs per side; the order alternates (tf, peft, peft, tf, ...); the fastest run counts")
-    p.add_argument("--sides", default="tuneforge,peft", help="comma-separated subset of tuneforge,peft")
+    p.add_argument("--sides", default="tuneforge,peft",
+                   help="comma-separated subset of tuneforge,peft,liger (liger: PEFT over a model patched with "
+                        "liger-kernel's RMSNorm / RoPE / SwiGLU / fused linear cross-entropy; needs CUDA)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak TFLOP/s for MFU (default: known GPUs' dense bf16 peak; none on CPU)")
     p.add_argument("--json", dest="json_out", help="write every measurement here")
     p.add_argument("--markdown", help="write a results table (with the command line) here")
     p.add_argument("--from-json", help="print (and with --markdown write) the report of a saved --json run; "
@@ -261,6 +267,33 @@ def setup_peft(args, model, tokenizer):
     return peft_model, loss_fn
 
 
+def setup_liger(args, model, tokenizer):
+    """The strongest HF-ecosystem baseline: liger-kernel's Triton kernels patched into the model (RMSNorm, RoPE,
+    SwiGLU, and its fused linear cross-entropy inside ``model(..., labels=...)``), then PEFT's LoRA."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model)
+    return setup_peft(args, model, tokenizer)
+
+
+def model_flops_per_token(config, params: int, mean_length: float) -> float:
+    """PaLM's MFU convention (Chowdhery et al. 2022, app. B): 6 x parameters + 12 x layers x hidden x context per
+    token, as if every weight trained. LoRA skips the frozen weights' gradients, so its hardware does less; both
+    sides are counted alike, so the MFU ratio is the tokens/s ratio."""
+    return 6 * params + 12 * config.num_hidden_layers * config.hidden_size * mean_length
+
+
+def peak_tflops(args) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops
+    if args.device != "cuda" or torch_dtype_name(args) != "bfloat16":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name()
+    return next((tflops for gpu, tflops in PEAK_BF16_TFLOPS.items() if gpu in name), None)
+
+
 def read_proc_status_kb(field: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -304,7 +337,8 @@ def run_worker(args) -> dict:
         import_tuneforge()  # the PEFT side uses tuneforge only to load the embedded model, as the other side
     model, tokenizer = build_model(args)
     base_params = sum(p.numel() for p in model.parameters())
-    setup = setup_tuneforge if args.worker == "tuneforge" else setup_peft
+    base_config = model.config
+    setup = {"tuneforge": setup_tuneforge, "peft": setup_peft, "liger": setup_liger}[args.worker]
     model, loss_fn = setup(args, model, tokenizer)
     lora_names = same_lora_init(model, args.seed)
     initial = {canonical_lora_name(n): p.detach().float().cpu().clone()
@@ -314,6 +348,7 @@ def run_worker(args) -> dict:
     vocab = model.get_output_embeddings().weight.shape[0]
     batches = make_batches(args, vocab)
     real_tokens = [int(b["attention_mask"].sum()) for b in batches]
+    mean_length = statistics.fmean(t / b["input_ids"].shape[0] for t, b in zip(real_tokens, batches))
     if args.worker == "tuneforge" and not args.no_packing:
         batches = [packed(b, args.seq_len) for b in batches]
     positions = [b["input_ids"].numel() for b in batches]  # what the model computes, padding included
@@ -373,7 +408,12 @@ def run_worker(args) -> dict:
         "lora_modules": len(lora_names) // 2,
         "lora_names_sha1": hashlib.sha1("\n".join(lora_names).encode()).hexdigest()[:12],
         "setup_s": setup_s,
+        "model_flops_per_token": model_flops_per_token(base_config, base_params, mean_length),
     }
+    peak_flops = peak_tflops(args)
+    if peak_flops:
+        out["mfu"] = out["tokens_per_s"] * out["model_flops_per_token"] / (peak_flops * 1e12)
+        out["peak_tflops"] = peak_flops
     if cuda:
         peak = torch.cuda.max_memory_allocated()
         out.update(peak_mem_mb=peak / 2**20, train_mem_mb=(peak - mem_after_setup) / 2**20,
@@ -514,6 +554,8 @@ def report_lines(args, command: str, env: dict, runs: dict, summary: dict) -> li
         lines.append(f"| {label} | {' | '.join(cells)} | {format(ratio, '.3f') if ratio is not None else ''} |")
 
     row("tokens/s (real tokens)", "tokens_per_s", ".0f", "tokens_per_s_ratio")
+    if any(best.get(s) and best[s].get("mfu") is not None for s in sides):
+        row("MFU (PaLM convention: 6N + attention FLOPs per token)", "mfu", ".1%")
     row("real tokens per step", "tokens_per_step", ".0f")
     row("positions computed per step (padding included)", "positions_per_step", ".0f")
     row("median step time (s)", "median_step_s", ".4f", "step_time_ratio")
