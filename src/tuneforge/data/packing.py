@@ -1,8 +1,9 @@
 """Padding-free batches: several examples per row, attention that never crosses from one example to another.
 
 A padded batch of examples with lengths 40, 310 and 95 computes 3 x 310 positions, 485 of them padding. A packed
-batch puts the examples side by side in as few rows as fit ``capacity`` tokens (first-fit decreasing), gives each
-example its own position ids (0, 1, 2, ... restarting at every example) and passes **no** attention mask.
+batch puts the examples side by side in as few rows of at most ``capacity`` tokens as they need, filled evenly
+(first-fit decreasing), gives each example its own position ids (0, 1, 2, ... restarting at every example; a
+pretraining block restarts them at every document inside it) and passes **no** attention mask.
 Transformers reads example boundaries from the restarting position ids (``masking_utils.find_packed_sequence_
 indices``): SDPA and eager attention get a block-diagonal causal mask, flash-attention its variable-length kernel.
 So every example sees exactly the tokens it would see alone, at the same positions: per-example losses and
