@@ -345,50 +345,39 @@ def test_batch_size_must_be_a_multiple_of_micro_batch(tmp_path, sft_file):
         tuneforge.load_config(None, {"data": str(sft_file), "batch_size": 8, "micro_batch_size": 3})
 
 
+def trained_weights(tmp_path, tokenizer, name: str, **changes) -> dict[str, torch.Tensor]:
+    """The trainable tensors after 2 LoRA SFT steps of a tiny Llama (no dropout), with ``changes`` to the config."""
+    from conftest import qa_rows
+    from tuneforge.trainer import Trainer, training_examples
+
+    data = write_jsonl(tmp_path / "data.jsonl", qa_rows(8))
+    config = tuneforge.load_config(None, dict(model="tiny", data=str(data), max_steps=2, batch_size=4,
+                                              output=str(tmp_path / name), eval_generate=False, progress=False,
+                                              general_eval="none", eval_before=False,
+                                              method_options={"lora_dropout": 0.0}, **changes))
+    model = make_tiny_model("llama", len(tokenizer))
+    trainer = Trainer(config, model, copy.deepcopy(tokenizer))
+    trainer.prepare_data(*training_examples(config))
+    trainer.train()
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def test_checkpointing_every_other_block_and_offloading_activations_keep_the_weights(tmp_path, tokenizer):
     """Memory for time, never different arithmetic: checkpointing half the blocks and keeping saved activations
     in CPU memory train to the weights of a plain run."""
-    from conftest import qa_rows
-    from tuneforge.trainer import Trainer, checkpoint_blocks, training_examples
+    from tuneforge.trainer import checkpoint_blocks
 
     assert checkpoint_blocks(make_tiny_model("llama", len(tokenizer)), every=2) == [True, False]
-    data = write_jsonl(tmp_path / "data.jsonl", qa_rows(8))
-
-    def weights(name, **changes):
-        config = tuneforge.load_config(None, dict(model="tiny", data=str(data), max_steps=2, batch_size=4,
-                                                  output=str(tmp_path / name), eval_generate=False, progress=False,
-                                                  general_eval="none", method_options={"lora_dropout": 0.0},
-                                                  **changes))
-        model = make_tiny_model("llama", len(tokenizer))
-        trainer = Trainer(config, model, copy.deepcopy(tokenizer))
-        trainer.prepare_data(*training_examples(config))
-        trainer.train()
-        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    plain = weights("plain")
-    lean = weights("lean", gradient_checkpointing=True, checkpoint_every=2, offload_activations=True)
+    plain = trained_weights(tmp_path, tokenizer, "plain")
+    lean = trained_weights(tmp_path, tokenizer, "lean", gradient_checkpointing=True, checkpoint_every=2,
+                           offload_activations=True)
     for name, value in plain.items():
         torch.testing.assert_close(lean[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_compiled_blocks_train_to_the_eager_weights(tmp_path, tokenizer):
     """--compile: torch.compile of each decoder block (dynamic shapes for packed rows) changes speed, not results."""
-    from conftest import qa_rows
-    from tuneforge.trainer import Trainer, training_examples
-
-    data = write_jsonl(tmp_path / "data.jsonl", qa_rows(8))
-
-    def weights(name, **changes):
-        config = tuneforge.load_config(None, dict(model="tiny", data=str(data), max_steps=2, batch_size=4,
-                                                  output=str(tmp_path / name), eval_generate=False, progress=False,
-                                                  general_eval="none", eval_before=False, **changes))
-        model = make_tiny_model("llama", len(tokenizer))
-        trainer = Trainer(config, model, copy.deepcopy(tokenizer))
-        trainer.prepare_data(*training_examples(config))
-        trainer.train()
-        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    eager = weights("eager")
-    compiled = weights("compiled", compile=True)
+    eager = trained_weights(tmp_path, tokenizer, "eager")
+    compiled = trained_weights(tmp_path, tokenizer, "compiled", compile=True)
     for name, value in eager.items():
         torch.testing.assert_close(compiled[name], value, rtol=1e-4, atol=1e-5, msg=name)
