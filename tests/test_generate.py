@@ -130,3 +130,13 @@ def test_generate_strings_apply_the_chat_template(chat_tokenizer):
     model.train()
     generate(model, chat_tokenizer, ["Hi"], max_new_tokens=2)
     assert model.training
+
+
+def test_long_prompts_come_in_smaller_batches():
+    from tuneforge.generate import length_batches
+
+    order = [3, 0, 2, 1]  # sorted by length: 10, 10, 50, 90 tokens (prompt + new tokens)
+    assert length_batches(order, [10, 10, 50, 90], max_rows=64, max_tokens=None) == [[3, 0, 2, 1]]
+    assert length_batches(order, [10, 10, 50, 90], max_rows=2, max_tokens=None) == [[3, 0], [2, 1]]
+    # 3 rows x 50 = 150 > 100: the third opens a batch; 90 x 2 > 100 too.
+    assert length_batches(order, [10, 10, 50, 90], max_rows=64, max_tokens=100) == [[3, 0], [2], [1]]

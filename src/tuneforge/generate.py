@@ -106,16 +106,31 @@ def _cut_at_stop(row: list[int], stops: set[int], keep_stop: bool = False) -> li
     return row
 
 
+def length_batches(order: list[int], lengths: list[int], max_rows: int, max_tokens: int | None) -> list[list[int]]:
+    """``order`` (sorted by length, ascending; ``lengths`` in that order) cut into batches of at most ``max_rows``
+    rows and, when given, ``max_tokens`` padded tokens (rows x the batch's longest). A function of the lengths
+    alone: ranks that generate the same prompts batch them alike."""
+    batches: list[list[int]] = []
+    for i, length in zip(order, lengths):
+        if batches and len(batches[-1]) < max_rows and (
+                max_tokens is None or (len(batches[-1]) + 1) * length <= max_tokens):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 def generate_ids(model: nn.Module, tokenizer, prompt_id_lists: Sequence[list[int]], *, max_new_tokens: int = 64,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  batch_size: int = 8, seed: int | None = 0, keep_stop: bool = False,
-                 any_running: AnyRunning | None = None) -> list[list[int]]:
+                 any_running: AnyRunning | None = None, max_batch_tokens: int | None = None) -> list[list[int]]:
     """Generate continuations of token-id prompts; returns the new token ids, in the prompts' order.
 
     Each row ends before its stop token, or with it when ``keep_stop`` (PPO credits the token that ended it).
     ``any_running(this process still generates)`` says whether any process of a distributed run does: under FSDP
     every decoding step is a forward with collective all-gathers, so all ranks step until the last one is done
-    (a finished row feeds padding, as within one batch).
+    (a finished row feeds padding, as within one batch). ``max_batch_tokens`` caps rows x (longest prompt + new
+    tokens) per batch, so long prompts come in smaller batches (the KV cache stays bounded).
     """
     stops = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -126,8 +141,8 @@ def generate_ids(model: nn.Module, tokenizer, prompt_id_lists: Sequence[list[int
     order = sorted(range(len(prompt_id_lists)), key=lambda i: len(prompt_id_lists[i]))
     results: list[list[int]] = [[] for _ in prompt_id_lists]
     with eval_mode(model):
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+        for chunk in length_batches(order, [len(prompt_id_lists[i]) + max_new_tokens for i in order], batch_size,
+                                    max_batch_tokens):
             outs = _generate_batch(model, [list(prompt_id_lists[i]) for i in chunk], pad_id, stops, max_new_tokens,
                                    do_sample, temperature, top_k, top_p, generator, any_running)
             for i, row in zip(chunk, outs):
@@ -137,7 +152,7 @@ def generate_ids(model: nn.Module, tokenizer, prompt_id_lists: Sequence[list[int
 
 def generate(model: nn.Module, tokenizer, prompts: Sequence[list[Message] | str], *, max_new_tokens: int = 64,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             batch_size: int = 8, seed: int | None = 0) -> list[str]:
+             batch_size: int = 8, seed: int | None = 0, max_batch_tokens: int | None = None) -> list[str]:
     """Chat-templated generation: each prompt is a message list, or a string taken as one user message."""
     ensure_chat_template(tokenizer)
     id_lists = []
@@ -145,5 +160,6 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[list[Message] | str]
         messages = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
         id_lists.append(prompt_ids(tokenizer, messages))
     outs = generate_ids(model, tokenizer, id_lists, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                        temperature=temperature, top_p=top_p, top_k=top_k, batch_size=batch_size, seed=seed)
+                        temperature=temperature, top_p=top_p, top_k=top_k, batch_size=batch_size, seed=seed,
+                        max_batch_tokens=max_batch_tokens)
     return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
