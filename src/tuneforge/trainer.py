@@ -292,7 +292,7 @@ class Trainer:
         """What this run computed with: packed or padded batches, the attention kernel, optional GPU kernels."""
         return {"packing": self.objective.pack_capacity is not None,
                 "attention": getattr(self.model.config, "_attn_implementation", None),
-                "kernels": {name: version for name, version in self.kernels.items()}}
+                "kernels": dict(self.kernels)}
 
     def _packs(self, model: nn.Module) -> bool:
         """Whether batches are packed (``--packing``): by default wherever it is exact; insisting where it is not

@@ -86,6 +86,13 @@ def pack_batch(examples: list[Tokenized], pad_token_id: int, capacity: int) -> d
             "num_examples": len(examples)}
 
 
+def collate_tokens(examples: list[Tokenized], pad_token_id: int, pack_capacity: int | None) -> dict:
+    """The examples as one batch: packed into rows of ``pack_capacity`` tokens, or right-padded when it is None."""
+    from .batching import pad_batch
+
+    return pack_batch(examples, pad_token_id, pack_capacity) if pack_capacity else pad_batch(examples, pad_token_id)
+
+
 def is_packed(batch: dict) -> bool:
     return PACKED_KEY in batch
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from .batching import LengthReport, enforce_max_length, pad_batch, truncated
-from .packing import pack_batch
+from .batching import LengthReport, enforce_max_length, truncated
+from .packing import collate_tokens
 from .formats import DataError, Example, Message
 from .template import IGNORE_INDEX, Tokenized, prompt_ids, render_text
 
@@ -118,7 +118,7 @@ def collate_pairs(items: list[PairItem], pad_token_id: int, pack_capacity: int |
     """One batch of the chosen examples, then the rejected ones (one forward pass scores both, as TRL): right-padded
     rows, or packed into rows of ``pack_capacity`` tokens."""
     examples = [i.chosen for i in items] + [i.rejected for i in items]
-    batch = pack_batch(examples, pad_token_id, pack_capacity) if pack_capacity else pad_batch(examples, pad_token_id)
+    batch = collate_tokens(examples, pad_token_id, pack_capacity)
     if any(i.margin is not None for i in items):  # a record without a margin has margin 0
         batch["margin"] = torch.tensor([i.margin or 0.0 for i in items], dtype=torch.float32)
     if all(i.ref_logps is not None for i in items):

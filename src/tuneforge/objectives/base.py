@@ -176,12 +176,9 @@ class NextTokenObjective(Objective):
     packable = True
 
     def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
-        from ..data.batching import pad_batch
-        from ..data.packing import pack_batch
+        from ..data.packing import collate_tokens
 
-        if self.pack_capacity:
-            return pack_batch(items, self.tokenizer.pad_token_id, self.pack_capacity)
-        return pad_batch(items, self.tokenizer.pad_token_id)
+        return collate_tokens(items, self.tokenizer.pad_token_id, self.pack_capacity)
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         # Tokens that are predicted: the label at t+1 is supervised.

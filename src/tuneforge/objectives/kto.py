@@ -20,9 +20,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from ..data.batching import enforce_max_length, pad_batch, truncated
+from ..data.batching import enforce_max_length, truncated
 from ..data.formats import Example, examples_of_kind
-from ..data.packing import example_count, pack_batch
+from ..data.packing import collate_tokens, example_count
 from ..data.preference import tokenize_response
 from ..data.template import IGNORE_INDEX, Tokenized, prompt_ids
 from .base import Objective, ObjectiveConfig, TrainContext, disable_dropout, register
@@ -146,9 +146,7 @@ class KTO(Objective):
 
     def rows(self, examples: list[Tokenized]) -> dict[str, torch.Tensor]:
         """The examples as a packed batch (``pack_capacity`` set by the trainer) or a padded one."""
-        if self.pack_capacity:
-            return pack_batch(examples, self.tokenizer.pad_token_id, self.pack_capacity)
-        return pad_batch(examples, self.tokenizer.pad_token_id)
+        return collate_tokens(examples, self.tokenizer.pad_token_id, self.pack_capacity)
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return example_count(batch)  # examples
