@@ -84,7 +84,7 @@ def test_a_malicious_pickle_is_refused_without_running_it(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("setup,message", [
-    ("exists", "already exists and is not empty"),
+    ("exists", "exists and is not empty; pass --overwrite"),
     ("safetensors", "already holds safetensors weights: nothing to convert"),
     ("no weights", "has neither pytorch_model.bin nor pytorch_model.bin.index.json"),
     ("not a state dict", "expected a flat mapping of tensor names to tensors"),

@@ -199,13 +199,18 @@ def remove_leftovers(run_dir: str | Path) -> list[Path]:
         if not root.is_dir():
             continue
         for path in root.iterdir():
-            if path.name.startswith(".") and (".tmp" in path.name or ".old" in path.name):
+            if is_leftover(path):
                 if path.is_dir():
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
+
+
+def is_leftover(path: Path) -> bool:
+    """A ``.NAME.tmp…`` / ``.NAME.old…`` entry: a write or a rename a killed process did not finish."""
+    return path.name.startswith(".") and (".tmp" in path.name or ".old" in path.name)
 
 
 def publish(staging: Path, directory: Path) -> None:

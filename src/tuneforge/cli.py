@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -15,6 +14,7 @@ from .config import RunConfig, load_config
 from .errors import TuneforgeError
 from .inference import default_model, load_for_inference
 from .methods.adapter_files import TUNEFORGE_ADAPTER_META
+from .outputs import check_output, staged_file
 from .distributed import is_main_process
 
 log = logging.getLogger("tuneforge")
@@ -181,6 +181,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str] = ()) -> int:
         return 0
     if not (args.data and args.output):
         raise SystemExit("tuneforge generate: give --prompt TEXT, or --data IN.jsonl with --output OUT.jsonl")
+    check_output(args.output, inputs=[args.data, args.adapter, args.model], overwrite=args.overwrite, kind="file")
     examples = load_examples(args.data, args.data_format)
     prompts = []
     for ex in examples:
@@ -191,8 +192,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str] = ()) -> int:
         else:
             raise SystemExit(f"{ex.source}: a {ex.kind!r} record has no prompt to answer")
     predictions = generate(model, tokenizer, prompts, **options)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.output, "w") as f:
+    with staged_file(args.output) as tmp, open(tmp, "w") as f:
         for ex, pred in zip(examples, predictions):
             f.write(json.dumps({**ex.fields, "prediction": pred}, ensure_ascii=False) + "\n")
     log.info("wrote %d predictions to %s", len(predictions), args.output)
@@ -224,7 +224,8 @@ def cmd_eval(args: argparse.Namespace, extra: list[str] = ()) -> int:
 def cmd_merge(args: argparse.Namespace, extra: list[str] = ()) -> int:
     from .merge import merge_adapter
 
-    report = merge_adapter(args.adapter, args.output, model_name=args.model, device=args.device)
+    report = merge_adapter(args.adapter, args.output, model_name=args.model, device=args.device,
+                           overwrite=args.overwrite)
     for key, value in report.items():
         print(f"{key}: {value}")
     return 0
@@ -270,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", help="an optional system message for --prompt")
     gen.add_argument("--data", help="JSONL/JSON/CSV/Parquet of prompts (chat, alpaca or prompt records)")
     gen.add_argument("--output", help="JSONL: every input record plus 'prediction'")
+    gen.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=0.7)
     gen.add_argument("--top-p", type=float, default=0.9)
@@ -293,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--output", required=True)
     merge.add_argument("--model", help="base model (default: the one the adapter was trained on)")
     merge.add_argument("--device")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     merge.set_defaults(func=cmd_merge)
 
     data = sub.add_parser("data", help="inspect data")

@@ -10,7 +10,6 @@ non-pickle file are copied as they are. The output appears all at once (written 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .outputs import check_output, staged_dir
 from .models import (PICKLE_SUFFIXES, SAFETENSORS_INDEX_NAME, SAFETENSORS_NAME, InvalidModelError,
                      ModelNotFoundError, check_model_dir, read_model_config)
 
@@ -25,19 +25,17 @@ PICKLE_NAME = "pytorch_model.bin"
 PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
 
 
-def convert_to_safetensors(source: str | Path, output: str | Path) -> dict[str, Any]:
-    """Write ``output``: ``source``'s pickle weights as safetensors plus its other files. Returns a report."""
+def convert_to_safetensors(source: str | Path, output: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """Write ``output``: ``source``'s pickle weights as safetensors plus its other files. Returns a report.
+
+    ``output`` is never ``source`` (nor inside or around it); a non-empty one is replaced only with ``overwrite``."""
     source, output = Path(source).expanduser(), Path(output).expanduser()
     if not (source / "config.json").is_file():
         raise ModelNotFoundError(f"{source}: not a Hugging Face model directory (no config.json)")
     read_model_config(source)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise FileExistsError(f"{output} already exists and is not empty: choose a new output directory")
+    check_output(output, inputs=[source], overwrite=overwrite, flag="DST")
     shards, index = pickle_shards(source)
-    tmp = output.with_name(f"{output.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(output) as tmp:
         renamed = {shard: safetensors_name(shard, sharded=index is not None) for shard in shards}
         tensors = 0
         for shard, name in renamed.items():
@@ -50,12 +48,6 @@ def convert_to_safetensors(source: str | Path, output: str | Path) -> dict[str, 
             (tmp / SAFETENSORS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         copied, left_out = _copy_other_files(source, tmp, set(shards) | {PICKLE_INDEX_NAME})
         check_model_dir(tmp)  # what tuneforge will check when it loads the result
-        if output.exists():
-            output.rmdir()  # empty, checked above
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"output": str(output), "weight_files": ", ".join(renamed.values()), "tensors": tensors,
             "copied": ", ".join(copied) or "none", "left_out": ", ".join(left_out) or "none"}
 

@@ -13,6 +13,7 @@ def add_subcommands(subparsers) -> None:
         "DST: model.safetensors (or shards with an index) plus SRC's config, tokenizer and other non-pickle files.")
     p.add_argument("source", metavar="SRC", help="a Hugging Face model folder with pickle weights")
     p.add_argument("output", metavar="DST", help="a new folder (must not exist, or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     p.set_defaults(func=run_convert)
 
 
@@ -20,6 +21,6 @@ def run_convert(args: argparse.Namespace) -> int:
     """Bad input raises ValueError / OSError subclasses, which the ``tuneforge`` command prints and exits 2 on."""
     from .convert import convert_to_safetensors
 
-    for key, value in convert_to_safetensors(args.source, args.output).items():
+    for key, value in convert_to_safetensors(args.source, args.output, args.overwrite).items():
         print(f"{key}: {value}")
     return 0

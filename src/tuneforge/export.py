@@ -24,6 +24,7 @@ from torch import nn
 
 from .inference import default_model, load_for_inference
 from .methods.adapter_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_adapter_config
+from .outputs import check_output, staged_dir, staged_file
 from .serve.multi_lora import batchable_lora
 
 GGUF_ARCHITECTURES = ("llama", "qwen2")
@@ -40,18 +41,26 @@ class ExportResult:
 
 
 def export(run: str | Path, format: str, output: str | Path | None = None, dtype: str = "f16",
-           model: str | None = None, device: str | None = None) -> ExportResult:
-    """``tuneforge export``: ``format`` is ``gguf`` or ``vllm``; ``output`` defaults to beside the run."""
+           model: str | None = None, device: str | None = None, overwrite: bool = False) -> ExportResult:
+    """``tuneforge export``: ``format`` is ``gguf`` or ``vllm``; ``output`` defaults to beside the run.
+
+    The output is checked before anything loads (``outputs.check_output``): never the run or the base model, nor
+    inside or around either; an existing file or non-empty folder only with ``overwrite``. It is written to a
+    staging path and renamed into place, so a failed export leaves no partial file and the old target untouched."""
     run = Path(run)
     if not run.is_dir():
         raise FileNotFoundError(f"run directory {run} does not exist")
+    inputs = [run, default_model(run, model)]
     if format == "gguf":
         if dtype not in GGUF_DTYPES:
             raise ValueError(f"--dtype {dtype!r}: GGUF export writes one of {', '.join(GGUF_DTYPES)}")
+        target = check_output(output or run.parent / f"{run.name}.{dtype}.gguf", inputs=inputs, overwrite=overwrite,
+                              kind="file")
         merged, tokenizer = merged_model(run, model, device)
-        return ExportResult(export_gguf(merged, tokenizer, output or run.parent / f"{run.name}.{dtype}.gguf", dtype))
+        return ExportResult(export_gguf(merged, tokenizer, target, dtype))
     if format == "vllm":
-        return export_vllm(run, Path(output or run.parent / f"{run.name}-vllm"), model, device)
+        target = check_output(output or run.parent / f"{run.name}-vllm", inputs=inputs, overwrite=overwrite)
+        return export_vllm(run, target, model, device)
     raise ValueError(f"--format {format!r}: choose gguf or vllm")
 
 
@@ -72,18 +81,18 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, dtype: str =
     if arch not in GGUF_ARCHITECTURES:
         raise ValueError(f"GGUF export supports {', '.join(GGUF_ARCHITECTURES)} models, not {arch!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")  # write, then rename: a killed export leaves no half file behind
-    writer = gguf.GGUFWriter(str(tmp), arch)
-    _write_hparams(writer, model, dtype)
-    _write_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0])
-    for name, array, kind in _gguf_tensors(model, dtype):
-        writer.add_tensor(name, array, raw_dtype=kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    tmp.replace(path)
+    with staged_file(path) as tmp:  # write, then rename: a failed or killed export leaves no half file behind
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        try:
+            _write_hparams(writer, model, dtype)
+            _write_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0])
+            for name, array, kind in _gguf_tensors(model, dtype):
+                writer.add_tensor(name, array, raw_dtype=kind)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     return path
 
 
@@ -194,25 +203,31 @@ def export_vllm(run: Path, output: Path, model: str | None = None, device: str |
     ``--enable-lora``. Another mergeable run (AdaLoRA, LoRA with trained biases, full fine-tuning): one merged model
     directory. Prompt / prefix / bottleneck adapters: ValueError (vLLM cannot apply them)."""
     saved = read_adapter_config(run) if (run / ADAPTER_CONFIG_NAME).is_file() else None
-    if saved is not None and batchable_lora(saved):
+    lora = saved is not None and batchable_lora(saved)
+    if lora:
         base, tokenizer, _ = load_for_inference(default_model(run, model), None, device=device)
-        base.save_pretrained(output / "base", safe_serialization=True)
-        tokenizer.save_pretrained(output / "base")
-        (output / "adapter").mkdir(parents=True, exist_ok=True)
-        for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
-            shutil.copy2(run / name, output / "adapter" / name)
-        rank = int(saved["r"])
-        command = (f"vllm serve {shlex.quote(str(output / 'base'))} --enable-lora --max-lora-rank "
-                   f"{_vllm_rank(rank)} --lora-modules {shlex.quote(run.name + '=' + str(output / 'adapter'))}")
-        return ExportResult(output, command)
-    try:
-        merged, tokenizer = merged_model(run, model, device)
-    except ValueError as e:
-        raise ValueError(f"{run}: vLLM serves whole models and LoRA adapters only ({e}); serve this adapter with "
-                         "`tuneforge serve --adapter NAME=DIR` instead") from None
-    merged.save_pretrained(output, safe_serialization=True)
-    tokenizer.save_pretrained(output)
-    return ExportResult(output, f"vllm serve {shlex.quote(str(output))}")
+    else:
+        try:
+            base, tokenizer = merged_model(run, model, device)
+        except ValueError as e:
+            raise ValueError(f"{run}: vLLM serves whole models and LoRA adapters only ({e}); serve this adapter "
+                             "with `tuneforge serve --adapter NAME=DIR` instead") from None
+    # The folder is built aside and replaces the target whole: no stale model files mixed with the new layout.
+    with staged_dir(output) as staging:
+        if not lora:
+            base.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+        else:
+            base.save_pretrained(staging / "base", safe_serialization=True)
+            tokenizer.save_pretrained(staging / "base")
+            (staging / "adapter").mkdir()
+            for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
+                shutil.copy2(run / name, staging / "adapter" / name)
+    if not lora:
+        return ExportResult(output, f"vllm serve {shlex.quote(str(output))}")
+    command = (f"vllm serve {shlex.quote(str(output / 'base'))} --enable-lora --max-lora-rank "
+               f"{_vllm_rank(int(saved['r']))} --lora-modules {shlex.quote(run.name + '=' + str(output / 'adapter'))}")
+    return ExportResult(output, command)
 
 
 def _vllm_rank(rank: int) -> int:

@@ -8,17 +8,21 @@ from typing import Any
 import torch
 
 from .inference import default_model, load_for_inference
+from .outputs import check_output, staged_dir
 
 
 def merge_adapter(adapter_dir: str | Path, output: str | Path, model_name: str | None = None,
-                  device: str | None = None) -> dict[str, Any]:
+                  device: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Load base + adapter, merge, save ``output`` (safetensors + tokenizer); report how close the logits are.
 
     The report compares the merged model's logits with the unmerged adapter's on a fixed probe text: merging
     is exact up to float rounding for a float base; a 4-bit base is dequantised first (QLoRA), which is where
     any difference comes from. A method that cannot merge raises ValueError (``MethodHandle.merge_and_unload``).
+    ``output`` follows ``outputs.check_output``: never the adapter or the base, a non-empty folder only with
+    ``overwrite``; it is written aside and renamed into place whole.
     """
     model_name = default_model(str(adapter_dir), model_name)
+    output = check_output(output, inputs=[adapter_dir, model_name], overwrite=overwrite)
     model, tokenizer, handle = load_for_inference(model_name, str(adapter_dir), device)
     if handle is None:
         raise ValueError(f"{adapter_dir} holds a whole model (full fine-tuning), not an adapter: there is nothing "
@@ -30,9 +34,9 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, model_name: str |
     merged = handle.merge_and_unload()
     with torch.no_grad():
         after = merged(**probe).logits.float()
-    output = Path(output)
-    merged.save_pretrained(output, safe_serialization=True)
-    tokenizer.save_pretrained(output)
+    with staged_dir(output) as staging:
+        merged.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
     diff = (after - before).abs()
     return {"output": str(output), "max_abs_logit_diff": f"{diff.max().item():.3g}",
             "mean_abs_logit_diff": f"{diff.mean().item():.3g}"}

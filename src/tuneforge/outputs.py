@@ -38,12 +38,18 @@ def _is_within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def check_not_input(target: str | Path, inputs: Iterable[str | Path | None], flag: str = "--output") -> Path:
-    """Refuse a ``target`` that is an input, lies inside one, or contains one. Returns ``target`` resolved."""
+def check_not_input(target: str | Path, inputs: Iterable[str | Path | None], flag: str = "--output",
+                    allow_inside: bool = False) -> Path:
+    """Refuse a ``target`` that is an input, lies inside one, or contains one. Returns ``target`` resolved.
+
+    ``allow_inside``: an output folder inside an input folder is fine (a run's ``report/``, derived from the run and
+    replaced with it); the target itself still may not be an input nor hold one."""
     resolved = Path(target).expanduser().resolve()
     for source in inputs:
         local = _local(source)
         if local is None:
+            continue
+        if allow_inside and resolved != local and _is_within(resolved, local):
             continue
         if _is_within(resolved, local):
             where = "is" if resolved == local else "lies inside"

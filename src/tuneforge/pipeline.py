@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -148,7 +149,8 @@ def _merged(run_dir: Path, merge_fn: Callable[[str, str], Any]) -> str:
     """The stage's adapter folded into its base, the next stage's model."""
     merged = run_dir / "merged"
     if not (merged / "config.json").is_file():
-        tmp = run_dir / ".merged.tmp"
+        tmp = run_dir.parent / f".{run_dir.name}.merged.tmp"  # beside the run: a merge never writes into its input
+        shutil.rmtree(tmp, ignore_errors=True)  # what a killed merge left
         merge_fn(str(run_dir), str(tmp))
         tmp.replace(merged)
     return str(merged)

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from .outputs import check_not_input, check_output, staged_dir
 from .tracking import flatten
 
 # Charted first, in this order; every other metric follows alphabetically.
@@ -252,20 +253,34 @@ def chart_file_name(key: str) -> str:
     return re.sub(r"[^\w.-]", "_", key) + ".png"
 
 
-def write_report(paths: list[str | Path], output: str | Path | None = None) -> Path:
-    """Charts and the HTML page for ``paths`` (run directories) in ``output``; returns the page's path."""
+def write_report(paths: list[str | Path], output: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Charts and the HTML page for ``paths`` (run directories) in ``output``; returns the page's path.
+
+    ``output`` is never one of the runs nor a folder holding one; an earlier report there is replaced whole, any
+    other non-empty folder only with ``overwrite`` (``outputs.check_output``)."""
     runs = load_runs(list(paths))
     output = Path(output) if output is not None else (runs[0].path / "report" if len(runs) == 1 else Path("report"))
-    output.mkdir(parents=True, exist_ok=True)
+    check_not_input(output, [run.path for run in runs], allow_inside=True)
+    check_output(output, overwrite=overwrite or is_report(output))
     keys = chart_keys(runs)
     charts = [draw_chart(runs, key) for key in keys]
-    for chart in charts:
-        (output / chart_file_name(chart.key)).write_bytes(chart.png)
-    if keys:
-        (output / "overview.png").write_bytes(draw_overview(runs, keys))
-    page = output / "index.html"
-    page.write_text(render_html(runs, charts, single_values(runs)))
-    return page
+    with staged_dir(output) as staging:  # the old report's charts must not outlive it (a metric no longer logged)
+        for chart in charts:
+            (staging / chart_file_name(chart.key)).write_bytes(chart.png)
+        if keys:
+            (staging / "overview.png").write_bytes(draw_overview(runs, keys))
+        (staging / REPORT_PAGE).write_text(render_html(runs, charts, single_values(runs)))
+    return output / REPORT_PAGE
+
+
+REPORT_PAGE = "index.html"
+
+
+def is_report(folder: Path) -> bool:
+    """A folder tuneforge's report wrote: its page and PNG charts, nothing else."""
+    if not (folder / REPORT_PAGE).is_file():
+        return False
+    return all(entry.is_file() and (entry.name == REPORT_PAGE or entry.suffix == ".png") for entry in folder.iterdir())
 
 
 def add_subcommands(sub) -> None:
@@ -274,9 +289,10 @@ def add_subcommands(sub) -> None:
     report.add_argument("runs", nargs="+", metavar="RUN", help="run directories (each with metrics.jsonl)")
     report.add_argument("--output", help="where to write index.html and the PNGs (default: RUN/report for one run, "
                         "report for several)")
+    report.add_argument("--overwrite", action="store_true", help="replace a non-empty --output that is not a report")
     report.set_defaults(func=_cmd_report)
 
 
 def _cmd_report(args) -> int:
-    print(write_report(args.runs, args.output))
+    print(write_report(args.runs, args.output, overwrite=args.overwrite))
     return 0

@@ -44,6 +44,7 @@ from .methods.adapter_files import nonfinite_tensors
 from .methods.base import Method, MethodHandle
 from .models import default_device, default_dtype, load_model, resolve_model_reference
 from .objectives import Objective, TrainContext
+from .outputs import OutputConflict, check_not_input
 from .tracking import Tracking
 
 log = logging.getLogger(__name__)
@@ -242,6 +243,9 @@ class Trainer:
         self.tracking = tracking or Tracking()  # experiment trackers (--report-to): train() opens and closes them
         self._lock_depth = 0
         self.run_record: dict[str, Any] = {}
+        # The "before" numbers (eval loss, exact match, general perplexity of the untouched model). Kept in run.json
+        # as soon as they are measured, so a resumed run, which cannot measure them again, still reports its gain.
+        self.baseline: dict[str, Any] = {}
         seed_everything(config.seed)
         self.method = config.method_class
         # Under torchrun: join the process group; this rank's device (cuda:LOCAL_RANK, or the CPU with gloo).
@@ -499,6 +503,7 @@ class Trainer:
             before = self.evaluate_loss() if c.eval_before else {}
             if before:
                 self._log({"step": 0, **before})
+                self.keep_baseline({key.replace("eval_", "eval_before_", 1): v for key, v in before.items()})
         elif self.dist.is_main:
             self._drop_log_after(start)
         self.model.train()
@@ -532,7 +537,7 @@ class Trainer:
         device = next(self.model.parameters()).device
         metrics = {**last, **final, **self.parameter_report(), "peak_memory_mb": round(peak_memory_mb(device), 1),
                    **self.speed_report()}
-        metrics.update({key.replace("eval_", "eval_before_", 1): value for key, value in before.items()})
+        metrics.update(self.baseline)
         log.info("peak memory: %.1f MB (%s)", metrics["peak_memory_mb"],
                  "CUDA allocated" if device.type == "cuda" else "process RSS")
         return TrainResult(self.output, self.total_steps, float(last.get("loss", float("nan"))), metrics,
@@ -557,6 +562,7 @@ class Trainer:
     def _prepare_output(self) -> None:
         """Refuse to clobber a finished or resumable run; clear what a killed process left; record this run."""
         c, record = self.config, ckpt.read_run_record(self.output)
+        _refuse_foreign_output(c)  # checked before the lock too; here again, now that this process owns the folder
         if record is not None:
             finished = bool(record.get("finished"))
         else:  # a run from before run.json existed
@@ -570,16 +576,24 @@ class Trainer:
                                   "pass --resume to continue it, or --overwrite to start over")
         ckpt.remove_leftovers(self.output)
         if not c.resume or record is None:
-            # A new run owns the directory: the previous run's checkpoints and log would otherwise mix with its own
-            # (and be pruned by step number, or resumed as if they were this run's).
-            shutil.rmtree(self.output / "checkpoints", ignore_errors=True)
-            (self.output / "metrics.jsonl").unlink(missing_ok=True)
+            # A new run owns the directory: the previous run's files (checkpoints, log, a full model's weights beside
+            # a new adapter) would otherwise mix with its own, or be resumed as if they were this run's.
+            _empty_run_directory(self.output)
             record = {"run_id": uuid.uuid4().hex, "finished": False}
-        self.run_record = {**record, "finished": False}
+        else:  # resuming: what the interrupted run measured before its first step is still the baseline
+            self.baseline = {**record.get("baseline", {}), **self.baseline}
+        self.run_record = {**record, "finished": False, "baseline": self.baseline}
         ckpt.write_run_record(self.output, self.run_record)
         # A local base is recorded by absolute path: `generate --adapter` from another folder must find the same
         # model, not take "mdl/tiny" for a hub id.
         save_config(c.model_copy(update={"model": self.model_reference}), self.output / "tuneforge.yaml")
+
+    def keep_baseline(self, numbers: dict[str, Any]) -> None:
+        """Record "before" numbers; once the run directory is prepared they are written to run.json at once."""
+        self.baseline.update(numbers)
+        if self.dist.is_main and self.run_record:
+            self.run_record["baseline"] = self.baseline
+            ckpt.write_run_record(self.output, self.run_record)
 
     def _kept(self) -> str:
         last = ckpt.latest_checkpoint(self.output)
@@ -780,6 +794,42 @@ class Trainer:
         ckpt.write_run_record(self.output, self.run_record)
 
 
+def _holds_foreign_files(directory: Path) -> bool:
+    """Whether ``directory`` holds files that are not a tuneforge run's (a model, a dataset, anything of the user's)."""
+    if not directory.is_dir() or (directory / "tuneforge.yaml").exists():  # a run from before run.json existed
+        return False
+    return any(entry.name != ckpt.LOCK_FILE and not ckpt.is_leftover(entry) for entry in directory.iterdir())
+
+
+def _empty_run_directory(directory: Path) -> None:
+    """Remove everything in the run directory but the lock this process holds on it."""
+    for entry in directory.iterdir():
+        if entry.name == ckpt.LOCK_FILE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def check_run_output(config: RunConfig) -> None:
+    """Before anything loads: the run's output is none of its inputs (the base model, the data), nor inside one,
+    nor a folder that holds one. Not even --overwrite lifts this: `--output` = the base model would replace it."""
+    inputs: list[str | None] = [config.model, config.eval_data, config.general_eval]
+    inputs += [source.path for source in parse_sources(config.data)]
+    check_not_input(config.output, inputs)
+    _refuse_foreign_output(config)
+
+
+def _refuse_foreign_output(config: RunConfig) -> None:
+    """A folder with someone else's files is replaced by a new run only with --overwrite, and never resumed into (a run
+    of ours is checked later, in ``Trainer._prepare_output``, which knows finished from resumable)."""
+    output = Path(config.output)
+    if not config.overwrite and ckpt.read_run_record(output) is None and _holds_foreign_files(output):
+        raise OutputConflict(f"--output {output} exists and is not empty (and holds no tuneforge run); pass "
+                             "--overwrite to replace it, or choose another output")
+
+
 # Settings --resume may change: where and how often things are written, evaluated and shown.
 RESUMABLE_CHANGES = {"output", "resume", "overwrite", "progress", "device", "trust_remote_code", "eval_every",
                      "general_eval",
@@ -844,6 +894,7 @@ def train(config: RunConfig, model: nn.Module | None = None, tokenizer=None) -> 
     With chat eval data, exact match is measured before (on the base model) and after training and returned in
     ``result.metrics`` as ``exact_match_before`` / ``exact_match_after``.
     """
+    check_run_output(config)  # an output that would replace the base model or the data: refused before anything loads
     tracking = Tracking(config.report_to)  # a tracker library that is not installed fails here, before the model loads
     data = training_data(config)  # and so does bad data
     general = general_examples(config)
@@ -898,18 +949,18 @@ def _train_with_forgetting(trainer: Trainer, config: RunConfig, data: LoadedData
                            ) -> TrainResult:
     """Training, with general-text perplexity before and after (forgetting) and the data mix in the metrics."""
     before = general_metric(trainer, general, base=True)
+    if before is not None:
+        trainer.keep_baseline({"general_loss_before": before["loss"], "general_ppl_before": before["perplexity"]})
     result = _train_with_exact_match(trainer, config, data.stream or data.train, data.eval)
     after = general_metric(trainer, general, base=False)
-    m = result.metrics
-    if before is not None:
-        m.update(general_loss_before=before["loss"], general_ppl_before=before["perplexity"])
+    m = result.metrics  # holds the "before" numbers, this process's or those the interrupted run kept (resume)
     if after is not None:
         m.update(general_loss_after=after["loss"], general_ppl_after=after["perplexity"])
-        if before is not None:  # > 0: general text got less likely (forgetting); the log-ratio of perplexities
-            m["forgetting"] = after["loss"] - before["loss"]
+        if "general_loss_before" in m:  # > 0: general text got less likely (forgetting); the log-ratio of perplexities
+            m["forgetting"] = after["loss"] - m["general_loss_before"]
         # In the metrics, summary.json and the trackers' summary; not a metrics.jsonl line (one record per step).
-        log.info("general-text perplexity (forgetting): %s%.3f", f"{before['perplexity']:.3f} -> " if before
-                 else "", after["perplexity"])
+        log.info("general-text perplexity (forgetting): %s%.3f", f"{m['general_ppl_before']:.3f} -> "
+                 if "general_ppl_before" in m else "", after["perplexity"])
     if len(data.sources) > 1:
         m["data_sources"] = data.sources
     elif data.stream is not None and len(data.stream.sources) > 1:  # what the stream gave, known once it was read
@@ -921,17 +972,18 @@ def _train_with_exact_match(trainer: Trainer, config: RunConfig, train_examples:
                             eval_examples: list[Example]) -> TrainResult:
     trainer.prepare_data(train_examples, eval_examples)
     log.info("parameters: %s", trainer.parameter_report())
-    before = None if config.resume else generation_metric(trainer, eval_examples, base=True)
+    # A resumed run's baseline was measured by the run it continues (run.json); measured here only when it was not.
+    kept = (ckpt.read_run_record(trainer.output) or {}).get("baseline", {}) if config.resume else {}
+    before = None if "exact_match_before" in kept else generation_metric(trainer, eval_examples, base=True)
     if before is not None:
         log.info("held-out exact match of the base model: %.1f%% (%d examples, %.1fs)", 100 * before["exact_match"],
                  before["n"], before["seconds"])
-    result = trainer.train()
+        trainer.keep_baseline({"exact_match_before": before["exact_match"],
+                               "exact_match_before_seconds": before["seconds"]})
+    result = trainer.train()  # its metrics carry the baseline: this process's, or the interrupted run's (resume)
     after = generation_metric(trainer, eval_examples, base=False)
-    for name, em in (("before", before), ("after", after)):
-        if em is not None:
-            result.metrics[f"exact_match_{name}"] = em["exact_match"]
-            result.metrics[f"exact_match_{name}_seconds"] = em["seconds"]
     if after is not None:
+        result.metrics.update(exact_match_after=after["exact_match"], exact_match_after_seconds=after["seconds"])
         trainer._log({"step": trainer.total_steps, **{k: v for k, v in result.metrics.items()
                                                       if k.startswith("exact_match")}})
     return result

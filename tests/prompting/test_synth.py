@@ -493,3 +493,32 @@ def test_cli_synth_bad_teacher_settings_exit_2_with_one_line(tmp_path, capsys, f
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "s.jsonl").exists() or not (tmp_path / "s.jsonl").read_text()
+
+
+def test_a_rerun_with_other_settings_is_refused_and_overwrite_starts_over(tmp_path):
+    """Resumed records must be what this command would write: other filters or another teacher are refused."""
+    sources = read_topics(topics_file(tmp_path, 3))
+    config = SynthConfig(output=tmp_path / "synth.jsonl", count=3, max_jobs=2)
+    with TeacherServer() as server:
+        synthesize(sources, client(server), config)
+        changed = SynthConfig(output=config.output, count=3, max_answer_chars=10, temperature=0.2)
+        with pytest.raises(ValueError, match=r"temperature 0.8 -> 0.2, max_answer_chars 4000 -> 10"):
+            synthesize(sources, client(server), changed)
+        assert len(read_output(config.output)) == 2  # untouched by the refused run
+        changed.overwrite = True
+        summary = synthesize(sources, client(server), changed)
+    assert summary.already_done == 0 and summary.total_in_output == 0  # started over, nothing reused
+
+
+def test_synth_refuses_to_append_to_data_it_did_not_write_or_to_its_own_input(tmp_path, capsys):
+    mine = tmp_path / "train.jsonl"
+    mine.write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
+    with TeacherServer() as server:
+        with pytest.raises(ValueError, match="did not write"):
+            synthesize(read_topics(topics_file(tmp_path, 2)), client(server), SynthConfig(output=mine))
+    assert mine.read_text().count("\n") == 1
+    topics = topics_file(tmp_path, 2)
+    args = parser().parse_args(["synth", "--topics", str(topics), "--output", str(topics), "--teacher-url",
+                                "http://127.0.0.1:9/v1", "--teacher-model", "m"])
+    assert args.func(args) == 2 and "input" in capsys.readouterr().err
+    assert topics.read_text().startswith("# topics")

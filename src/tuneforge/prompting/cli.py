@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..outputs import OutputConflict, check_not_input
 from .evaluate import evaluate_prompts, format_table
 from .metrics import load_metric
 from .template import TemplateError, builtin_template_names, load_template
@@ -177,6 +178,8 @@ def _add_synth(subparsers) -> None:
     out.add_argument("--template", help="teacher prompt template (default: built-in synth_topic / synth_document)")
     out.add_argument("--judge-template", help="judge prompt template (default: built-in synth_judge)")
     out.add_argument("--max-jobs", type=int, help="stop after this many jobs in this run (rerun to continue)")
+    out.add_argument("--overwrite", action="store_true", help="start over: replace --output (and its .jobs.jsonl "
+                     "and .summary.json) instead of resuming it; needed when the settings changed")
 
     teacher = p.add_argument_group("teacher")
     teacher.add_argument("--teacher-url", help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1; "
@@ -219,10 +222,11 @@ def run_synth(args: argparse.Namespace) -> int:
 
     _setup_logging()
     try:
+        check_not_input(args.output, [args.topics, args.documents, args.template, args.judge_template])
         sources = read_topics(args.topics) if args.topics else read_documents(args.documents, args.chunk_chars)
         config = _synth_config(args)
         teacher = make_teacher(args)
-    except (TemplateError, ValueError, FileNotFoundError) as e:
+    except (TemplateError, ValueError, FileNotFoundError, OutputConflict) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
@@ -255,7 +259,7 @@ def _synth_config(args: argparse.Namespace):
         min_answer_chars=args.min_answer_chars, max_answer_chars=args.max_answer_chars,
         max_question_chars=args.max_question_chars, answer_format=args.answer_format,
         answer_regex=args.answer_regex, dedup=not args.no_dedup, near_dup_threshold=args.near_dup_threshold,
-        judge_threshold=args.judge_threshold, max_jobs=args.max_jobs,
+        judge_threshold=args.judge_threshold, max_jobs=args.max_jobs, overwrite=args.overwrite,
     )
 
 

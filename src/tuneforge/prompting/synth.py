@@ -66,6 +66,7 @@ class SynthConfig:
     judge_threshold: float | None = None  # keep records the teacher-judge scores >= this (1-10); None: no judge
     max_jobs: int | None = None  # process at most this many pending jobs in this run (then stop; rerun resumes)
     window: int | None = None  # jobs per window; default 2 x the teacher's concurrency
+    overwrite: bool = False  # start over: remove the output, its job ledger and summary first
 
     @property
     def jobs_path(self) -> Path:
@@ -99,6 +100,7 @@ class SynthSummary:
     wall_seconds: float = 0.0
     status: str = "running"
     failed_jobs: list[dict[str, str]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)  # what the kept records depend on (a rerun must match)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -152,11 +154,16 @@ def synthesize(sources: Sequence[Source], teacher: Teacher, config: SynthConfig)
     template = config.template or load_template(f"synth_{kind}")
     judge = config.judge_template or load_template("synth_judge")
     jobs = plan_jobs(sources, config.count, salt=f"{config.format}|{template.label}")
+    settings = _settings(config, teacher, template, judge)
     summary = SynthSummary(output=str(config.output), format=config.format, teacher=teacher.provenance(),
-                           template=template.label, planned=len(jobs))
+                           template=template.label, planned=len(jobs), settings=settings)
+    if config.overwrite:
+        for path in (config.output, config.jobs_path, config.summary_path):
+            path.unlink(missing_ok=True)
     start = time.perf_counter()
     with JsonlLog(config.output) as out, JsonlLog(config.jobs_path) as ledger:
         _check_existing_format(out.records, config)
+        _check_same_settings(out.records, config, settings)
         done = {_job_id(r) for r in out.records} | {r.get("id") for r in ledger.records}
         pending = [j for j in jobs if j.id not in done]
         summary.already_done = len(jobs) - len(pending)
@@ -308,6 +315,38 @@ def _check_existing_format(existing: list[dict[str, Any]], config: SynthConfig) 
         held = "preference" if is_preference else "sft"
         raise ValueError(f"{config.output} already holds {held} records; this run writes {config.format}: "
                          "use another --output")
+
+
+def _settings(config: SynthConfig, teacher: Teacher, template: PromptTemplate, judge: PromptTemplate
+              ) -> dict[str, Any]:
+    """Everything a kept record depends on: records written under other settings must not be resumed into."""
+    provenance = teacher.provenance()
+    return {"teacher": provenance.get("model"), "format": config.format, "template": template.label,
+            "judge_template": judge.label if config.judge_threshold is not None else None,
+            "temperature": config.temperature, "max_tokens": config.max_tokens,
+            "include_context": config.include_context, "min_answer_chars": config.min_answer_chars,
+            "max_answer_chars": config.max_answer_chars, "max_question_chars": config.max_question_chars,
+            "answer_format": config.answer_format, "answer_regex": config.answer_regex, "dedup": config.dedup,
+            "near_dup_threshold": config.near_dup_threshold, "judge_threshold": config.judge_threshold}
+
+
+def _check_same_settings(existing: list[dict[str, Any]], config: SynthConfig, settings: dict[str, Any]) -> None:
+    """Resume only what this command would itself have written: our records, made with the same settings."""
+    if not existing:
+        return
+    if any(_job_id(r) is None for r in existing):
+        raise ValueError(f"{config.output} holds records tuneforge synth did not write (no meta.job_id); choose "
+                         "another --output, or pass --overwrite to replace it")
+    try:
+        before = json.loads(config.summary_path.read_text()).get("settings")
+    except (OSError, ValueError):
+        before = None
+    if not before:  # written before settings were recorded: nothing to compare with
+        return
+    changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v]
+    if changed:
+        raise ValueError(f"{config.output} was written with other settings ({', '.join(changed)}); rerun with "
+                         "the same settings to resume, pass --overwrite to start over, or choose another --output")
 
 
 def _n_dropped(summary: SynthSummary) -> int:

@@ -73,12 +73,14 @@ def _add_export(sub) -> None:
     p.add_argument("--dtype", default="f16", choices=["f16", "bf16", "f32", "q8_0"], help="GGUF tensor type")
     p.add_argument("--model", help="base model (default: the one the run was trained on)")
     p.add_argument("--device")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.set_defaults(func=run_export)
 
 
 def run_export(args) -> int:
     from ..export import export
 
-    result = export(args.run, args.format, output=args.output, dtype=args.dtype, model=args.model, device=args.device)
+    result = export(args.run, args.format, output=args.output, dtype=args.dtype, model=args.model, device=args.device,
+                    overwrite=args.overwrite)
     print(result.summary())
     return 0
