@@ -55,7 +55,11 @@ def test_lora_sft_on_smollm2_loads_in_peft(tmp_path):
     assert after < before - 0.1, (before, after)
 
     saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
-    assert saved["base_model_name_or_path"] == "smollm2-135m-instruct" and saved["peft_type"] == "LORA"
+    # PEFT opens the base by this path itself (the embedded model's local folder); our metadata keeps the name.
+    assert Path(saved["base_model_name_or_path"]) == Path(path) and saved["peft_type"] == "LORA"
+    meta = json.loads((tmp_path / "run" / "tuneforge_adapter.json").read_text())
+    assert meta["base_model"] == "smollm2-135m-instruct"
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "run"), dtype=torch.float32).eval()
     probe = tokenizer(["The date is 2021-03-05.", "Write this date as YYYY-MM-DD: 5 March 2021"],
                       return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -63,6 +67,7 @@ def test_lora_sft_on_smollm2_loads_in_peft(tmp_path):
         base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "run")).eval()
         theirs = loaded(**probe).logits
+        torch.testing.assert_close(auto(**probe).logits, theirs, atol=1e-5, rtol=1e-5)  # by name, outside tuneforge
         with loaded.disable_adapter():
             untouched = loaded(**probe).logits
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)

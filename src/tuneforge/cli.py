@@ -12,7 +12,7 @@ import yaml
 
 from .config import RunConfig, load_config
 from .errors import TuneforgeError
-from .inference import default_model, load_for_inference
+from .inference import default_model, load_for_inference, training_dtype
 from .methods.adapter_files import TUNEFORGE_ADAPTER_META
 from .outputs import check_output, staged_file
 from .distributed import is_main_process
@@ -167,11 +167,12 @@ def summarise(value: Any) -> str:
 
 
 def cmd_generate(args: argparse.Namespace, extra: list[str] = ()) -> int:
-    from .data.formats import load_examples
-    from .evaluate import split_prompt_answer
+    from .data.bundled import held_out_name
+    from .data.formats import load_prompts
     from .generate import generate
 
-    model, tokenizer, _ = load_for_inference(default_model(args.adapter, args.model), args.adapter, args.device)
+    model, tokenizer, _ = load_for_inference(default_model(args.adapter, args.model), args.adapter, args.device,
+                                             inference_dtype(args))
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, batch_size=args.batch_size)
     if args.prompt is not None:
@@ -182,16 +183,8 @@ def cmd_generate(args: argparse.Namespace, extra: list[str] = ()) -> int:
     if not (args.data and args.output):
         raise SystemExit("tuneforge generate: give --prompt TEXT, or --data IN.jsonl with --output OUT.jsonl")
     check_output(args.output, inputs=[args.data, args.adapter, args.model], overwrite=args.overwrite, kind="file")
-    examples = load_examples(args.data, args.data_format)
-    prompts = []
-    for ex in examples:
-        if ex.kind == "chat":
-            prompts.append(split_prompt_answer(ex)[0] if ex.messages[-1]["role"] == "assistant" else ex.messages)
-        elif ex.kind in ("prompt", "preference"):
-            prompts.append(ex.messages)
-        else:
-            raise SystemExit(f"{ex.source}: a {ex.kind!r} record has no prompt to answer")
-    predictions = generate(model, tokenizer, prompts, **options)
+    examples = load_prompts(held_out_name(args.data), args.data_format)
+    predictions = generate(model, tokenizer, [ex.messages for ex in examples], progress_desc="generate", **options)
     with staged_file(args.output) as tmp, open(tmp, "w") as f:
         for ex, pred in zip(examples, predictions):
             f.write(json.dumps({**ex.fields, "prediction": pred}, ensure_ascii=False) + "\n")
@@ -200,17 +193,19 @@ def cmd_generate(args: argparse.Namespace, extra: list[str] = ()) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, extra: list[str] = ()) -> int:
+    from .data.bundled import held_out_name
     from .data.formats import load_examples
     from .evaluate import evaluate
 
-    examples = load_examples(args.data, args.data_format)[:args.limit]
+    examples = load_examples(held_out_name(args.data), args.data_format)[:args.limit]
     if examples[0].kind == "preference":  # reward-model accuracy, or DPO's implicit-reward accuracy and margin
         from .evaluate_preferences import evaluate_preferences
 
         result = evaluate_preferences(default_model(args.adapter, args.model), args.adapter, examples,
                                       device=args.device, beta=args.beta)
     else:
-        model, tokenizer, _ = load_for_inference(default_model(args.adapter, args.model), args.adapter, args.device)
+        model, tokenizer, _ = load_for_inference(default_model(args.adapter, args.model), args.adapter, args.device,
+                                                 inference_dtype(args))
         result = evaluate(model, tokenizer, examples, max_new_tokens=args.max_new_tokens,
                           generate_answers=not args.no_generate)
     if args.json:
@@ -219,6 +214,17 @@ def cmd_eval(args: argparse.Namespace, extra: list[str] = ()) -> int:
         for key, value in result.items():
             print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     return 0
+
+
+def inference_dtype(args: argparse.Namespace) -> str | None:
+    """--dtype, else the precision the run trained in (on the same kind of device), said on stderr: the exact match
+    `eval` reports is then the one training reported (a bf16 and a float32 base can differ by a few answers)."""
+    if args.dtype or not args.adapter:
+        return args.dtype
+    dtype = training_dtype(args.adapter, args.device)
+    if dtype is not None:
+        log.info("computing in %s, the precision %s trained in (--dtype float32 to change)", dtype, args.adapter)
+    return dtype
 
 
 def cmd_merge(args: argparse.Namespace, extra: list[str] = ()) -> int:
@@ -269,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     _inference_args(gen)
     gen.add_argument("--prompt", help="one prompt; the answer alone goes to stdout")
     gen.add_argument("--system", help="an optional system message for --prompt")
-    gen.add_argument("--data", help="JSONL/JSON/CSV/Parquet of prompts (chat, alpaca or prompt records)")
+    gen.add_argument("--data", help="prompts: a .txt file (one per line), or JSONL/JSON/CSV/Parquet records with "
+                     "instruction (output optional), question, prompt or messages; `demo`: the bundled held-out set")
     gen.add_argument("--output", help="JSONL: every input record plus 'prediction'")
     gen.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -345,6 +352,8 @@ def _inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--data-format", default="auto")
     p.add_argument("--device")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="the base's precision (default: the one the run trained in, on this kind of device)")
 
 
 def _config_help() -> str:
@@ -352,7 +361,13 @@ def _config_help() -> str:
     from .methods.base import METHODS
     from .objectives.base import OBJECTIVES
 
-    lines = [f"  --{name.replace('_', '-'):<32} {f.description}" for name, f in RunConfig.model_fields.items()]
+    from .data.formats import FORMATS
+
+    # The choices come from the registries, so a new method, objective or data format is listed without an edit here.
+    choices = {"method": METHODS.names(), "objective": OBJECTIVES.names(), "data_format": ["auto", *FORMATS]}
+    lines = [f"  --{name.replace('_', '-'):<32} {f.description}"
+             + (f" One of: {', '.join(choices[name])}." if name in choices else "")
+             for name, f in RunConfig.model_fields.items()]
     for title, registry in (("Method options", METHODS), ("Objective options", OBJECTIVES)):
         for prefix, cls in reversed(registry.flag_prefixes().items()):
             section = "method_options" if registry is METHODS else "objective_options"

@@ -33,11 +33,10 @@ class RunConfig(BaseModel):
 
     # -- what to train ----------------------------------------------------------------------------
     model: str = Field(DEFAULT_MODEL, description="Embedded name, local HF directory, .gguf file or hub id.")
-    method: str = Field("lora", description="How the model changes: full, lora, qlora, adalora, adapter, "
-                        "prompt_tuning, p_tuning, prefix_tuning, p_tuning_v2.")
+    method: str = Field("lora", description="How the model changes (`tuneforge methods` compares them).")
     method_options: dict[str, Any] = Field(default_factory=dict, description="The method's config fields, e.g. "
                                            "{r: 16, lora_alpha: 32}; see `tuneforge methods`.")
-    objective: str = Field("sft", description="What is optimised: sft, pretrain, reward, dpo, ppo.")
+    objective: str = Field("sft", description="What is optimised.")
     objective_options: dict[str, Any] = Field(default_factory=dict, description="The objective's options, e.g. "
                                               "{beta: 0.1} for DPO or {train_on_prompt: true} for SFT.")
     trust_remote_code: bool = Field(False, description="Run model code shipped with a hub model (off: safety).")
@@ -58,7 +57,7 @@ class RunConfig(BaseModel):
         "general-text replay set), or a YAML list of path:weight / {path, weight}.")
     eval_data: str | None = Field(None, description="Held-out data; default: the demo's eval split, or "
                                   "eval_split of `data`.")
-    data_format: str = Field("auto", description="auto, alpaca, messages, sharegpt, text, preference, prompt.")
+    data_format: str = Field("auto", description="The records' shape; auto detects it from the first record's keys.")
     eval_split: float = Field(0.0, ge=0.0, lt=1.0,
         description="Fraction of `data` held out for evaluation when eval_data is unset.")
     chat_template: str | None = Field(None, description="Force a fallback template (chatml, alpaca, plain); "

@@ -17,6 +17,7 @@ from .data.batching import left_pad
 from .data.formats import Message
 from .data.template import ensure_chat_template, prompt_ids
 from .methods.kv_cache import cache_kwarg, output_cache
+from .progress import progress
 
 
 AnyRunning = Callable[[bool], bool]  # this process still generates -> some process of the run still does
@@ -123,14 +124,16 @@ def length_batches(order: list[int], lengths: list[int], max_rows: int, max_toke
 def generate_ids(model: nn.Module, tokenizer, prompt_id_lists: Sequence[list[int]], *, max_new_tokens: int = 64,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  batch_size: int = 8, seed: int | None = 0, keep_stop: bool = False,
-                 any_running: AnyRunning | None = None, max_batch_tokens: int | None = None) -> list[list[int]]:
+                 any_running: AnyRunning | None = None, max_batch_tokens: int | None = None,
+                 progress_desc: str | None = None) -> list[list[int]]:
     """Generate continuations of token-id prompts; returns the new token ids, in the prompts' order.
 
     Each row ends before its stop token, or with it when ``keep_stop`` (PPO credits the token that ended it).
     ``any_running(this process still generates)`` says whether any process of a distributed run does: under FSDP
     every decoding step is a forward with collective all-gathers, so all ranks step until the last one is done
     (a finished row feeds padding, as within one batch). ``max_batch_tokens`` caps rows x (longest prompt + new
-    tokens) per batch, so long prompts come in smaller batches (the KV cache stays bounded).
+    tokens) per batch, so long prompts come in smaller batches (the KV cache stays bounded). ``progress_desc``: show
+    progress over the prompts under that name (``progress.py``).
     """
     stops = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -140,19 +143,21 @@ def generate_ids(model: nn.Module, tokenizer, prompt_id_lists: Sequence[list[int
         generator = torch.Generator(device=device).manual_seed(seed)
     order = sorted(range(len(prompt_id_lists)), key=lambda i: len(prompt_id_lists[i]))
     results: list[list[int]] = [[] for _ in prompt_id_lists]
-    with eval_mode(model):
+    with eval_mode(model), progress(progress_desc, len(order), "prompt") as bar:
         for chunk in length_batches(order, [len(prompt_id_lists[i]) + max_new_tokens for i in order], batch_size,
                                     max_batch_tokens):
             outs = _generate_batch(model, [list(prompt_id_lists[i]) for i in chunk], pad_id, stops, max_new_tokens,
                                    do_sample, temperature, top_k, top_p, generator, any_running)
             for i, row in zip(chunk, outs):
                 results[i] = _cut_at_stop(row, stops, keep_stop)
+            bar.update(len(chunk))
     return results
 
 
 def generate(model: nn.Module, tokenizer, prompts: Sequence[list[Message] | str], *, max_new_tokens: int = 64,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             batch_size: int = 8, seed: int | None = 0, max_batch_tokens: int | None = None) -> list[str]:
+             batch_size: int = 8, seed: int | None = 0, max_batch_tokens: int | None = None,
+             progress_desc: str | None = None) -> list[str]:
     """Chat-templated generation: each prompt is a message list, or a string taken as one user message."""
     ensure_chat_template(tokenizer)
     id_lists = []
@@ -161,5 +166,5 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[list[Message] | str]
         id_lists.append(prompt_ids(tokenizer, messages))
     outs = generate_ids(model, tokenizer, id_lists, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, top_p=top_p, top_k=top_k, batch_size=batch_size, seed=seed,
-                        max_batch_tokens=max_batch_tokens)
+                        max_batch_tokens=max_batch_tokens, progress_desc=progress_desc)
     return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]

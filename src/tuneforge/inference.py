@@ -9,6 +9,7 @@ the quantisation it was trained with, so what is served is what was trained. A d
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from .methods import load_adapter
 from .methods.adapter_files import (
     ADAPTER_CONFIG_NAME,
     BASE_FINGERPRINT_KEY,
+    BASE_MODEL_KEY,
+    TUNEFORGE_ADAPTER_META,
     is_adapter_dir,
     method_for_adapter,
     read_tuneforge_meta,
@@ -35,9 +38,11 @@ RUN_CONFIG_NAME = "tuneforge.yaml"
 
 
 def recorded_base_model(adapter: str | Path) -> str | None:
-    """The base model a run / adapter directory names: ``tuneforge.yaml``'s ``model``, else ``adapter_config.json``'s
-    ``base_model_name_or_path``; None when neither names one."""
-    for name, key in ((RUN_CONFIG_NAME, "model"), (ADAPTER_CONFIG_NAME, "base_model_name_or_path")):
+    """The base model a run / adapter directory names: ``tuneforge.yaml``'s ``model``, else tuneforge's adapter
+    metadata (the name it was given, e.g. an embedded one), else ``adapter_config.json``'s ``base_model_name_or_path``
+    (a path PEFT can open); None when none names one."""
+    for name, key in ((RUN_CONFIG_NAME, "model"), (TUNEFORGE_ADAPTER_META, BASE_MODEL_KEY),
+                      (ADAPTER_CONFIG_NAME, "base_model_name_or_path")):
         path = Path(adapter) / name
         if path.is_file():
             try:
@@ -82,6 +87,19 @@ def check_base_model(adapter: str | Path, model_name: str) -> bool:
     return True
 
 
+def training_dtype(run: str | Path | None, device: str | torch.device | None) -> str | None:
+    """The dtype the run's base computed in while it trained (run.json), when ``device`` is of the same kind: the
+    same question (exact match on held-out data) then gets the same answer as training reported."""
+    if run is None or not (Path(run) / "run.json").is_file():
+        return None
+    try:
+        precision = json.loads((Path(run) / "run.json").read_text()).get("precision") or {}
+    except (OSError, ValueError):
+        return None
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    return precision.get("dtype") if precision.get("device") == kind else None
+
+
 def is_full_model_dir(path: str | Path) -> bool:
     """A Hugging Face model directory (full fine-tuning saves one) rather than an adapter."""
     return (Path(path) / "config.json").is_file() and not is_adapter_dir(path)
@@ -119,5 +137,5 @@ def load_for_inference(model_name: str, adapter: str | Path | None, device: str 
     return model, tokenizer, handle
 
 
-__all__ = ["default_model", "load_for_inference", "recorded_base_model", "recorded_model_fingerprint",
+__all__ = ["default_model", "load_for_inference", "training_dtype", "recorded_base_model", "recorded_model_fingerprint",
            "check_base_model", "model_load_kwargs", "is_full_model_dir"]

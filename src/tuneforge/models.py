@@ -118,6 +118,12 @@ def resolve_model_reference(name: str) -> str:
     return os.path.abspath(path) if path.exists() else name
 
 
+def peft_base_path(name: str) -> str:
+    """What other libraries can open for ``name``: an embedded model's local folder (the dequantised GGUF, which
+    an adapter trained on it is tied to), else ``name`` itself."""
+    return str(local_model_dir(name)) if name.lower() in EMBEDDED else name
+
+
 @functools.lru_cache(maxsize=64)
 def check_hub_model(name: str) -> None:
     """The hub has ``name`` (one short request; model and tokenizer loads share it) with safetensors weights."""

@@ -105,7 +105,7 @@ def training_examples(config: RunConfig) -> tuple[list[Example], list[Example]]:
 
 def training_data(config: RunConfig) -> LoadedData:
     """The examples and, for a mix of sources, what each source gave (see ``data/mixing.py``)."""
-    if config.data is None:
+    if config.data in (None, "demo"):  # the bundled demonstration task, its own held-out split for eval
         eval_path = config.eval_data or str(DEMO_DIR / "eval.jsonl")
         return LoadedData(load_examples(DEMO_DIR / "train.jsonl", config.data_format),
                           load_examples(eval_path, config.data_format))
@@ -582,11 +582,18 @@ class Trainer:
             record = {"run_id": uuid.uuid4().hex, "finished": False}
         else:  # resuming: what the interrupted run measured before its first step is still the baseline
             self.baseline = {**record.get("baseline", {}), **self.baseline}
-        self.run_record = {**record, "finished": False, "baseline": self.baseline}
+        self.run_record = {**record, "finished": False, "baseline": self.baseline, "precision": self.precision()}
         ckpt.write_run_record(self.output, self.run_record)
         # A local base is recorded by absolute path: `generate --adapter` from another folder must find the same
         # model, not take "mdl/tiny" for a hub id.
         save_config(c.model_copy(update={"model": self.model_reference}), self.output / "tuneforge.yaml")
+
+    def precision(self) -> dict[str, str]:
+        """Where and in which dtype the (frozen) base computed: `eval` and `generate` on the run default to the
+        same, so the exact match they report is the one training reported."""
+        frozen = [p for p in self.model.parameters() if not p.requires_grad and p.is_floating_point()]
+        dtype = (frozen or list(self.model.parameters()))[0].dtype
+        return {"device": next(self.model.parameters()).device.type, "dtype": str(dtype).removeprefix("torch.")}
 
     def keep_baseline(self, numbers: dict[str, Any]) -> None:
         """Record "before" numbers; once the run directory is prepared they are written to run.json at once."""

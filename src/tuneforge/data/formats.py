@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ..hub import looks_like_hub_id, probe_hub
+from .bundled import bundled_file
 
 FORMATS = ("alpaca", "messages", "sharegpt", "text", "preference", "prompt", "unpaired")
 ROLES = ("system", "user", "assistant")
@@ -59,7 +60,7 @@ class Example:
 
 def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``(location, row)`` for every record of a data file, with 1-based line / row numbers."""
-    p = Path(path)
+    p = bundled_file(str(path)) or Path(path)  # `demo`, `demo:eval`, `general`: the sets tuneforge ships
     if not p.exists():
         if _looks_like_hub_id(str(path)):
             yield from _read_hub(str(path))
@@ -338,6 +339,61 @@ def load_examples(path: str | Path, fmt: str | None = None, limit: int | None = 
     if not examples:
         raise DataError(f"{path}: no records")
     return examples
+
+
+# -- prompts to answer (generate) ---------------------------------------------------------------------------------
+
+PROMPT_FIELDS = ("instruction", "question", "prompt", "messages", "conversations", "text")
+
+
+def load_prompts(path: str | Path, fmt: str | None = None) -> list[Example]:
+    """Prompts to answer, from the files people have: questions without answers as well as training records.
+
+    Accepted: a ``.txt`` file (one prompt per line); alpaca records with or without ``output``; ``{"question"}``;
+    ``{"prompt"}``; chat records (the conversation up to its last assistant turn is the prompt); preference and
+    unpaired records (their prompt); ``{"text"}`` (the text as the user turn). Each becomes a ``prompt`` example
+    whose ``fields`` are the record, so predictions can be written beside it."""
+    if fmt is not None and fmt not in FORMATS and fmt != "auto":
+        raise DataError(f"unknown data format {fmt!r}; known: {', '.join(FORMATS)}")
+    file = bundled_file(str(path)) or Path(path)
+    rows = _read_lines(file) if file.suffix.lower() == ".txt" else read_rows(path)
+    prompts = [Example(location, "prompt", _prompt_of(row, fmt, location), fields=row) for location, row in rows]
+    if not prompts:
+        raise DataError(f"{path}: no records")
+    return prompts
+
+
+def _read_lines(p: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    text = p.read_text(encoding="utf-8-sig", errors="surrogateescape")
+    _check_utf8(text, p)
+    for i, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            yield f"{p}:{i}", {"prompt": line.strip()}
+
+
+def _prompt_of(row: dict[str, Any], fmt: str | None, location: str) -> list[Message]:
+    if fmt in (None, "auto"):
+        if not any(key in row for key in PROMPT_FIELDS + ("chosen", "completion")):
+            raise DataError(f"{location}: no prompt in the record's keys {sorted(row)}; expected one of: "
+                            f"{', '.join(PROMPT_FIELDS)}")
+        fmt = "alpaca" if "instruction" in row else "question" if "question" in row else detect_format(row, location)
+    if fmt == "question":
+        return _system(row, location) + [{"role": "user", "content": _string(row, "question", location)}]
+    if fmt == "alpaca":  # the answer is optional here: it is what is to be generated
+        return _from_alpaca({**row, "output": row.get("output") or ""}, location).messages[:-1]
+    if fmt == "text":
+        return [{"role": "user", "content": _string(row, "text", location)}]
+    messages = normalise(row, fmt, location).messages
+    while messages and messages[-1]["role"] == "assistant":  # a chat record: answer its last user turn anew
+        messages = messages[:-1]
+    if not messages or messages[-1]["role"] != "user":
+        raise DataError(f"{location}: the conversation has no user turn to answer")
+    return messages
+
+
+def _system(row: dict[str, Any], location: str) -> list[Message]:
+    system = _string(row, "system", location, required=False)
+    return [{"role": "system", "content": system}] if system else []
 
 
 def examples_of_kind(examples: Iterable[Example], kinds: tuple[str, ...], purpose: str) -> list[Example]:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..models import model_fingerprint
+from ..models import model_fingerprint, peft_base_path
 
 if TYPE_CHECKING:
     from .base import Method, MethodHandle
@@ -28,6 +28,8 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 TUNEFORGE_ADAPTER_META = "tuneforge_adapter.json"
 # The key in TUNEFORGE_ADAPTER_META holding models.model_fingerprint() of the base the adapter was trained on.
 BASE_FINGERPRINT_KEY = "base_model_fingerprint"
+# The base as tuneforge names it (an embedded name, an absolute path, a hub id); adapter_config.json holds a path.
+BASE_MODEL_KEY = "base_model"
 
 
 def jsonable(value: Any) -> Any:
@@ -51,12 +53,17 @@ def save_adapter(handle: MethodHandle, directory: str | Path, base_model_name_or
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = handle.adapter_config()
-    config["base_model_name_or_path"] = base_model_name_or_path or getattr(handle.model, "name_or_path", None)
+    base = base_model_name_or_path or getattr(handle.model, "name_or_path", None)
+    # PEFT and transformers open this path themselves (AutoPeftModelForCausalLM): an embedded name would send them
+    # to the hub, so the embedded model's local folder goes here and its name into tuneforge's own metadata.
+    config["base_model_name_or_path"] = peft_base_path(base) if base else base
     write_json(directory / ADAPTER_CONFIG_NAME, config)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in handle.state_dict().items()}
     save_file(tensors, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
     # PEFT drops keys it does not know from adapter_config.json, so tuneforge's own facts live beside it.
     meta = {"method": type(handle.config).method, "options": jsonable(handle.config.to_dict()), **handle.summary()}
+    if base:
+        meta[BASE_MODEL_KEY] = base
     fingerprint = model_fingerprint(base_model_name_or_path) if base_model_name_or_path else None
     if fingerprint is not None:  # a local base: loading warns when the "same" path later holds another model
         meta[BASE_FINGERPRINT_KEY] = fingerprint
