@@ -145,14 +145,22 @@ def cmd_train(args: argparse.Namespace, extra: list[str] = ()) -> int:
         before = f"{m['general_ppl_before']:.3f} -> " if "general_ppl_before" in m else ""
         print(f"general-text perplexity (forgetting): {before}{m['general_ppl_after']:.3f}")
     for source in m.get("data_sources", []):
-        print(f"data source {source['source']}: {source['examples']} examples ({source['share']:.1%}) from "
-              f"{source['records']} records")
+        print(describe_source(source))
     for key, value in (result.handle.summary() if result.handle else {}).items():
         print(f"{key}: {summarise(value)}")
     from .report import write_report
 
     print(f"report: {write_report([result.output])}")  # charts of metrics.jsonl and an HTML page (tuneforge report)
     return 0
+
+
+def describe_source(source: dict[str, Any]) -> str:
+    """One data source of a mix: examples drawn from its records (in memory), or records read (streaming, where
+    the source's length is never known)."""
+    if "records_read" in source:
+        return f"data source {source['source']}: {source['records_read']} records read ({source['share']:.1%})"
+    return (f"data source {source['source']}: {source['examples']} examples ({source['share']:.1%}) from "
+            f"{source['records']} records")
 
 
 def summarise(value: Any) -> str:

@@ -914,6 +914,8 @@ def _train_with_forgetting(trainer: Trainer, config: RunConfig, data: LoadedData
         m["data_sources"] = data.sources
     elif data.stream is not None and len(data.stream.sources) > 1:  # what the stream gave, known once it was read
         m["data_sources"] = data.stream.summary()
+    if "data_sources" in m:  # the mix beside the run's other records (one line, at the last step)
+        trainer._log({"step": trainer.total_steps, "data_sources": m["data_sources"]})
     return result
 
 
