@@ -93,9 +93,11 @@ def model_shape(model_name: str, methods: tuple[str, ...] = ("full", "lora", "ql
     """Parameter counts from the model's config alone (no weights read)."""
     from transformers import AutoConfig
 
-    from .models import resolve_model_path
+    from .models import model_construction, resolve_model_path
 
-    config = AutoConfig.from_pretrained(resolve_model_path(model_name))
+    path = resolve_model_path(model_name)
+    with model_construction(path):
+        config = AutoConfig.from_pretrained(path)
     return shape_from_config(config, model_name, methods, method_options)
 
 
@@ -107,8 +109,9 @@ def shape_from_config(config, name: str, methods: tuple[str, ...] = ("full", "lo
     from transformers import AutoModelForCausalLM
 
     from .methods.base import METHODS, in_out_features, linear_like, output_embedding_names
+    from .models import model_construction
 
-    with torch.device("meta"):
+    with model_construction(name), torch.device("meta"):  # a local folder's broken config: one line naming it
         model = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in model.parameters())
     skip = output_embedding_names(model)
