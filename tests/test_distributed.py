@@ -177,7 +177,8 @@ def test_local_batch_and_shards_cover_the_global_batch():
 
 @pytest.mark.parametrize("flags, message", [
     (["--nproc-per-node", "2", "--lora-r", "many"], "r: Input should be a valid integer"),
-    (["--nproc-per-node", "2", "--batch-size", "3"], "batch_size 3 (the global batch) is not a multiple of the 2 ranks"),
+    (["--nproc-per-node", "2", "--batch-size", "3"],
+     "batch_size 3 (the global batch) is not a multiple of the 2 ranks"),
     (["--nproc-per-node=2", "--batch-size", "12", "--micro-batch-size", "4"],
      "batch_size 12 / 2 ranks = 6 examples per rank, not a multiple of micro_batch_size 4"),
     (["--nproc-per-node", "2", "--streaming", "--max-steps", "2"], "--streaming runs in one process"),

@@ -56,7 +56,7 @@ class Tracker(abc.ABC):
     name: str
     module: str
 
-    @classmethod
+    @classmethod  # noqa: B027 (most trackers need nothing checked: a default, not an abstract method)
     def check(cls) -> None:
         """Raise :class:`TrackerNotReady` if opening a run would fail; called before the run directory exists."""
 
