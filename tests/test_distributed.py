@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import tuneforge
+import tuneforge.cli
 from tuneforge import checkpoint as ckpt
 from tuneforge.distributed import Distributed
 from tuneforge.recommend import memory_breakdown, model_shape
@@ -172,6 +173,37 @@ def test_local_batch_and_shards_cover_the_global_batch():
     assert sorted(ranks[0].shard(batch) + ranks[1].shard(batch)) == batch
     with pytest.raises(ValueError, match="not a multiple of the 2 ranks"):
         ranks[0].local_batch(5, None)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--nproc-per-node", "2", "--lora-r", "many"], "r: Input should be a valid integer"),
+    (["--nproc-per-node", "2", "--batch-size", "3"],
+     "batch_size 3 (the global batch) is not a multiple of the 2 ranks"),
+    (["--nproc-per-node=2", "--batch-size", "12", "--micro-batch-size", "4"],
+     "batch_size 12 / 2 ranks = 6 examples per rank, not a multiple of micro_batch_size 4"),
+    (["--nproc-per-node", "2", "--streaming", "--max-steps", "2"], "--streaming runs in one process"),
+    (["--nproc-per-node", "0"], "--nproc-per-node needs a positive number of processes, got '0'"),
+    (["--nproc-per-node", "abc"], "--nproc-per-node needs a positive number of processes, got 'abc'"),
+])
+def test_bad_input_under_nproc_per_node_is_one_line_before_any_worker_starts(tmp_path, sft_file, capsys,
+                                                                             monkeypatch, flags, message):
+    def no_workers(*args):
+        raise AssertionError("torchrun was started for a run the parent process could have refused")
+
+    monkeypatch.setattr("tuneforge.distributed.launch_torchrun", no_workers)
+    code = tuneforge.cli.main(["train", "--model", str(tmp_path / "never-loaded"), "--data", str(sft_file),
+                               "--output", str(tmp_path / "run"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("tuneforge: error: ") and message in err
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()  # one line, nothing made
+
+
+def test_a_valid_run_under_nproc_per_node_is_launched_with_its_arguments(tmp_path, sft_file, monkeypatch):
+    launched = []
+    monkeypatch.setattr("tuneforge.distributed.launch_torchrun", lambda n, args: launched.append((n, args)) or 0)
+    args = ["--data", str(sft_file), "--batch-size", "4", "--output", str(tmp_path / "run")]
+    assert tuneforge.cli.main(["train", "--nproc-per-node", "2", *args]) == 0
+    assert launched == [(2, ["train", *args])] and not (tmp_path / "run").exists()
 
 
 def test_cli_launches_torchrun_and_a_failing_rank_stops_all(tmp_path, tiny_model_dir):

@@ -89,5 +89,29 @@ def test_every_run_reports_forgetting_and_the_mix(tmp_path, tokenizer):
     assert m["forgetting"] == pytest.approx(m["general_loss_after"] - m["general_loss_before"])
     assert m["general_ppl_before"] != m["general_ppl_after"]  # the adapter trained; general text changed
     assert [s["examples"] for s in m["data_sources"]] == [12, 4]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["data_sources"] for r in logged if "data_sources" in r] == [m["data_sources"]]  # as the README says
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["general_ppl_after"] == pytest.approx(m["general_ppl_after"])
+
+
+def test_huge_equal_weights_mix_as_equal_weights_and_a_repeated_source_is_said(tmp_path, caplog):
+    big = write_jsonl(tmp_path / "big.jsonl", [{"text": f"big {i}"} for i in range(100)])
+    small = write_jsonl(tmp_path / "small.jsonl", [{"text": f"small {i}"} for i in range(14)])
+    with caplog.at_level("WARNING", logger="tuneforge.data.mixing"):
+        data = load_mixed([f"{big}:1e308", f"{small}:1e308"], "auto", seed=0)
+    assert [s["examples"] for s in data.sources] == [57, 57] and len(data.train) == 114
+    assert mix_counts([100, 14], [1e308, 1e308]) == mix_counts([100, 14], [1, 1])
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and f"data source {small}" in warned[0] and "57 examples from its 14 records" in warned[0]
+
+
+@pytest.mark.parametrize("weight", ["nan", "inf", "-inf", "1e309", "0", "-1"])
+def test_a_weight_that_is_not_a_positive_finite_number_is_refused_naming_the_source(weight):
+    with pytest.raises(ConfigError, match=rf"data source 'a.jsonl:{weight}': the weight must be a positive number"):
+        load_config(None, {"data": [f"a.jsonl:{weight}", "b.jsonl:1"]})
+
+
+def test_an_integer_weight_past_floats_range_is_refused_not_an_overflow():
+    with pytest.raises(ValueError, match="the weight must be a positive number"):
+        parse_source({"path": "a.jsonl", "weight": 10 ** 400})

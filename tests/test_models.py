@@ -89,6 +89,40 @@ def test_a_broken_model_folder_is_a_one_line_error_naming_it(good_dir, tmp_path,
     assert err.startswith("tuneforge: error: ") and message in err and len(err.splitlines()) == 1
 
 
+def edit_config(**changes):
+    def damage(d):
+        config = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**config, **changes}))
+    return damage
+
+
+# (case, config.json edits, a part of the one-line message)
+BROKEN_CONFIGS = [
+    ("negative hidden size", {"hidden_size": -64}, "config.json: hidden_size must be a positive integer, got -64"),
+    ("no layers", {"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer, got 0"),
+    ("a size as text", {"intermediate_size": "64"}, "intermediate_size must be a positive integer, got '64'"),
+    ("heads that do not split the width", {"head_dim": None, "hidden_size": 30},
+     "hidden_size 30 is not a multiple of num_attention_heads 4"),
+    ("query heads not shared evenly", {"num_key_value_heads": 3},
+     "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    ("a field transformers refuses", {"hidden_act": "nosuch"},
+     "config.json: transformers cannot build the model it describes (KeyError: 'nosuch')"),
+]
+
+
+@pytest.mark.parametrize("changes, message", [c[1:] for c in BROKEN_CONFIGS], ids=[c[0] for c in BROKEN_CONFIGS])
+def test_a_broken_model_config_is_one_line_naming_the_file_and_field_in_train_and_recommend(
+        good_dir, tmp_path, sft_file, capsys, changes, message):
+    path = broken(good_dir, tmp_path, edit_config(**changes))
+    for argv in (["train", "--model", path, "--data", str(sft_file), "--output", str(tmp_path / "run")],
+                 ["recommend", "--model", path]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"tuneforge: error: {path}") and message in err[-1], err
+        assert "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_file_that_is_not_a_model_and_a_missing_gguf(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(InvalidModelError, match="is a file, not a Hugging Face model directory"):

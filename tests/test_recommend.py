@@ -87,6 +87,27 @@ def test_recommend_command_prints_estimates_and_the_command(tiny_model_dir, caps
     assert "recommended: SFT with lora" in out and f"tuneforge train --model {tiny_model_dir} --method lora" in out
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "-5"], "--batch-size must be a positive integer, got -5"),
+    (["--max-length", "0"], "--max-length must be a positive integer, got 0"),
+    (["--gpu-memory", "24GB", "--gpu", "nosuchgpu"], "--gpu: no throughput known for 'nosuchgpu'; known GPUs: h100"),
+    (["--gpu-memory", "0GB"], "--gpu-memory: expected a size such as 24GB or 16000MB, got '0GB'"),
+])
+def test_recommend_refuses_what_no_estimate_can_mean(tmp_path, capsys, flags, message):
+    assert main(["recommend", "--model", str(tmp_path / "never-read"), *flags]) == 2  # checked before the model
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("tuneforge: error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_a_gpu_name_is_case_blind_and_without_gpu_memory_says_the_estimate_is_the_cpus(tiny_model_dir, capsys,
+                                                                                      caplog):
+    assert main(["recommend", "--model", str(tiny_model_dir), "--gpu-memory", "24GB", "--gpu", "H100"]) == 0
+    assert "GPU with 24 GB" in capsys.readouterr().out
+    with caplog.at_level("WARNING", logger="tuneforge.recommend"):
+        assert main(["recommend", "--model", str(tiny_model_dir), "--gpu", "h100"]) == 0
+    assert "--gpu h100 without --gpu-memory: estimating for the CPU" in caplog.text
+
+
 # -- per-rank memory: DDP replicas, FSDP shards ------------------------------------------------------------------
 
 CASES = [(method, objective, gpu) for method in ("full", "lora", "qlora", "prompt_tuning")

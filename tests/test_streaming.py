@@ -10,6 +10,7 @@ import pytest
 import tuneforge
 from conftest import qa_rows, write_jsonl
 from test_reliability import adapter, assert_same_weights, cli, config, killed_before_step, train
+from tuneforge.cli import main
 from tuneforge.data import streaming
 from tuneforge.data.formats import DataError, load_examples
 from tuneforge.data.mixing import parse_sources
@@ -143,7 +144,7 @@ def test_weighted_sources_interleave_and_each_is_counted(tmp_path):
     assert 24 <= len(from_a) <= 36  # ~0.75 of the draws
     assert len(set(taken) - set(from_a)) == 4  # the small source is read whole (and repeats: replay)
     summary = stream.summary()
-    assert [row["examples"] for row in summary] == stream.read and sum(stream.read) >= 40
+    assert [row["records_read"] for row in summary] == stream.read and sum(stream.read) >= 40
     assert [row["weight"] for row in summary] == [0.75, 0.25]
 
 
@@ -202,3 +203,20 @@ def test_streaming_under_torchrun_is_refused(tmp_path, sft_file, monkeypatch):
         monkeypatch.setenv(key, value)
     with pytest.raises(tuneforge.errors.TuneforgeError, match="--streaming runs in one process"):
         tuneforge.trainer.training_data(streamed(tmp_path, sft_file))
+
+
+def test_a_two_source_streaming_run_prints_and_logs_what_each_source_gave(tmp_path, tiny_model_dir, capsys):
+    a = write_jsonl(tmp_path / "a.jsonl", qa_rows(12))
+    b = write_jsonl(tmp_path / "b.jsonl", qa_rows(4))
+    code = main(["train", "--model", str(tiny_model_dir), "--data", f"{a}:0.5", "--data", f"{b}:0.5", "--streaming",
+                 "--output", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "4", "--max-length", "64",
+                 "--progress", "false", "--eval-generate", "false", "--general-eval", "none"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    sources = [r["data_sources"] for r in records if "data_sources" in r]
+    assert len(sources) == 1 and [s["source"] for s in sources[0]] == [str(a), str(b)]
+    for source in sources[0]:
+        assert f"data source {source['source']}: {source['records_read']} records read " in out
+    assert sum(s["records_read"] for s in sources[0]) >= 8  # two steps of four
+    assert f"report: {tmp_path / 'run' / 'report'}" in out

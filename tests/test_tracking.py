@@ -92,6 +92,31 @@ def test_missing_library_fails_before_the_model_loads(tmp_path, sft_file, monkey
     assert not (tmp_path / "run").exists() and not (tmp_path / "cli").exists()
 
 
+@pytest.fixture
+def fresh_wandb():
+    """wandb reads its settings once per process (its setup singleton): start and leave this test with none."""
+    wandb = pytest.importorskip("wandb")
+    wandb.teardown()
+    yield
+    wandb.teardown()
+
+
+@pytest.mark.usefixtures("fresh_wandb")
+def test_wandb_without_credentials_is_refused_before_anything_is_made(tmp_path, sft_file, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no wandb settings
+    monkeypatch.chdir(tmp_path)
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "NETRC", "WANDB_CONFIG_DIR", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    rc = main(["train", "--model", str(tmp_path / "never-loaded"), "--data", str(sft_file), "--output",
+               str(tmp_path / "run"), "--report-to", "wandb"])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 2 and err[-1].startswith("tuneforge: error: report_to wandb: no Weights & Biases credentials")
+    assert all(hint in err[-1] for hint in ("wandb login", "WANDB_API_KEY", "WANDB_MODE=offline"))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "wandb").exists()
+    monkeypatch.setenv("WANDB_MODE", "offline")  # offline needs no account
+    assert Tracking(["wandb"]).classes == [tracking.WandbTracker]
+
+
 def test_only_rank_zero_reports(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name, *a: None)  # nothing installed: no error

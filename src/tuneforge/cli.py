@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from .config import RunConfig, load_config
+from .config import ConfigError, RunConfig, load_config
 from .errors import TuneforgeError
 from .inference import default_model, load_for_inference, training_dtype
 from .methods.adapter_files import TUNEFORGE_ADAPTER_META
@@ -80,8 +80,8 @@ def pop_nproc_per_node(tokens: list[str]) -> tuple[int | None, list[str]]:
         if key in ("--nproc-per-node", "--nproc_per_node"):
             if not eq:
                 value = tokens[i + 1] if i + 1 < len(tokens) else ""
-            if not value.isdigit() or int(value) < 1:
-                raise SystemExit(f"tuneforge: --nproc-per-node needs a positive number of processes, got {value!r}")
+            if not value.isdigit() or int(value) < 1:  # bad input: the one-line error and exit 2 (main)
+                raise ConfigError(f"--nproc-per-node needs a positive number of processes, got {value!r}")
             return int(value), tokens[:i] + tokens[i + (1 if eq else 2):]
     return None, tokens
 
@@ -107,6 +107,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str] = ()) -> int:
     if nproc is not None:
         from .distributed import launch_torchrun
 
+        check_before_launch(nproc, extra)
         return launch_torchrun(nproc, ["train", *extra])  # this same command, one process per device
     config_path = extra.pop(0) if extra and not extra[0].startswith("-") else None
     from .pipeline import is_pipeline
@@ -145,14 +146,39 @@ def cmd_train(args: argparse.Namespace, extra: list[str] = ()) -> int:
         before = f"{m['general_ppl_before']:.3f} -> " if "general_ppl_before" in m else ""
         print(f"general-text perplexity (forgetting): {before}{m['general_ppl_after']:.3f}")
     for source in m.get("data_sources", []):
-        print(f"data source {source['source']}: {source['examples']} examples ({source['share']:.1%}) from "
-              f"{source['records']} records")
+        print(describe_source(source))
     for key, value in (result.handle.summary() if result.handle else {}).items():
         print(f"{key}: {summarise(value)}")
     from .report import write_report
 
     print(f"report: {write_report([result.output])}")  # charts of metrics.jsonl and an HTML page (tuneforge report)
     return 0
+
+
+def describe_source(source: dict[str, Any]) -> str:
+    """One data source of a mix: examples drawn from its records (in memory), or records read (streaming, where
+    the source's length is never known)."""
+    if "records_read" in source:
+        return f"data source {source['source']}: {source['records_read']} records read ({source['share']:.1%})"
+    return (f"data source {source['source']}: {source['examples']} examples ({source['share']:.1%}) from "
+            f"{source['records']} records")
+
+
+def check_before_launch(nproc: int, extra: list[str]) -> None:
+    """Build the run's config here, once, before torchrun starts workers: bad input is then one error line, not
+    one per rank under torchrun's traceback. The per-rank batch split is checked as the workers would."""
+    from .distributed import Distributed
+    from .pipeline import is_pipeline
+    from .trainer import STREAMING_IN_ONE_PROCESS
+
+    config_path = extra[0] if extra and not extra[0].startswith("-") else None
+    if config_path and is_pipeline(config_path):  # each stage is its own run, checked as it starts
+        return
+    config = config_from_args(config_path, extra[1:] if config_path else extra)
+    if config.streaming:  # refused under torchrun whatever the number of processes
+        raise ConfigError(STREAMING_IN_ONE_PROCESS)
+    Distributed(config.distributed_strategy, world_size=nproc).local_batch(config.batch_size,
+                                                                          config.micro_batch_size)
 
 
 def summarise(value: Any) -> str:

@@ -17,6 +17,7 @@ cache (``$TUNEFORGE_CACHE`` or ``~/.cache/tuneforge``) and later loads take a se
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -24,7 +25,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -173,7 +174,66 @@ def read_model_config(path: Path) -> dict[str, Any]:
 
         raise InvalidModelError(f"{file}: model_type {model_type!r} is unknown to transformers "
                                 f"{transformers.__version__}")
+    check_model_sizes(config, file)
     return config
+
+
+# config.json sizes that must be positive integers where given: the Llama family's names, then GPT-2's.
+SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "max_position_embeddings", "n_embd", "n_inner", "n_layer", "n_head",
+             "n_positions")
+# (width, heads): without an explicit head size, each head takes width / heads of the hidden state.
+HEAD_SPLITS = (("hidden_size", "num_attention_heads"), ("n_embd", "n_head"))
+HEAD_SIZE_KEYS = ("head_dim", "kv_channels", "attention_head_size", "d_head")
+
+
+def check_model_sizes(config: dict[str, Any], file: Path, prefix: str = "") -> None:
+    """Refuse sizes no model can have (``hidden_size: -64``, heads that do not split the hidden state), naming
+    the field, before transformers fails on them with a tensor-shape error. A nested ``text_config`` (the language
+    model of a vision-language config) is checked too."""
+    for key in SIZE_KEYS:
+        value = config.get(key)
+        if value is not None and (type(value) is not int or value < 1):
+            raise InvalidModelError(f"{file}: {prefix}{key} must be a positive integer, got {value!r}")
+    if not any(config.get(key) is not None for key in HEAD_SIZE_KEYS):
+        for width, heads in HEAD_SPLITS:
+            if config.get(width) and config.get(heads) and config[width] % config[heads]:
+                raise InvalidModelError(f"{file}: {prefix}{width} {config[width]} is not a multiple of {prefix}{heads} "
+                                        f"{config[heads]} (each attention head takes an equal part of it)")
+    heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    if heads and kv_heads and heads % kv_heads:
+        raise InvalidModelError(f"{file}: {prefix}num_attention_heads {heads} is not a multiple of "
+                                f"{prefix}num_key_value_heads {kv_heads} (grouped-query attention gives each key/value "
+                                "head the same number of query heads)")
+    if isinstance(config.get("text_config"), dict):
+        check_model_sizes(config["text_config"], file, f"{prefix}text_config.")
+
+
+def _construction_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (RuntimeError, ValueError, TypeError, KeyError, IndexError,
+                                               AssertionError, ZeroDivisionError)
+    try:  # transformers' configs are strict dataclasses: a field of the wrong type raises this
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return errors
+    return (*errors, StrictDataclassError)
+
+
+@contextlib.contextmanager
+def model_construction(path: Path | str) -> Iterator[None]:
+    """Errors transformers raises while building a model from a local folder's config.json (a field
+    ``check_model_sizes`` does not know, an unknown activation), as one line naming that file. Running out of
+    memory is not the config's fault and stays what it is."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except _construction_errors() as e:
+        if isinstance(e, TuneforgeError) or not Path(path).is_dir():
+            raise
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise InvalidModelError(f"{Path(path) / 'config.json'}: transformers cannot build the model it describes "
+                                f"({type(e).__name__}: {detail})") from e
 
 
 def model_weight_files(path: Path) -> list[Path]:
@@ -360,7 +420,8 @@ def load_model(
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with model_construction(path):
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quantization_config is None:
         model.to(device)
     model.config.use_cache = False  # training default; generation turns it on explicitly

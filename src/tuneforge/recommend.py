@@ -40,9 +40,12 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # Calibrated on the embedded SmolLM2-135M (CPU, float32; bench/results/memory_calibration_cpu.json).
 CPU_RUNTIME_MB = 520.0
@@ -93,9 +96,11 @@ def model_shape(model_name: str, methods: tuple[str, ...] = ("full", "lora", "ql
     """Parameter counts from the model's config alone (no weights read)."""
     from transformers import AutoConfig
 
-    from .models import resolve_model_path
+    from .models import model_construction, resolve_model_path
 
-    config = AutoConfig.from_pretrained(resolve_model_path(model_name))
+    path = resolve_model_path(model_name)
+    with model_construction(path):
+        config = AutoConfig.from_pretrained(path)
     return shape_from_config(config, model_name, methods, method_options)
 
 
@@ -107,8 +112,9 @@ def shape_from_config(config, name: str, methods: tuple[str, ...] = ("full", "lo
     from transformers import AutoModelForCausalLM
 
     from .methods.base import METHODS, in_out_features, linear_like, output_embedding_names
+    from .models import model_construction
 
-    with torch.device("meta"):
+    with model_construction(name), torch.device("meta"):  # a local folder's broken config: one line naming it
         model = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in model.parameters())
     skip = output_embedding_names(model)
@@ -237,24 +243,36 @@ def estimate_step_seconds(shape: ModelShape, method: str, *, gpu: str | None = N
 
     m = METHODS.get(method)
     flops_per_token = (6 if m.trains_base_weights else 4) * shape.params * (1.3 if m.name == "qlora" else 1.0)
-    throughput = CPU_FLOPS if gpu is None else GPU_BF16_FLOPS.get(gpu, 300e12) * GPU_UTILISATION
+    if gpu is not None and gpu not in GPU_BF16_FLOPS:
+        raise ValueError(f"no throughput known for GPU {gpu!r}; known GPUs: {', '.join(GPU_BF16_FLOPS)}")
+    throughput = CPU_FLOPS if gpu is None else GPU_BF16_FLOPS[gpu] * GPU_UTILISATION
     return batch_size * max_length * flops_per_token / throughput
 
 
 def parse_memory(text: str) -> float:
     """``24GB``, ``24 GiB``, ``80g``, ``16000MB`` -> MB."""
-    match = re.fullmatch(r"\s*([\d.]+)\s*([gm])?i?b?\s*", text.lower())
-    if not match:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([gm])?i?b?\s*", text.lower())
+    if not match or float(match.group(1)) == 0:
         raise ValueError(f"--gpu-memory: expected a size such as 24GB or 16000MB, got {text!r}")
     value = float(match.group(1))
     return value * 1024 if match.group(2) in (None, "g") else value
 
 
+def check_request(goal: str, batch_size: int, max_length: int, gpu_name: str | None) -> None:
+    """Refuse what no estimate can mean (a batch of -5 gives negative memory), before the model's config is read."""
+    if goal not in SITUATIONS:
+        raise ValueError(f"--goal must be one of {', '.join(SITUATIONS)}, got {goal!r}")
+    for flag, value in (("--batch-size", batch_size), ("--max-length", max_length)):
+        if type(value) is not int or value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+    if gpu_name is not None and gpu_name not in GPU_BF16_FLOPS:  # its throughput would be a guess
+        raise ValueError(f"--gpu: no throughput known for {gpu_name!r}; known GPUs: {', '.join(GPU_BF16_FLOPS)}")
+
+
 def recommend(shape: ModelShape, goal: str = "task", gpu_memory_mb: float | None = None, *, batch_size: int = 4,
               max_length: int = 512, gpu_name: str | None = None) -> dict[str, Any]:
     """The seeds' combination for ``goal`` on this hardware, the estimates behind it and what to run."""
-    if goal not in SITUATIONS:
-        raise ValueError(f"--goal must be one of {', '.join(SITUATIONS)}, got {goal!r}")
+    check_request(goal, batch_size, max_length, gpu_name)
     gpu = gpu_memory_mb is not None
     objectives = {"task": ["sft"], "domain": ["pretrain", "sft"], "alignment": ["sft", "dpo"]}[goal]
     table = []
@@ -312,10 +330,15 @@ def format_report(result: dict[str, Any], shape: ModelShape, hardware: str) -> s
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
+    gpu_name = args.gpu.lower() if args.gpu else None  # H100 or h100
+    check_request(args.goal, args.batch_size, args.max_length, gpu_name)
     gpu_memory = None if args.cpu or args.gpu_memory is None else parse_memory(args.gpu_memory)
+    if gpu_name and gpu_memory is None:
+        log.warning("--gpu %s without --gpu-memory: estimating for the CPU; give the GPU's memory (--gpu-memory "
+                    "80GB) for its estimates", gpu_name)
     shape = model_shape(args.model)
     result = recommend(shape, args.goal, gpu_memory, batch_size=args.batch_size, max_length=args.max_length,
-                       gpu_name=args.gpu)
+                       gpu_name=gpu_name)
     hardware = "CPU" if gpu_memory is None else f"GPU with {gpu_memory / 1024:g} GB"
     print(format_report(result, shape, hardware))
     return 0

@@ -3,8 +3,9 @@ TensorBoard, Weights & Biases, MLflow and/or Trackio (``--report-to tensorboard,
 library.
 
 The libraries are optional (``pip install "tuneforge[track]"``) and imported only when a run asks for them; a
-missing one is reported when :class:`Tracking` is built, which :func:`tuneforge.trainer.train` does before the model
-loads. Where each tracker writes, unless its own environment variables say otherwise:
+missing one, or W&B with no credentials, is reported when :class:`Tracking` is built, which
+:func:`tuneforge.trainer.train` does before the model loads and the run directory is made. Where each tracker
+writes, unless its own environment variables say otherwise:
 
 - tensorboard: event files in ``RUN/tensorboard`` (``tensorboard --logdir RUN/tensorboard``);
 - wandb: the run's files in ``RUN/wandb``; online when logged in, ``WANDB_MODE=offline`` keeps everything there
@@ -45,11 +46,19 @@ class TrackerNotInstalled(TuneforgeError, ImportError):
     """A tracker named in ``report_to`` whose library is not installed."""
 
 
+class TrackerNotReady(TuneforgeError):
+    """A tracker that could not open a run as it is set up (W&B with no credentials): said before training."""
+
+
 class Tracker(abc.ABC):
     """One run in one tracker, opened by the constructor. ``module`` is the library that must be importable."""
 
     name: str
     module: str
+
+    @classmethod  # noqa: B027 (most trackers need nothing checked: a default, not an abstract method)
+    def check(cls) -> None:
+        """Raise :class:`TrackerNotReady` if opening a run would fail; called before the run directory exists."""
 
     @abc.abstractmethod
     def __init__(self, output: Path, run_name: str, config: dict[str, Any]): ...
@@ -87,6 +96,24 @@ class TensorBoardTracker(Tracker):
 
 class WandbTracker(Tracker):
     name, module = "wandb", "wandb"
+    LOCAL_MODES = ("offline", "disabled", "dryrun")  # WANDB_MODE values that need no account
+
+    @classmethod
+    def check(cls) -> None:
+        # With no credentials and no terminal, wandb.init raises a UsageError after the run folder is made; wandb's
+        # own lookup (environment, settings, .netrc; no prompt, no network) tells first.
+        if os.environ.get("WANDB_MODE", "").lower() in cls.LOCAL_MODES:
+            return
+        import wandb
+
+        try:
+            logged_in = wandb.login(verify=False, prompt=False)
+        except wandb.Error as e:  # a malformed WANDB_API_KEY, say
+            raise TrackerNotReady(f"report_to wandb: {e}") from None
+        if not logged_in:
+            raise TrackerNotReady("report_to wandb: no Weights & Biases credentials; log in with `wandb login` (or "
+                                  "set WANDB_API_KEY), or set WANDB_MODE=offline to keep the run in RUN/wandb "
+                                  "(`wandb sync` uploads it later)")
 
     def __init__(self, output: Path, run_name: str, config: dict[str, Any]):
         import wandb
@@ -206,6 +233,9 @@ class Tracking:
         if missing:
             raise TrackerNotInstalled(f"report_to: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
                                       f"not installed; {INSTALL_HINT} installs every tracker tuneforge reports to")
+        with contextlib.redirect_stdout(sys.stderr):  # tuneforge's stdout carries only results
+            for cls in self.classes:
+                cls.check()
         self.active: list[Tracker] = []
 
     def start(self, output: str | Path, config: dict[str, Any]) -> None:

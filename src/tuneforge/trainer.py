@@ -156,11 +156,14 @@ def packing_refusal(method: type[Method], objective: Objective, model: nn.Module
     return model_packing_refusal(model)
 
 
+STREAMING_IN_ONE_PROCESS = ("--streaming runs in one process: each rank would need its own disjoint part of the "
+                            "stream (not supported yet); train without torchrun, or without --streaming")
+
+
 def streamed_data(config: RunConfig) -> LoadedData:
     """``--streaming``: the training records as a stream (see ``data/streaming.py``); eval data, small, in memory."""
     if launched_by_torchrun():
-        raise TuneforgeError("--streaming runs in one process: each rank would need its own disjoint part of the "
-                             "stream (not supported yet); train without torchrun, or without --streaming")
+        raise TuneforgeError(STREAMING_IN_ONE_PROCESS)
     stream = RecordStream(parse_sources(config.data), config.data_format, config.seed, config.shuffle_buffer)
     eval_ = load_examples(config.eval_data, config.data_format) if config.eval_data else []
     return LoadedData([], eval_, stream=stream)
@@ -972,6 +975,8 @@ def _train_with_forgetting(trainer: Trainer, config: RunConfig, data: LoadedData
         m["data_sources"] = data.sources
     elif data.stream is not None and len(data.stream.sources) > 1:  # what the stream gave, known once it was read
         m["data_sources"] = data.stream.summary()
+    if "data_sources" in m:  # the mix beside the run's other records (one line, at the last step)
+        trainer._log({"step": trainer.total_steps, "data_sources": m["data_sources"]})
     return result
 
 

@@ -20,6 +20,8 @@ record can reach training.
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +32,8 @@ from .formats import DataError, Example, load_examples
 
 if TYPE_CHECKING:
     from .streaming import RecordStream
+
+log = logging.getLogger(__name__)
 
 GENERAL_DIR = Path(__file__).parents[1] / "assets" / "general"
 GENERAL_SOURCE = "general"  # a data source name: the built-in general-text replay set
@@ -80,9 +84,25 @@ def parse_source(entry: Any) -> DataSource:
 def _weight(value: Any, entry: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
-        raise ValueError(f"data source {entry!r}: the weight must be a positive number, got {value!r}")
-    return float(value)
+    weight = math.nan
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            weight = float(value)
+        except OverflowError:  # an integer past float's range (YAML reads 10**400 as one)
+            weight = math.inf
+    if not (math.isfinite(weight) and weight > 0):
+        raise ValueError(f"data source {entry!r}: the weight must be a positive number (finite, not NaN), "
+                         f"got {value!r}")
+    return weight
+
+
+def relative_weights(weights: list[float]) -> list[float]:
+    """The weights as shares summing to 1. Weights whose sum overflows (1e308 each) are divided by the largest
+    first, so that they mean what equal weights mean instead of all becoming 0 / infinity = 0."""
+    if not math.isfinite(sum(weights)):
+        weights = [w / max(weights) for w in weights]
+    total = sum(weights)
+    return [w / total for w in weights]
 
 
 def parse_sources(data: str | list[Any] | None) -> list[DataSource]:
@@ -104,7 +124,7 @@ def mix_counts(sizes: list[int], weights: list[float] | None, total: int | None 
     total = sum(sizes) if total is None else total
     if weights is None:
         return list(sizes)
-    shares = np.asarray(weights, dtype=float) / sum(weights) * total
+    shares = np.asarray(relative_weights(weights)) * total
     counts = np.floor(shares).astype(int)
     leftover = total - int(counts.sum())
     for i in np.argsort(-(shares - counts), kind="stable")[:leftover]:  # largest remainders get the rest
@@ -149,7 +169,20 @@ def load_mixed(data: str | list[Any], data_format: str, seed: int, eval_split: f
         mixed += [part[j] for j in draw(len(part), count, seed, i)] if weighted else part
         summary.append({"source": source.path, "records": len(part), "weight": source.weight, "examples": count,
                         "share": round(count / max(sum(counts), 1), 4)})
+        if weighted:
+            warn_if_skewed(source, len(part), count)
     return LoadedData(mixed, held, summary)
+
+
+def warn_if_skewed(source: DataSource, records: int, count: int) -> None:
+    """Say when a weight repeats a source's records (upsampling: the run sees the same records again) or leaves
+    the source out altogether; either may be meant (general-data replay repeats), neither should be a surprise."""
+    if count > records:
+        log.warning("data source %s: weight %g draws %d examples from its %d records: each record repeats "
+                    "%.1f times on average (upsampled)", source.path, source.weight, count, records, count / records)
+    elif count == 0:
+        log.warning("data source %s: weight %g is too small to draw any example from it; it is not used",
+                    source.path, source.weight)
 
 
 def general_eval_file(value: str | None) -> str | None:
@@ -161,5 +194,5 @@ def general_eval_file(value: str | None) -> str | None:
     return value
 
 
-__all__ = ["DataSource", "LoadedData", "parse_source", "parse_sources", "mix_counts", "load_mixed",
+__all__ = ["DataSource", "LoadedData", "parse_source", "parse_sources", "relative_weights", "mix_counts", "load_mixed",
            "general_eval_file", "GENERAL_DIR", "GENERAL_SOURCE", "GENERAL_EVAL"]

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 from .formats import (FORMATS, DataError, Example, _looks_like_hub_id, detect_format, normalise, parse_jsonl_line,
                       read_rows)
 from .batching import LengthReport
-from .mixing import DataSource
+from .mixing import DataSource, relative_weights
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,8 @@ class RecordStream:
             return parts[0]
         if self.sources[0].weight is None:
             return concatenate_datasets(parts)
-        total = sum(s.weight for s in self.sources)
-        return interleave_datasets(parts, probabilities=[s.weight / total for s in self.sources], seed=self.seed,
-                                   stopping_strategy="all_exhausted")
+        shares = relative_weights([s.weight for s in self.sources])
+        return interleave_datasets(parts, probabilities=shares, seed=self.seed, stopping_strategy="all_exhausted")
 
     def _detect(self, part, i: int) -> str:
         """The source's format, from its first record (reading only the file's first block)."""
@@ -198,9 +197,10 @@ class RecordStream:
                 normalise(raw, self.formats[i], location)
 
     def summary(self) -> list[dict[str, Any]]:
-        """Per source: its weight and the records training read from it (repeats counted)."""
+        """Per source: its weight, the records training read from it (repeats counted; a stream's length, and so
+        how often a source repeated, is not known) and their share of all records read."""
         total = max(sum(self.read), 1)
-        return [{"source": s.path, "weight": s.weight, "examples": n, "share": round(n / total, 4)}
+        return [{"source": s.path, "weight": s.weight, "records_read": n, "share": round(n / total, 4)}
                 for s, n in zip(self.sources, self.read)]
 
 
