@@ -31,7 +31,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .distributed import is_main_process
 from .errors import TuneforgeError
 
 log = logging.getLogger(__name__)
@@ -201,6 +200,8 @@ class Tracking:
     ready, fed every metrics.jsonl record, closed at the end — as a context manager, also when the run fails."""
 
     def __init__(self, names: Iterable[str] = ()):
+        from .distributed import is_main_process  # torch: imported when a run starts, not by `tuneforge report`
+
         self.classes = [TRACKERS[n] for n in tracker_names(list(names))] if is_main_process() else []
         missing = [cls.name for cls in self.classes if importlib.util.find_spec(cls.module) is None]
         if missing:
