@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = 'pip install "tuneforge[track]"'
 # Totals of the run that metrics.jsonl does not hold (they are known once, at the end): reported as a summary.
-SUMMARY_KEYS = ("peak_memory_mb", "trainable_params", "total_params")
+SUMMARY_KEYS = ("peak_memory_mb", "peak_rss_mb", "train_wall_s", "trainable_params", "total_params")
 
 
 class TrackerNotInstalled(TuneforgeError, ImportError):
