@@ -252,6 +252,21 @@ def test_help_and_argument_errors_load_no_heavy_library(argv):
     assert "usage: tuneforge" in printed
 
 
+def test_public_names_load_on_first_use_and_stay_functions():
+    """``tuneforge`` imports its API lazily; importing the submodule ``tuneforge.generate`` must not turn the public
+    ``tuneforge.generate`` into that module."""
+    import tuneforge.evaluate
+    import tuneforge.generate
+    from tuneforge.evaluate import evaluate
+    from tuneforge.generate import generate
+
+    assert tuneforge.generate is generate and tuneforge.evaluate is evaluate
+    assert sorted(tuneforge.__all__) == sorted(tuneforge._PUBLIC) and set(tuneforge.__all__) <= set(dir(tuneforge))
+    assert all(getattr(tuneforge, name) is not None for name in tuneforge.__all__)
+    with pytest.raises(AttributeError):
+        _ = tuneforge.no_such_name
+
+
 def test_train_help_still_lists_every_method_and_objective_option():
     """The one help that needs the registries (and so torch) builds them when it is printed."""
     imported, printed = heavy_imports("train", "--help")
