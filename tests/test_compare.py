@@ -11,7 +11,7 @@ import pytest
 
 from conftest import qa_rows, write_jsonl
 from tuneforge.checkpoint import TRAINING_STATE
-from tuneforge.compare import compare, markdown, train_args
+from tuneforge.compare import compare, draw_chart, markdown, train_args
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -71,3 +71,37 @@ def test_flags_pass_through_and_method_and_output_win(tmp_path):
     args = train_args("lora", tmp_path / "runs" / "lora", ["--data", "a.jsonl", "--method", "full"])
     assert args[:3] == ["train", "--data", "a.jsonl"] and args[args.index("--output") + 1].endswith("lora")
     assert args.index("--method", 4) > args.index("full")
+
+
+def test_chart_names_methods_in_one_legend_whose_labels_do_not_overlap():
+    """LoRA and DoRA use about the same memory for about the same gain: names written beside the points overlapped."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    rows = [{"method": "lora", "trainable_params": 4_000, "peak_memory_mb": 812.0, "wall_s": 30.0, "gain": 0.4010},
+            {"method": "dora", "trainable_params": 4_200, "peak_memory_mb": 815.0, "wall_s": 33.0, "gain": 0.4020},
+            {"method": "prompt_tuning", "trainable_params": 900, "peak_memory_mb": 790.0, "wall_s": 25.0,
+             "gain": 0.1},
+            {"method": "full", "error": "out of memory"}]  # no gain: not drawn
+    fig = draw_chart(rows)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    texts = [t for legend in fig.legends for t in legend.get_texts()]
+    for ax in fig.axes:  # the tick labels drawn: a tick outside the axis's range has a label that is not
+        (x0, x1), (y0, y1) = sorted(ax.get_xlim()), sorted(ax.get_ylim())
+        texts += [*ax.texts, *(t for t in ax.xaxis.get_ticklabels(which="both") if x0 <= t.get_position()[0] <= x1),
+                  *(t for t in ax.yaxis.get_ticklabels(which="both") if y0 <= t.get_position()[1] <= y1)]
+    texts = [t for t in texts if t.get_visible() and t.get_text()]
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+    assert not [t.get_text() for t in texts if "10^" in t.get_text()]  # "2k", not "2×10³"
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["lora", "dora", "prompt_tuning"]
+    # Each method keeps its colour in every panel, so the one legend names the points of all three.
+    colours = {}
+    for ax in fig.axes:
+        for collection in ax.collections:
+            colours.setdefault(collection.get_label(), set()).add(tuple(collection.get_facecolor()[0]))
+    assert set(colours) == {"lora", "dora", "prompt_tuning"} and all(len(c) == 1 for c in colours.values())
+    assert len({c.pop() for c in colours.values()}) == 3
+    assert "process max RSS" in fig.axes[1].get_xlabel()
+    assert draw_chart([{"method": "full", "error": "failed"}]) is None

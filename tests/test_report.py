@@ -1,10 +1,13 @@
-"""The run report: a chart per metric that draws exactly the logged values (train and eval overlaid, runs overlaid),
-one-off values in a table, the config keys that differ between runs, `tuneforge report`, the report path printed by
-`tuneforge train`, and the HTML page rendered by headless Chromium with every image decoded and no console error."""
+"""The run report: a chart per metric that draws exactly the logged values (train and eval overlaid, runs overlaid;
+two points as marks, log axes labelled with plain numbers), one-off values in a table (before → after, percentages,
+then forgetting, wall time and peak memory from summary.json), the config keys that differ between runs,
+`tuneforge report`, the report path printed by `tuneforge train`, and the HTML page rendered by headless Chromium
+with every image decoded and no console error."""
 
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 import shutil
@@ -20,10 +23,12 @@ from tuneforge.cli import main
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def write_run(path: Path, records: list[dict], config: dict) -> Path:
+def write_run(path: Path, records: list[dict], config: dict, summary: dict | None = None) -> Path:
     path.mkdir(parents=True)
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (path / "tuneforge.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    if summary is not None:
+        (path / "summary.json").write_text(json.dumps(summary))
     return path
 
 
@@ -92,7 +97,66 @@ def test_report_writes_pngs_and_a_self_contained_page(runs, tmp_path):
         assert f"<th>{key}</th>" in config_table
     for key in ("method_options.lora_alpha", "learning_rate", "model"):
         assert f"<th>{key}</th>" not in config_table
-    assert "<tr><th>exact_match_after</th><td>0.75</td><td>0.75</td></tr>" in text
+    assert "<tr><th>held-out exact match, before → after</th><td>25.0% → 75.0%</td><td>25.0% → 75.0%</td></tr>" in text
+
+
+def test_two_points_are_marks_not_a_line(tmp_path):
+    """An evaluation before and one after training: a dashed line between them would read as a steady decline."""
+    from matplotlib.figure import Figure
+
+    records = [{"step": 0, "eval_loss": 2.0}, *({"step": s, "loss": 1.0 / s} for s in (1, 2, 3, 4)),
+               {"step": 4, "eval_loss": 1.0}]
+    run = report.load_run(write_run(tmp_path / "a", records, CONFIG))
+    axes = Figure().subplots()
+    report.plot_metric(axes, [run], "loss")
+    lines = {line.get_label(): line for line in axes.get_lines()}
+    assert list(lines["eval"].get_xdata()) == [0, 4] and list(lines["eval"].get_ydata()) == [2.0, 1.0]
+    assert lines["eval"].get_linestyle() == "None" and lines["eval"].get_marker() not in (None, "None", "")
+    assert lines["train"].get_linestyle() == "-"  # four points: a line
+
+
+def tick_labels(axis) -> list[str]:
+    return [t.get_text() for t in axis.get_ticklabels() + axis.get_ticklabels(minor=True) if t.get_text()]
+
+
+def test_log_axes_are_labelled_with_plain_numbers(tmp_path):
+    """tokens/s rising 40x in the first steps gets a log axis; its labels read "20", "50", not "2×10¹"."""
+    from matplotlib.figure import Figure
+
+    records = [{"step": s, "loss": 1.0, "tokens_per_s": v} for s, v in enumerate((5.0, 60.0, 150.0, 200.0), 1)]
+    run = report.load_run(write_run(tmp_path / "a", records, CONFIG))
+    figure = Figure()
+    axes = figure.subplots()
+    assert report.plot_metric(axes, [run], "tokens_per_s").endswith("(log scale)")
+    figure.savefig(io.BytesIO(), format="png")  # ticks and their labels are made when drawn
+    labels = tick_labels(axes.yaxis)
+    assert {"10", "100", "20", "50"} <= set(labels)
+    assert all(float(label) > 0 for label in labels)  # nothing like "$\mathdefault{6\times10^{1}}$"
+
+
+def test_final_values_say_before_after_forgetting_wall_time_and_peak_memory(tmp_path):
+    summary = {"eval_before_loss": 2.0, "eval_loss": 1.0, "exact_match_before": 0.25, "exact_match_after": 0.96875,
+               "general_ppl_before": 10.0, "general_ppl_after": 10.5, "general_loss_before": 2.302,
+               "general_loss_after": 2.351, "forgetting": 0.0488, "train_wall_s": 63.4, "peak_rss_mb": 2403.2,
+               "peak_memory_mb": 2403.2, "trainable_params": 460800, "attention": "sdpa"}
+    records = sft_records()
+    records[-1]["exact_match_after"] = 0.96875
+    new = write_run(tmp_path / "new", records, CONFIG, summary)
+    old = write_run(tmp_path / "old", sft_records(), CONFIG, {"peak_memory_mb": 1612.0})  # before peak_rss_mb
+    rows = dict(report.final_rows(report.load_runs([new, old]), ["exact_match_after", "exact_match_before"]))
+    assert rows["held-out exact match, before → after"] == ["25.0% → 96.9%", "25.0% → 75.0%"]
+    assert rows["held-out loss, before → after"] == ["2 → 1", "2 → 1"]
+    assert rows["general-text perplexity, before → after"] == ["10 → 10.5", "—"]
+    assert rows["forgetting: general-text loss after − before (> 0: forgot)"] == ["+0.0488", "—"]
+    assert rows["wall time, s (load, evaluate, train, save)"] == ["63.4", "—"]
+    assert rows["peak memory, MB: process max RSS"] == ["2,403", "—"]
+    assert "peak memory, MB" not in rows  # the old name is shown only where no run has the max RSS
+    assert not any("general_loss" in label or label.startswith("exact_match") for label in rows)
+    alone = dict(report.final_rows([report.load_run(old)], []))
+    assert alone["peak memory, MB"] == ["1,612"]
+    page = report.write_report([new], tmp_path / "out").read_text()
+    assert "<tr><th>held-out exact match, before → after</th><td>25.0% → 96.9%</td></tr>" in page
+    assert "<tr><th>peak memory, MB: process max RSS</th><td>2,403</td></tr>" in page
 
 
 def test_one_run_defaults_to_its_own_directory_and_shows_the_whole_config(runs, capsys):

@@ -20,11 +20,13 @@ import random
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
+# torch and safetensors are imported by the functions that use them: `tuneforge compare`, `report` and the CLI read
+# run.json and checkpoint names through this module, and must start without loading torch.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 TRAINING_STATE = "training_state.pt"
 
@@ -55,6 +57,7 @@ class atomic_directory:
 
 def rng_state() -> dict[str, Any]:
     import numpy as np
+    import torch
 
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     # numpy's key array travels as a tensor so the state file loads with weights_only=True.
@@ -67,6 +70,7 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     import numpy as np
+    import torch
 
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
@@ -80,6 +84,9 @@ def save_training_state(directory: Path, trainable: dict[str, torch.Tensor], opt
                         progress: dict[str, Any], rng: dict[str, Any] | None = None) -> None:
     """Trainable tensors (safetensors) plus optimiser, scheduler, RNG and data position (torch file). ``rng``:
     what to store as the RNG state (a distributed run's per-rank states); default this process's."""
+    import torch
+    from safetensors.torch import save_file
+
     tensors = {k: v.detach().cpu().contiguous() for k, v in trainable.items()}
     save_file(tensors, str(directory / "trainable.safetensors"), metadata={"format": "pt"})
     torch.save(  # optimizer None: a sharded checkpoint, whose optimiser state is in sharded/
@@ -91,6 +98,9 @@ def save_training_state(directory: Path, trainable: dict[str, torch.Tensor], opt
 
 
 def load_training_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    import torch
+    from safetensors.torch import load_file
+
     trainable = load_file(str(directory / "trainable.safetensors"))
     state = torch.load(directory / TRAINING_STATE, map_location="cpu", weights_only=True)
     return trainable, state
@@ -162,6 +172,8 @@ def local_shards(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _with_heads(model: nn.Module, extra: list[tuple[str, nn.Parameter]]) -> nn.Module:
     """``model`` and the ``extra`` parameters under one root: torch's state-dict helpers name every optimiser parameter
     through a module, and an objective's reward / value head is not inside the model."""
+    from torch import nn
+
     root, heads = nn.Module(), nn.Module()
     root.add_module("model", model)
     root.add_module("objective", heads)

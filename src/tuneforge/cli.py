@@ -6,16 +6,17 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .config import ConfigError, RunConfig, load_config
-from .errors import TuneforgeError
-from .inference import default_model, load_for_inference, training_dtype
-from .methods.adapter_files import TUNEFORGE_ADAPTER_META
+from .errors import ConfigError, TuneforgeError
 from .outputs import check_output, staged_file
-from .distributed import is_main_process
+
+# Only light modules above: torch, transformers, datasets and matplotlib are imported by the commands that use them,
+# so `tuneforge --help` and a mistyped flag answer at once (bench/bench_startup.py; tests/test_cli.py checks it).
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 log = logging.getLogger("tuneforge")
 
@@ -87,6 +88,8 @@ def pop_nproc_per_node(tokens: list[str]) -> tuple[int | None, list[str]]:
 
 
 def config_from_args(config_path: str | None, extra: list[str]) -> RunConfig:
+    from .config import load_config
+
     overrides = parse_overrides(extra)
     if config_path is None and overrides.get("data") is None:
         from .trainer import DEMO_DIR
@@ -99,6 +102,7 @@ def config_from_args(config_path: str | None, extra: list[str]) -> RunConfig:
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str] = ()) -> int:
+    from .distributed import is_main_process
     from .trainer import train
 
     # The YAML file is the first pass-through argument (see build_parser for why it is not a positional).
@@ -183,6 +187,8 @@ def check_before_launch(nproc: int, extra: list[str]) -> None:
 
 def summarise(value: Any) -> str:
     """One line for a summary value; per-module tables (AdaLoRA's ranks) become totals, the file has the rest."""
+    from .methods.adapter_files import TUNEFORGE_ADAPTER_META
+
     if isinstance(value, dict) and len(value) > 8:
         numbers = [v for v in value.values() if isinstance(v, (int, float))]
         if len(numbers) == len(value):
@@ -196,6 +202,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str] = ()) -> int:
     from .data.bundled import held_out_name
     from .data.formats import load_prompts
     from .generate import generate
+    from .inference import default_model, load_for_inference
 
     model, tokenizer, _ = load_for_inference(default_model(args.adapter, args.model), args.adapter, args.device,
                                              inference_dtype(args))
@@ -222,6 +229,7 @@ def cmd_eval(args: argparse.Namespace, extra: list[str] = ()) -> int:
     from .data.bundled import held_out_name
     from .data.formats import load_examples
     from .evaluate import evaluate
+    from .inference import default_model, load_for_inference
 
     examples = load_examples(held_out_name(args.data), args.data_format)[:args.limit]
     if examples[0].kind == "preference":  # reward-model accuracy, or DPO's implicit-reward accuracy and margin
@@ -245,6 +253,8 @@ def cmd_eval(args: argparse.Namespace, extra: list[str] = ()) -> int:
 def inference_dtype(args: argparse.Namespace) -> str | None:
     """--dtype, else the precision the run trained in (on the same kind of device), said on stderr: the exact match
     `eval` reports is then the one training reported (a bf16 and a float32 base can differ by a few answers)."""
+    from .inference import training_dtype
+
     if args.dtype or not args.adapter:
         return args.dtype
     dtype = training_dtype(args.adapter, args.device)
@@ -288,10 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model (no arguments: the bundled LoRA SFT demo)",
-                           description="Any config key is also a flag (--learning-rate 1e-4); method options "
-                           "by prefix (--lora-r 16, --prefix-num-virtual-tokens 20); objective options too "
-                           "(--dpo-beta 0.1). Flags override the YAML file.\n\nConfig keys:\n" + _config_help(),
-                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description=TRAIN_DESCRIPTION, formatter_class=TrainHelpFormatter,
                            usage="tuneforge train [CONFIG.yaml] [--key value ...]")
     # No argparse positional for CONFIG.yaml: argparse cannot know that a pass-through flag such as `--model`
     # takes a value, and would take that value (`train --model ./dir ...`) for the config file.
@@ -353,6 +360,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRAIN_DESCRIPTION = ("Any config key is also a flag (--learning-rate 1e-4); method options by prefix (--lora-r 16, "
+                     "--prefix-num-virtual-tokens 20); objective options too (--dpo-beta 0.1). Flags override the "
+                     "YAML file.")
+
+
+class TrainHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``train --help`` ends with every config key and every method's and objective's options. Listing them imports
+    the registries (and torch), so it is done when that help is printed, not whenever the parser is built."""
+
+    def add_text(self, text: str | None) -> None:
+        if text == TRAIN_DESCRIPTION:
+            text += "\n\nConfig keys:\n" + _config_help()
+        super().add_text(text)
+
+
 def _extensions():
     """Subcommands that live beside their feature (prompting, alignment)."""
     found = []
@@ -384,6 +406,7 @@ def _inference_args(p: argparse.ArgumentParser) -> None:
 
 def _config_help() -> str:
     """Every run key, then every method's and objective's options under their declared flag prefix."""
+    from .config import RunConfig
     from .methods.base import METHODS
     from .objectives.base import OBJECTIVES
 

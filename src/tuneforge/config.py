@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import ConfigError
 from .methods.base import METHODS, Method, MethodConfig
 from .models import DEFAULT_MODEL
 from .objectives.base import OBJECTIVES, Objective, ObjectiveConfig
@@ -210,10 +211,6 @@ def route_key(key: str, value: Any, out: dict[str, Any]) -> None:
             out.setdefault(section, {})[routed[1]] = value
             return
     raise ConfigError(f"unknown config key {key!r}")
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:

@@ -18,3 +18,7 @@ class RunInUse(TuneforgeError):
 
 class ResumeMismatch(TuneforgeError, ValueError):
     """``--resume`` with settings that change what the checkpoint means (a different method, rank, data...)."""
+
+
+class ConfigError(TuneforgeError, ValueError):
+    """A run config, pipeline or flag that cannot mean anything; the message names the file and key."""

@@ -330,13 +330,15 @@ def format_report(result: dict[str, Any], shape: ModelShape, hardware: str) -> s
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
+    from .models import DEFAULT_MODEL
+
     gpu_name = args.gpu.lower() if args.gpu else None  # H100 or h100
     check_request(args.goal, args.batch_size, args.max_length, gpu_name)
     gpu_memory = None if args.cpu or args.gpu_memory is None else parse_memory(args.gpu_memory)
     if gpu_name and gpu_memory is None:
         log.warning("--gpu %s without --gpu-memory: estimating for the CPU; give the GPU's memory (--gpu-memory "
                     "80GB) for its estimates", gpu_name)
-    shape = model_shape(args.model)
+    shape = model_shape(args.model or DEFAULT_MODEL)
     result = recommend(shape, args.goal, gpu_memory, batch_size=args.batch_size, max_length=args.max_length,
                        gpu_name=gpu_name)
     hardware = "CPU" if gpu_memory is None else f"GPU with {gpu_memory / 1024:g} GB"
@@ -345,11 +347,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def add_subcommands(sub) -> None:
-    from .models import DEFAULT_MODEL
-
+    # No default model here: .models imports torch, and building the parser must not (`tuneforge --help`).
     p = sub.add_parser("recommend", help="estimate memory and time per method for a model and recommend the "
                        "combination that fits (the seeds' table by situation)")
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--model", help="a model name or directory (default: the embedded SmolLM2-135M-Instruct)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--gpu-memory", help="the GPU's memory, e.g. 24GB")
     where.add_argument("--cpu", action="store_true", help="no GPU (the default without --gpu-memory)")

@@ -2,9 +2,11 @@
 
 Every metric the runs logged gets a chart: loss first (train solid, eval dashed, eval at step 0 being the model
 before training), then learning rate, gradient norm, tokens/s, then the objective's own (reward margins, KL,
-accuracy ...), each train metric overlaid with its ``eval_`` twin. Values a run logs once (exact match before and
-after) go to a table of final values instead. The page embeds the PNGs as base64, so it is one file to mail or
-archive, and lists the config keys whose values differ between the runs (each run's ``tuneforge.yaml``).
+accuracy ...), each train metric overlaid with its ``eval_`` twin; a series of two points (an evaluation before and
+one after training) is two marks, not a line that would invent a path between them. Values a run logs once go to a
+table of final values instead: before → after (exact match as percentages), then what the run's ``summary.json``
+knows at its end (forgetting, wall time, peak memory). The page embeds the PNGs as base64, so it is one file to mail
+or archive, and lists the config keys whose values differ between the runs (each run's ``tuneforge.yaml``).
 
 ``tuneforge report RUN [RUN ...]`` writes ``index.html``, one PNG per chart and ``overview.png`` (every chart in
 one image) into ``--output`` (default ``RUN/report`` for one run, ``report`` for several).
@@ -20,7 +22,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -33,6 +35,23 @@ TITLES = {"loss": "loss", "lr": "learning rate", "grad_norm": "gradient norm (be
           "tokens_per_s": "tokens / s (cumulative average)", "peak_memory_mb": "peak memory, MB"}
 # Bookkeeping, not a signal: the step is the x axis, epoch is a rescaled step, units/tokens are batch sizes.
 NOT_CHARTED = {"step", "epoch", "units", "tokens"}
+SUMMARY_FILE = "summary.json"  # the trainer's final metrics (trainer.write_summary)
+# Fractions a reader thinks of as percentages.
+PERCENT_STEMS = ("exact_match", "accuracy")
+# Before → after rows, by stem: their names on the page; a stem not here is named by itself.
+PAIR_LABELS = {"eval_loss": "held-out loss", "exact_match": "held-out exact match",
+               "general_ppl": "general-text perplexity"}
+# general_loss is the log of general_ppl, and forgetting below is its change: a third row would say it again.
+PAIRS_NOT_SHOWN = {"general_loss"}
+# Known once, at the end of a run (summary.json), in this order. peak_memory_mb (CUDA allocated on a GPU, the
+# process max RSS otherwise) is shown only for runs from before peak_rss_mb existed.
+SUMMARY_ROWS = (("forgetting", "forgetting: general-text loss after − before (> 0: forgot)"),
+                ("trainable_params", "trainable parameters"),
+                ("train_wall_s", "wall time, s (load, evaluate, train, save)"),
+                ("peak_rss_mb", "peak memory, MB: process max RSS"),
+                ("peak_cuda_allocated_mb", "peak memory, MB: CUDA max allocated"),
+                ("peak_cuda_reserved_mb", "peak memory, MB: CUDA max reserved"),
+                ("peak_memory_mb", "peak memory, MB"))
 
 
 @dataclass
@@ -43,6 +62,7 @@ class Run:
     label: str
     records: list[dict[str, Any]]
     config: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)  # summary.json: {} for a run killed before its end
 
     def series(self, key: str) -> tuple[list[float], list[float]]:
         points = [(r.get("step", 0), r[key]) for r in self.records if _is_number(r.get(key))]
@@ -51,6 +71,30 @@ class Run:
     def last(self, key: str) -> float | None:
         values = self.series(key)[1]
         return values[-1] if values else None
+
+    def final(self, key: str) -> float | None:
+        """The run's own final number for ``key``: summary.json's, else the last logged."""
+        value = self.summary.get(key)
+        return value if _is_number(value) else self.last(key)
+
+    def before_after(self) -> dict[str, tuple[float | None, float | None]]:
+        """Numbers measured before and after training, by stem: ``eval_X`` at step 0 and at its last (later) step,
+        ``X_before`` / ``X_after`` (exact match, general-text perplexity) as logged or summarised."""
+        pairs: dict[str, list[float | None]] = {}
+        for key in {k for r in self.records for k in r} | set(self.summary):
+            if key.startswith("eval_before_"):  # summary.json's copy of the step-0 evaluation
+                pairs.setdefault("eval_" + key.removeprefix("eval_before_"), [None, None])
+            elif key.startswith("eval_") and _is_metric(key):
+                pairs.setdefault(key, [None, None])
+            elif key.endswith(("_before", "_after")) and self.final(key) is not None:
+                stem, _, side = key.rpartition("_")
+                pairs.setdefault(stem, [None, None])[side == "after"] = self.final(key)
+        for key in [k for k in pairs if k.startswith("eval_")]:
+            steps, values = self.series(key)
+            before = values[0] if steps and steps[0] == 0 else self.summary.get(key.replace("eval_", "eval_before_", 1))
+            after = values[-1] if steps and steps[-1] > 0 else self.summary.get(key)
+            pairs[key] = [before if _is_number(before) else None, after if _is_number(after) else None]
+        return {stem: (b, a) for stem, (b, a) in pairs.items() if b is not None or a is not None}
 
 
 @dataclass
@@ -85,7 +129,9 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
         records.append(record)
     config_file = path / "tuneforge.yaml"
     config = (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
-    return Run(path, label or path.resolve().name, records, config)
+    summary_file = path / SUMMARY_FILE
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    return Run(path, label or path.resolve().name, records, config, summary if isinstance(summary, dict) else {})
 
 
 def load_runs(paths: list[str | Path]) -> list[Run]:
@@ -131,6 +177,8 @@ def plot_metric(axes, runs: list[Run], key: str) -> str:
             steps, values = run.series(name)
             if not steps:
                 continue
+            if len(steps) <= 2:  # before and after: nothing was measured in between, so no line claims a path
+                style = dict(linestyle="none", marker="o" if name == key else "D", markersize=7)
             side = "eval" if name.startswith("eval_") else "train"
             axes.plot(steps, values, color=f"C{index % 10}", label=side if len(runs) == 1 else f"{run.label} ({side})",
                       **style)
@@ -138,12 +186,30 @@ def plot_metric(axes, runs: list[Run], key: str) -> str:
     title = TITLES.get(key, key.replace("_", " "))
     if _log_scale(plotted):
         axes.set_yscale("log")
+        plain_log_labels(axes.yaxis, plotted)
         title += " (log scale)"
     axes.set_title(title)
     axes.set_xlabel("step")
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize="small")
     return title
+
+
+def plain_log_labels(axis, values: list[float], label: Callable[[float], str] = "{:g}".format) -> None:
+    """Numbers ("60", "0.02", or ``label``'s "2k") on a log axis, not matplotlib's "6×10¹": the 1-2-5 ticks of a short
+    axis are labelled, the in-between ticks of one spanning three decades or more are not (they would crowd)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    axis.set_major_formatter(FuncFormatter(lambda value, _: label(value)))
+    if math.log10(max(values) / min(values)) >= 3:
+        axis.set_minor_formatter(NullFormatter())
+        return
+
+    def one_two_five(value: float, _) -> str:
+        leading = round(value / 10 ** math.floor(math.log10(value)))
+        return label(value) if leading in (2, 5) else ""
+
+    axis.set_minor_formatter(FuncFormatter(one_two_five))
 
 
 def draw_chart(runs: list[Run], key: str) -> Chart:
@@ -191,9 +257,7 @@ def render_html(runs: list[Run], charts: list[Chart], finals: list[str]) -> str:
     e = html.escape
     title = "tuneforge report: " + ", ".join(run.label for run in runs)
     head = "".join(f"<th>{e(run.label)}</th>" for run in runs)
-    summary = _row("steps", [_steps(run) for run in runs])
-    for key in [k for k in ("loss", "eval_loss") if any(run.last(k) is not None for run in runs)] + finals:
-        summary += _row(key, [run.last(key) for run in runs])
+    summary = "".join(_row(label, cells) for label, cells in final_rows(runs, finals))
     differences = config_differences(runs)
     config_rows = "".join(_row(key, values) for key, values in differences.items())
     if not config_rows:
@@ -224,6 +288,41 @@ img {{ width: 640px; max-width: 100%; height: auto; }}
 <table><thead><tr><th>key</th>{head}</tr></thead><tbody>{config_rows}</tbody></table>
 </body></html>
 """
+
+
+def final_rows(runs: list[Run], finals: list[str]) -> list[tuple[str, list[str]]]:
+    """The final-values table, one (label, cell per run) a row: steps and the last train loss; every number measured
+    before and after training as "before → after"; the rest of ``finals`` (metrics logged once); then SUMMARY_ROWS."""
+    rows = [("steps", [_steps(run) for run in runs])]
+    if any(run.last("loss") is not None for run in runs):
+        rows.append(("train loss (last logged)", [_fmt(run.last("loss")) for run in runs]))
+    pairs = [run.before_after() for run in runs]
+    stems = sorted({stem for p in pairs for stem in p} - PAIRS_NOT_SHOWN, key=lambda s: (s != "eval_loss", s))
+    for stem in stems:
+        label = PAIR_LABELS.get(stem, stem.removeprefix("eval_").replace("_", " "))
+        rows.append((f"{label}, before → after", [_before_after(stem, p.get(stem)) for p in pairs]))
+    paired = {f"{stem}_{side}" for stem in {*stems, *PAIRS_NOT_SHOWN} for side in ("before", "after")}
+    rows += [(key, [_fmt(run.final(key)) for run in runs]) for key in finals if key not in paired]
+    has_rss = any("peak_rss_mb" in run.summary for run in runs)
+    for key, label in SUMMARY_ROWS:
+        if any(_is_number(run.summary.get(key)) for run in runs) and not (key == "peak_memory_mb" and has_rss):
+            rows.append((label, [_fmt_summary(key, run.summary.get(key)) for run in runs]))
+    return rows
+
+
+def _before_after(stem: str, pair: tuple[float | None, float | None] | None) -> str:
+    if pair is None:
+        return "—"
+    percent = any(name in stem for name in PERCENT_STEMS)
+    return " → ".join(f"{v:.1%}" if percent and v is not None else _fmt(v) for v in pair)
+
+
+def _fmt_summary(key: str, value: Any) -> str:
+    if not _is_number(value):
+        return "—"
+    if key.endswith("_mb") or key == "trainable_params":
+        return f"{value:,.0f}"
+    return f"{value:+.4f}" if key == "forgetting" else _fmt(value)
 
 
 def _row(key: str, values: list[Any]) -> str:

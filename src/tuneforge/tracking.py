@@ -32,14 +32,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .distributed import is_main_process
 from .errors import TuneforgeError
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = 'pip install "tuneforge[track]"'
 # Totals of the run that metrics.jsonl does not hold (they are known once, at the end): reported as a summary.
-SUMMARY_KEYS = ("peak_memory_mb", "trainable_params", "total_params")
+SUMMARY_KEYS = ("peak_memory_mb", "peak_rss_mb", "train_wall_s", "trainable_params", "total_params")
 
 
 class TrackerNotInstalled(TuneforgeError, ImportError):
@@ -228,6 +227,8 @@ class Tracking:
     ready, fed every metrics.jsonl record, closed at the end — as a context manager, also when the run fails."""
 
     def __init__(self, names: Iterable[str] = ()):
+        from .distributed import is_main_process  # torch: imported when a run starts, not by `tuneforge report`
+
         self.classes = [TRACKERS[n] for n in tracker_names(list(names))] if is_main_process() else []
         missing = [cls.name for cls in self.classes if importlib.util.find_spec(cls.module) is None]
         if missing:

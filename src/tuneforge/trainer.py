@@ -72,20 +72,32 @@ class TrainResult:
     tokenizer: Any = None
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated on ``device``, or the process's peak resident memory on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """The run's peak memory so far, in MB, each number named for what it counts.
+
+    ``peak_rss_mb``: the process's max resident set (``getrusage``'s ``ru_maxrss``), the "maximum resident set size"
+    ``/usr/bin/time -v`` reports: model loading and the evaluations before and after training included. On CUDA also
+    ``peak_cuda_allocated_mb`` (the most memory tensors held on ``device``) and ``peak_cuda_reserved_mb`` (the most
+    the caching allocator held, closer to what nvidia-smi shows). ``peak_memory_mb`` stays for readers of earlier
+    runs (compare, trackers): CUDA allocated on a GPU, the process max RSS otherwise."""
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"peak_rss_mb": round(maxrss / (2**20 if sys.platform == "darwin" else 1024), 1)}  # bytes on macOS, KiB else
+    if device.type == "cuda":
+        out["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        out["peak_cuda_reserved_mb"] = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
+    out["peak_memory_mb"] = out.get("peak_cuda_allocated_mb", out["peak_rss_mb"])
+    return out
+
+
+def memory_line(peak: dict[str, float]) -> str:
+    """``peak_memory``'s numbers in words, for the log."""
+    line = f"peak memory: process max RSS {peak['peak_rss_mb']:,.0f} MB"
+    if "peak_cuda_allocated_mb" in peak:
+        line += (f", CUDA max allocated {peak['peak_cuda_allocated_mb']:,.0f} MB, max reserved "
+                 f"{peak['peak_cuda_reserved_mb']:,.0f} MB")
+    return line
 
 
 def seed_everything(seed: int) -> None:
@@ -537,12 +549,9 @@ class Trainer:
         if final:
             self._log({"step": self.total_steps, **final})
         self.save_final()
-        device = next(self.model.parameters()).device
-        metrics = {**last, **final, **self.parameter_report(), "peak_memory_mb": round(peak_memory_mb(device), 1),
-                   **self.speed_report()}
+        # Peak memory is read by train(), once the evaluations after training (which can use more) are done too.
+        metrics = {**last, **final, **self.parameter_report(), **self.speed_report()}
         metrics.update(self.baseline)
-        log.info("peak memory: %.1f MB (%s)", metrics["peak_memory_mb"],
-                 "CUDA allocated" if device.type == "cuda" else "process RSS")
         return TrainResult(self.output, self.total_steps, float(last.get("loss", float("nan"))), metrics,
                            self.handle, self.model, self.tokenizer)
 
@@ -904,6 +913,7 @@ def train(config: RunConfig, model: nn.Module | None = None, tokenizer=None) -> 
     With chat eval data, exact match is measured before (on the base model) and after training and returned in
     ``result.metrics`` as ``exact_match_before`` / ``exact_match_after``.
     """
+    started = time.perf_counter()
     check_run_output(config)  # an output that would replace the base model or the data: refused before anything loads
     tracking = Tracking(config.report_to)  # a tracker library that is not installed fails here, before the model loads
     data = training_data(config)  # and so does bad data
@@ -911,6 +921,10 @@ def train(config: RunConfig, model: nn.Module | None = None, tokenizer=None) -> 
     trainer = Trainer(config, model, tokenizer, tracking)
     with trainer.output_lock(), tracking:  # the trackers' runs are closed, marked failed, if training raises
         result = _train_with_forgetting(trainer, config, data, general)
+        peak = peak_memory(next(trainer.model.parameters()).device)
+        log.info(memory_line(peak))
+        # From the call to here: loading, the evaluations before and after, training, saving (not interpreter start).
+        result.metrics.update(peak, train_wall_s=round(time.perf_counter() - started, 1))
         tracking.summary(result.metrics, trainer.total_steps)
         if trainer.dist.is_main:
             write_summary(result)
