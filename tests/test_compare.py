@@ -114,10 +114,16 @@ def test_a_rerun_with_other_settings_or_data_is_refused_naming_what_changed(tmp_
     assert main(["compare", "--methods", "lora,adapter", "--output", str(out), *flags]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("tuneforge: error: compare: lora, adapter: "
                                                                        "data changed")
-    compare(["lora", "adapter"], [*flags, "--max-steps", "3"], out, runner, overwrite=True)
-    assert [(m, a[-1], a[a.index("--max-steps", a.index("3") - 1) + 1]) for m, a in calls[2:]] == [
+    flags = ["--data", str(data), "--max-steps", "3"]
+    compare(["lora", "adapter"], flags, out, runner, overwrite=True)
+    assert [(m, a[-1], a[a.index("--max-steps") + 1]) for m, a in calls[2:]] == [
         ("lora", "--overwrite", "3"), ("adapter", "--overwrite", "3")]
-    assert len(compare(["lora", "adapter"], [*flags, "--max-steps", "3"], out, runner)) == 2 and len(calls) == 4
+    del calls[:]
+    compare(["lora", "adapter"], [*flags, "--lora-r", "4"], out, runner, overwrite=True)
+    assert [m for m, _ in calls] == ["lora"]  # only the changed row trains again
+    compare(["lora", "adapter"], [*flags, "--lora-r", "4"], out, runner, overwrite=True)
+    assert [m for m, _ in calls] == ["lora", "lora", "adapter"]  # nothing changed: the user asked for every row
+    assert len(compare(["lora", "adapter"], [*flags, "--lora-r", "4"], out, runner)) == 2 and len(calls) == 3
 
 
 def test_a_method_option_reaches_that_method_only(tmp_path):

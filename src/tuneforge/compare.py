@@ -7,7 +7,8 @@ peak memory and wall time) — so a killed compare loses at most the method it w
 again and methods already finished are read back, not retrained (one killed mid-run resumes from its last
 checkpoint when ``--save-every`` wrote one). ``OUTPUT/compare_state.json`` records the signature each run was started
 with (its settings and a fingerprint of its data files, ``tuneforge.reuse``): a finished or checkpointed run made with
-other settings or data is refused, naming what changed, until ``--overwrite`` trains every method again.
+other settings or data is refused, naming what changed; ``--overwrite`` trains those methods again (every method,
+when nothing changed).
 
 A method's own options (``--lora-r 4``, by the method's flag prefix) reach that method only; every other flag reaches
 every method. The ``tuneforge train`` children die with compare (even when it is killed with SIGKILL, on Linux).
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .checkpoint import latest_checkpoint, read_run_record, write_text_atomic
-from .config import RunConfig
+from .config import RunConfig, load_config
 from .flags import flag_groups, flag_key, flag_value, parse_overrides
 from .outputs import check_output
 from .reuse import SettingsChanged, changes, signature
@@ -117,11 +118,10 @@ def train_args(method: str, run_dir: Path, flags: list[str], resume: bool = Fals
 def method_flags(names: list[str], flags: list[str]) -> dict[str, list[str]]:
     """Each method's flags: the shared ones and its own options (``--lora-r 4`` reaches lora alone; an option of a
     method not compared is refused). A leading config file stays first."""
-    from .config import RunConfig
     from .methods.base import METHODS
 
-    head, tokens = ([flags[0]], flags[1:]) if flags and not flags[0].startswith("-") else ([], flags)
-    shared, own = list(head), {name: [] for name in names}
+    shared, tokens = _config_file(flags)
+    own: dict[str, list[str]] = {name: [] for name in names}
     for group in flag_groups(tokens):
         key = flag_key(group)
         if key == "method_options":
@@ -138,11 +138,15 @@ def method_flags(names: list[str], flags: list[str]) -> dict[str, list[str]]:
     return {name: shared + own[name] for name in names}
 
 
+def _config_file(flags: list[str]) -> tuple[list[str], list[str]]:
+    """``([CONFIG.yaml], the flags after it)``: ``tuneforge train`` takes a config file as its first argument."""
+    return ([flags[0]], flags[1:]) if flags and not flags[0].startswith("-") else ([], flags)
+
+
 def run_config(args: list[str]) -> RunConfig:
     """The config ``tuneforge train ARGS`` runs with (no config file and no data: the bundled demo's)."""
-    from .config import load_config
-
-    path, tokens = (args[1], args[2:]) if len(args) > 1 and not args[1].startswith("-") else (None, args[1:])
+    head, tokens = _config_file(args[1:])
+    path = head[0] if head else None
     overrides = parse_overrides(tokens)
     overrides.pop("nproc_per_node", None)  # a launcher flag, not a config key
     if path is None and overrides.get("data") is None:
@@ -154,21 +158,21 @@ def run_config(args: list[str]) -> RunConfig:
 
 def _own_flags(flags: list[str]) -> tuple[list[str], bool]:
     """``flags`` without --resume / --overwrite (compare decides per method), and whether --overwrite was given."""
-    kept, overwrite = [], False
-    head, tokens = ([flags[0]], flags[1:]) if flags and not flags[0].startswith("-") else ([], flags)
+    kept, tokens = _config_file(flags)
+    overwrite = False
     for group in flag_groups(tokens):
         if flag_key(group) in ("resume", "overwrite"):
             overwrite = overwrite or (flag_key(group) == "overwrite" and flag_value(group) is True)
         else:
             kept += group
-    return head + kept, overwrite
+    return kept, overwrite
 
 
 def compare(methods: list[str], flags: list[str], output: str | Path, runner: Runner = run_subprocess,
             overwrite: bool = False) -> list[dict[str, Any]]:
     """Train each method (reusing a finished run made with the same settings and data), rewriting the report after
     each; the rows, in order. A finished or checkpointed run made otherwise is refused, naming what changed, unless
-    ``overwrite`` (then every method trains again)."""
+    ``overwrite``: then the changed methods train again, or every method when none changed (the user asked)."""
     from .methods.base import METHODS
 
     names = [METHODS.get(m).name for m in methods]  # an unknown method fails before anything runs
@@ -181,7 +185,8 @@ def compare(methods: list[str], flags: list[str], output: str | Path, runner: Ru
     # Every method's config is built (and checked) before any trains.
     configs = {name: run_config(train_args(name, output / "runs" / name, own[name])) for name in names}
     state = read_state(output)
-    check_output(output, inputs=_inputs(configs.values()), overwrite=overwrite or state is not None)
+    ours = state is not None or (output / "compare.json").is_file()  # a compare's folder (perhaps an older one's)
+    check_output(output, inputs=_inputs(configs.values()), overwrite=overwrite or ours)
     state = state or {"runs": {}}
     plan = plan_runs(configs, state, overwrite)
     (output / "runs").mkdir(parents=True, exist_ok=True)
@@ -224,26 +229,27 @@ def _inputs(configs) -> list[str]:
 
 def plan_runs(configs: dict[str, RunConfig], state: dict[str, Any], overwrite: bool) -> dict[str, str]:
     """Per method: "reuse" its finished run, "resume" its checkpointed one, or "train" from the start. Work made
-    with other settings or data is refused, naming what changed for each method, before anything trains."""
-    plan, refused = {}, {}
+    with other settings or data is refused before anything trains, naming what changed for each method; with
+    ``overwrite`` those methods train again, and every method when none changed."""
+    plan, changed = {}, {}
     for name, config in configs.items():
         run_dir = Path(config.output)
-        done, checkpointed = finished(run_dir), latest_checkpoint(run_dir) is not None
-        if overwrite or not (done or checkpointed):
-            plan[name] = "train"  # asked for, or nothing to lose
+        done = finished(run_dir)
+        if not (done or latest_checkpoint(run_dir) is not None):
+            plan[name] = "train"  # nothing to lose
             continue
         diff = changes(state["runs"].get(name), signature(config, keep=ROW_SETTINGS))
         if diff:
-            refused[name] = ", ".join(diff)
-        plan[name] = "reuse" if done else "resume"
-    if refused:
+            changed[name] = ", ".join(diff)
+        plan[name] = "train" if diff else "reuse" if done else "resume"
+    if changed and not overwrite:
         # Settings are shared, so methods usually differ the same way: one phrase for each group of them.
         groups: dict[str, list[str]] = {}
-        for name, why in refused.items():
+        for name, why in changed.items():
             groups.setdefault(why, []).append(name)
         raise SettingsChanged("compare: " + "; ".join(f"{', '.join(n)}: {why}" for why, n in groups.items())
                               + "; pass --overwrite to train them again")
-    return plan
+    return {name: "train" for name in plan} if overwrite and not changed else plan
 
 
 def _last_error_line(stderr: str) -> str:
@@ -341,8 +347,9 @@ def add_subcommands(sub) -> None:
                        "killed compare: methods finished with the same settings and data are read back.")
     p.add_argument("--methods", required=True, help="comma-separated: lora,qlora,adapter,prompt_tuning,...")
     p.add_argument("--output", default="runs/compare", help="the compare directory (runs/METHOD inside)")
-    p.add_argument("--overwrite", action="store_true", help="train every method again (a finished run made with "
-                   "other settings or data is refused without it), and use an output folder that holds something else")
+    p.add_argument("--overwrite", action="store_true", help="train again the methods whose settings or data "
+                   "changed (refused without it), every method when none did; also: use an output folder that holds "
+                   "something else")
     p.set_defaults(func=cmd_compare, passthrough=True)
 
 

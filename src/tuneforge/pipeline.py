@@ -134,7 +134,7 @@ def run_pipeline(path: str | Path, overrides: dict[str, Any] | None = None,
         if i < first:
             log.info("pipeline: stage %s already done (%s), same settings and data", name, run_dir)
         else:
-            train_stage(plan[i:], config, state, output, resume=i == first and not overwrite, train_fn=train_fn)
+            train_stage(plan[i:], state, output, resume=i == first and not overwrite, train_fn=train_fn)
             state["done"][name] = str(run_dir)
             write_text_atomic(output / STATE_NAME, json.dumps(state, indent=1))
         if stage.get("feed", True) and not config.method_class.trains_base_weights:
@@ -214,13 +214,14 @@ def first_to_train(plan: list[tuple[dict, RunConfig]], state: dict[str, Any], ov
     return 0 if overwrite else len(plan)
 
 
-def train_stage(remaining: list[tuple[dict, RunConfig]], config: RunConfig, state: dict[str, Any], output: Path,
-                resume: bool, train_fn: Callable[[RunConfig], Any]) -> None:
+def train_stage(remaining: list[tuple[dict, RunConfig]], state: dict[str, Any], output: Path, resume: bool,
+                train_fn: Callable[[RunConfig], Any]) -> None:
     """Train the first of ``remaining``; the ones after it are marked stale first (a kill now must not leave them
     looking reusable: they start from this stage's result)."""
     from .checkpoint import latest_checkpoint
 
-    name, run_dir = remaining[0][0]["name"], Path(config.output)
+    (stage, config), run_dir = remaining[0], Path(remaining[0][1].output)
+    name = stage["name"]
     current = signature(config)  # now: files an earlier stage wrote exist
     # A finished run here, not recorded as done, is the one this training replaces (killed before it began).
     resume = (resume and state["signatures"].get(name) == current and latest_checkpoint(run_dir) is not None

@@ -13,6 +13,7 @@ A run's signature has two parts:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -58,7 +59,8 @@ def data_fingerprint(config: RunConfig, settings: dict[str, Any]) -> dict[str, s
 def file_fingerprint(path: Path) -> str:
     """``size sha256`` of a file; of every file under a folder (by relative path); NOT_LOCAL for anything else."""
     if path.is_file():
-        return f"{path.stat().st_size} {_sha256(path)}"
+        stat = path.stat()
+        return f"{stat.st_size} {_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)}"
     if path.is_dir():
         digest = hashlib.sha256()
         for file in sorted(p for p in path.rglob("*") if p.is_file()):
@@ -67,7 +69,9 @@ def file_fingerprint(path: Path) -> str:
     return NOT_LOCAL
 
 
-def _sha256(path: Path) -> str:
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """Cached by size and modification time: compare hashes the same data file once, not once per method."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
