@@ -134,8 +134,11 @@ def test_a_method_option_reaches_that_method_only(tmp_path):
     assert "--lora-r" in own["lora"] and "--prompt-num-virtual-tokens" not in own["lora"]
     assert "--prompt-num-virtual-tokens" in own["prompt_tuning"] and "--lora-r" not in own["prompt_tuning"]
     never = lambda args: pytest.fail("trained")  # noqa: E731
-    with pytest.raises(ValueError, match="--lora-r is an option of lora, which --methods does not name"):
+    with pytest.raises(ValueError, match=r"--lora-r is an option of lora, which --methods does not name \(adapter, "
+                       r"prompt_tuning\)$"):
         compare(["adapter", "prompt_tuning"], ["--lora-r", "4"], tmp_path / "a", never)
+    with pytest.raises(ValueError, match=r"\(adapter, qlora\); for those methods give --qlora-r$"):
+        compare(["adapter", "qlora"], ["--lora-r", "4"], tmp_path / "a", never)
     with pytest.raises(ValueError, match="--method-options would reach every method"):
         compare(["lora", "adapter"], ["--method-options", "{r: 4}"], tmp_path / "b", never)
     with pytest.raises(ConfigError, match="adapter"):  # a bad option of the last method: before the first trains

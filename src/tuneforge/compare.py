@@ -134,8 +134,19 @@ def method_flags(names: list[str], flags: list[str]) -> dict[str, list[str]]:
             own[routed[0].name] += group
         else:
             raise ValueError(f"compare: {group[0]} is an option of {routed[0].name}, which --methods does not "
-                             f"name ({', '.join(names)}); give it with that method, or drop it")
+                             f"name ({', '.join(names)}){_other_spellings(routed[1], names)}")
     return {name: shared + own[name] for name in names}
+
+
+def _other_spellings(option: str, names: list[str]) -> str:
+    """How the compared methods that have ``option`` take it (``--qlora-r`` for LoRA's ``--lora-r``)."""
+    from .methods.base import METHODS
+    from .options import option_names
+
+    prefix = {cls.name: p for p, cls in METHODS.flag_prefixes().items()}
+    flags = [f"--{prefix[n]}-{option}".replace("_", "-") for n in names
+             if option in option_names(METHODS.get(n).config_class)]
+    return f"; for those methods give {', '.join(flags)}" if flags else ""
 
 
 def _config_file(flags: list[str]) -> tuple[list[str], list[str]]:

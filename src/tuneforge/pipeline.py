@@ -207,7 +207,7 @@ def first_to_train(plan: list[tuple[dict, RunConfig]], state: dict[str, Any], ov
         if overwrite or not (_finished(run_dir) or latest_checkpoint(run_dir) is not None):
             return i  # asked for, or nothing to lose
         if recorded == current:
-            return i  # killed mid-stage: it resumes
+            return i  # killed mid-stage: it resumes (from a checkpoint) or starts again
         why = (", ".join(changes(recorded, current)) if name in state["signatures"]
                else f"{run_dir} holds a run this pipeline has no record of")
         raise SettingsChanged(f"{source}: stage {name}: {why}; pass --overwrite to retrain from this stage")
@@ -226,9 +226,9 @@ def train_stage(remaining: list[tuple[dict, RunConfig]], state: dict[str, Any], 
     # A finished run here, not recorded as done, is the one this training replaces (killed before it began).
     resume = (resume and state["signatures"].get(name) == current and latest_checkpoint(run_dir) is not None
               and not _finished(run_dir))
-    for stage, _ in remaining:
-        state["done"].pop(stage["name"], None)
-        state["signatures"][stage["name"]] = None
+    for later, _ in remaining:
+        state["done"].pop(later["name"], None)
+        state["signatures"][later["name"]] = None
     state["signatures"][name] = current
     write_text_atomic(output / STATE_NAME, json.dumps(state, indent=1))
     shutil.rmtree(run_dir / "merged", ignore_errors=True)  # made from the result this training replaces
@@ -249,6 +249,7 @@ def _merged(run_dir: Path, merge_fn: Callable[[str, str], Any]) -> str:
     merged = run_dir / "merged"
     if not (merged / "config.json").is_file():
         tmp = run_dir / ".merged.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)  # what a kill during an earlier merge left
         merge_fn(str(run_dir), str(tmp))
         tmp.replace(merged)
     return str(merged)
