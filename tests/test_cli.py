@@ -17,6 +17,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import tuneforge
+from tuneforge.errors import ConfigError
 from conftest import qa_rows, write_jsonl
 from tuneforge.cli import main
 from tuneforge.inference import load_for_inference
@@ -221,8 +222,9 @@ def test_flags_parse_and_route():
     assert config.method_options == {"target_modules": ["q_proj", "v_proj"], "lora_alpha": 32}
     assert config.objective_options == {"train_on_prompt": True}
     assert config.resume is True and config.max_steps == 7
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="unexpected argument 'stray'"):  # one line, exit 2 (bad input)
         parse_overrides(["stray"])
+    assert main(["train", "--max-steps", "1", "stray"]) == 2
 
 
 # -- start-up: what answering `--help` or a bad flag costs ------------------------------------------------------

@@ -8,9 +8,9 @@ import logging
 import sys
 from typing import TYPE_CHECKING, Any
 
-import yaml
 
 from .errors import ConfigError, TuneforgeError
+from .flags import parse_overrides, parse_value  # noqa: F401 (parse_value: part of the CLI's API)
 from .outputs import check_output, staged_file
 
 # Only light modules above: torch, transformers, datasets and matplotlib are imported by the commands that use them,
@@ -22,56 +22,6 @@ log = logging.getLogger("tuneforge")
 
 
 # -- flag parsing: every RunConfig field is a flag, method/objective options route by prefix ----------------
-
-
-def parse_value(text: str) -> Any:
-    """``16`` → 16, ``1e-4`` → 0.0001, ``true`` → True, ``null`` → None, ``q_proj,v_proj`` or ``[a, b]`` → list.
-
-    Anything else stays the string it is: free text such as a prompt-tuning init text ("Sentiment: yes, no")
-    must reach the config unchanged, so only the unambiguous forms above are converted.
-    """
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("null", "none"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    if text.startswith(("[", "{")):
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            return text
-        return value if isinstance(value, (list, dict)) else text
-    if "," in text and not any(c.isspace() for c in text):
-        return [parse_value(part) for part in text.split(",") if part]
-    return text
-
-
-def parse_overrides(tokens: list[str]) -> dict[str, Any]:
-    """``--key value`` / ``--key=value`` / bare ``--flag`` (true) pairs, in order."""
-    out: dict[str, Any] = {}
-    i = 0
-    while i < len(tokens):
-        token = tokens[i]
-        if not token.startswith("--"):
-            raise SystemExit(f"tuneforge: unexpected argument {token!r} (options look like --key value)")
-        key, eq, value = token[2:].partition("=")
-        if not eq:
-            if i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
-                value, i = tokens[i + 1], i + 1
-            else:
-                value = "true"
-        key = key.replace("-", "_")
-        if key == "data" and key in out:  # --data a.jsonl:0.8 --data b.jsonl:0.2: a mix of sources
-            out[key] = [*(out[key] if isinstance(out[key], list) else [out[key]]), parse_value(value)]
-        else:
-            out[key] = parse_value(value)
-        i += 1
-    return out
 
 
 def pop_nproc_per_node(tokens: list[str]) -> tuple[int | None, list[str]]:
