@@ -28,14 +28,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .checkpoint import latest_checkpoint, read_run_record, write_text_atomic
-from .config import RunConfig, load_config
 from .flags import flag_groups, flag_key, flag_value, parse_overrides
 from .outputs import check_output
 from .report import plain_log_labels
 from .reuse import SettingsChanged, changes, signature
+
+if TYPE_CHECKING:  # config imports torch: loaded by the functions that build configs, not by `--help`
+    from .config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,7 @@ def train_args(method: str, run_dir: Path, flags: list[str], resume: bool = Fals
 def method_flags(names: list[str], flags: list[str]) -> dict[str, list[str]]:
     """Each method's flags: the shared ones and its own options (``--lora-r 4`` reaches lora alone; an option of a
     method not compared is refused). A leading config file stays first."""
+    from .config import RunConfig
     from .methods.base import METHODS
 
     shared, tokens = _config_file(flags)
@@ -157,6 +160,8 @@ def _config_file(flags: list[str]) -> tuple[list[str], list[str]]:
 
 def run_config(args: list[str]) -> RunConfig:
     """The config ``tuneforge train ARGS`` runs with (no config file and no data: the bundled demo's)."""
+    from .config import load_config
+
     head, tokens = _config_file(args[1:])
     path = head[0] if head else None
     overrides = parse_overrides(tokens)

@@ -17,10 +17,12 @@ import functools
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-from .config import RunConfig
 from .errors import TuneforgeError
+
+if TYPE_CHECKING:  # the config imports torch; a signature is only taken of a config already built
+    from .config import RunConfig
 
 NOT_LOCAL = "not a local file"  # a hub data set: known by its name only
 
