@@ -258,6 +258,10 @@ def _write_tokenizer(writer, tokenizer: Any, n_vocab: int, pre_fallback: str | N
 # Ollama's own ChatML template (its template/chatml.gotmpl): each message in its role block, then the assistant's.
 OLLAMA_CHATML = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
                  "<|im_start|>assistant\n")
+# tuneforge's fallback ChatML (data/template.py) ends an assistant turn with the EOS token instead.
+OLLAMA_CHATML_EOS = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}"
+                     "{{ if eq .Role \"assistant\" }}EOS{{ else }}<|im_end|>{{ end }}\n{{ end }}"
+                     "<|im_start|>assistant\n")
 
 
 def export_ollama(model: nn.Module, tokenizer: Any, output: str | Path, dtype: str = "f16",
@@ -290,10 +294,12 @@ def modelfile(tokenizer: Any, gguf_name: str) -> str:
 
 
 def ollama_chatml(tokenizer: Any) -> tuple[str | None, str | None]:
-    """``(OLLAMA_CHATML, default system message or None)`` when the tokenizer's chat template renders conversations
-    exactly as ChatML does (perhaps adding a system message when there is none); ``(None, None)`` otherwise."""
-    def chatml(messages: list[dict]) -> str:
-        return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + \
+    """``(Go template, default system message or None)`` when the tokenizer's chat template renders conversations
+    exactly as ChatML does (an assistant turn may end with EOS instead of ``<|im_end|>``; a system message may be
+    added when there is none); ``(None, None)`` otherwise."""
+    def chatml(messages: list[dict], assistant_end: str) -> str:
+        return "".join(f"<|im_start|>{m['role']}\n{m['content']}"
+                       f"{assistant_end if m['role'] == 'assistant' else '<|im_end|>'}\n" for m in messages) + \
             "<|im_start|>assistant\n"
 
     def render(messages: list[dict]) -> str:
@@ -304,17 +310,22 @@ def ollama_chatml(tokenizer: Any) -> tuple[str | None, str | None]:
     talk = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye."}]
     try:
-        if render(talk) != chatml(talk):
-            return None, None
-        alone, plain = render(talk[1:2]), chatml(talk[1:2])
+        rendered = render(talk)
+        alone, plain = render(talk[1:2]), chatml(talk[1:2], "")
     except Exception:  # a template that raises on a system turn, or on a lone user turn, is not ChatML
         return None, None
+    if rendered == chatml(talk, "<|im_end|>"):
+        template = OLLAMA_CHATML
+    elif tokenizer.eos_token and '"' not in tokenizer.eos_token and rendered == chatml(talk, tokenizer.eos_token):
+        template = OLLAMA_CHATML_EOS.replace("EOS", tokenizer.eos_token)
+    else:
+        return None, None
     if alone == plain:
-        return OLLAMA_CHATML, None
+        return template, None
     head, end = "<|im_start|>system\n", "<|im_end|>\n"
     prefix = alone[:-len(plain)] if alone.endswith(plain) else ""
     if prefix.startswith(head) and prefix.endswith(end) and '"""' not in prefix:
-        return OLLAMA_CHATML, prefix[len(head):-len(end)]
+        return template, prefix[len(head):-len(end)]
     return None, None
 
 
@@ -358,5 +369,5 @@ def _vllm_rank(rank: int) -> int:
     return next((size for size in (8, 16, 32, 64, 128, 256, 320, 512) if size >= rank), rank)
 
 
-__all__ = ["ExportResult", "GGUF_ARCHITECTURES", "export", "export_gguf", "export_ollama", "export_vllm",
-           "merged_model", "modelfile", "ollama_chatml"]
+__all__ = ["ExportResult", "GGUF_ARCHITECTURES", "OLLAMA_CHATML", "export", "export_gguf", "export_ollama",
+           "export_vllm", "merged_model", "modelfile", "ollama_chatml"]
