@@ -140,7 +140,7 @@ def test_vllm_export_into_a_non_empty_folder_is_refused_then_replaced_whole(lora
     code, error = cli(capsys, "export", run, "--format", "vllm", "--output", out)
     assert code == 2 and "--overwrite" in error and snapshot(out) == {"model.safetensors": b"a stale model"}
     assert cli(capsys, "export", run, "--format", "vllm", "--output", out, "--overwrite")[0] == 0
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "base"]  # nothing stale mixed in
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "base", "verify.json"]  # nothing stale mixed in
     assert leftovers(tmp_path) == []
 
 

@@ -5,6 +5,11 @@ and full fine-tuning export) and written with the ``gguf`` package: llama.cpp's 
 (``gguf.get_tensor_name_map``, the table transformers' GGUF loader inverts), Llama's Q / K rows permuted the way
 llama.cpp's converter does (transformers' loader un-permutes them), the model's hyper-parameters, and the tokenizer
 (byte-level BPE: tokens, types, merges, special ids) with its chat template. Llama- and Qwen2-family models.
+``tokenizer.ggml.pre`` names the pre-tokenizer llama.cpp must apply, found as its converter finds it
+(``gguf_pretokenizer``); ``general.name`` is the base model's own name (the source GGUF's, or its folder / hub name).
+
+Ollama (``export_ollama``): a folder with the GGUF and a ``Modelfile`` (FROM, TEMPLATE in Go-template form for
+ChatML-style chat templates, SYSTEM for a template's default system message, PARAMETER stop).
 
 vLLM (``export_vllm``): a plain LoRA adapter stays an adapter beside the saved base (vLLM applies LoRA per request);
 any other mergeable adapter is merged; prompt / prefix / bottleneck adapters have no vLLM form.
@@ -13,6 +18,7 @@ any other mergeable adapter is merged; prompt / prefix / bottleneck adapters hav
 from __future__ import annotations
 
 import dataclasses
+import json
 import shlex
 import shutil
 from pathlib import Path
@@ -24,6 +30,8 @@ from torch import nn
 
 from .inference import default_model, load_for_inference
 from .methods.adapter_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_adapter_config
+from .gguf_pretokenizer import pretokenizer_name
+from .models import source_gguf
 from .outputs import check_output, staged_dir, staged_file
 from .serve.multi_lora import batchable_lora
 
@@ -35,33 +43,77 @@ GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 class ExportResult:
     path: Path
     command: str | None = None  # how to serve it
+    verification: dict[str, Any] | None = None  # verify.verify's summary, when export verified the artefact
 
     def summary(self) -> str:
-        return f"wrote {self.path}" + (f"\nserve it with:\n  {self.command}" if self.command else "")
+        text = f"wrote {self.path}" + (f"\nserve it with:\n  {self.command}" if self.command else "")
+        if self.verification is not None:
+            from .verify import format_summary
+
+            text += "\n" + format_summary(self.verification)
+        return text
+
+    @property
+    def passed(self) -> bool:
+        """False only when a verification ran and failed."""
+        return self.verification is None or self.verification["passed"]
 
 
 def export(run: str | Path, format: str, output: str | Path | None = None, dtype: str = "f16",
-           model: str | None = None, device: str | None = None, overwrite: bool = False) -> ExportResult:
-    """``tuneforge export``: ``format`` is ``gguf`` or ``vllm``; ``output`` defaults to beside the run.
+           model: str | None = None, device: str | None = None, overwrite: bool = False,
+           verify: bool = True) -> ExportResult:
+    """``tuneforge export``: ``format`` is ``gguf``, ``ollama`` or ``vllm``; ``output`` defaults to beside the run.
 
     The output is checked before anything loads (``outputs.check_output``): never the run or the base model, nor
     inside or around either; an existing file or non-empty folder only with ``overwrite``. It is written to a
-    staging path and renamed into place, so a failed export leaves no partial file and the old target untouched."""
+    staging path and renamed into place, so a failed export leaves no partial file and the old target untouched.
+    With ``verify`` the written artefact is then compared with the run (``verify.verify``) and the summary saved
+    beside it (``NAME.verify.json`` for a GGUF file, ``verify.json`` in a folder)."""
     run = Path(run)
     if not run.is_dir():
         raise FileNotFoundError(f"run directory {run} does not exist")
-    inputs = [run, default_model(run, model)]
+    model_name = default_model(run, model)
+    inputs = [run, model_name]
+    if format in ("gguf", "ollama") and dtype not in GGUF_DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: GGUF export writes one of {', '.join(GGUF_DTYPES)}")
     if format == "gguf":
-        if dtype not in GGUF_DTYPES:
-            raise ValueError(f"--dtype {dtype!r}: GGUF export writes one of {', '.join(GGUF_DTYPES)}")
         target = check_output(output or run.parent / f"{run.name}.{dtype}.gguf", inputs=inputs, overwrite=overwrite,
                               kind="file")
         merged, tokenizer = merged_model(run, model, device)
-        return ExportResult(export_gguf(merged, tokenizer, target, dtype))
-    if format == "vllm":
+        result = ExportResult(export_gguf(merged, tokenizer, target, dtype, **_gguf_origin(model_name)))
+        against = f"gguf:{result.path}"
+    elif format == "ollama":
+        target = check_output(output or run.parent / f"{run.name}-ollama", inputs=inputs, overwrite=overwrite)
+        merged, tokenizer = merged_model(run, model, device)
+        result = export_ollama(merged, tokenizer, target, dtype, gguf_name=f"{run.name}.{dtype}.gguf",
+                               **_gguf_origin(model_name))
+        against = f"gguf:{target / f'{run.name}.{dtype}.gguf'}"
+    elif format == "vllm":
         target = check_output(output or run.parent / f"{run.name}-vllm", inputs=inputs, overwrite=overwrite)
-        return export_vllm(run, target, model, device)
-    raise ValueError(f"--format {format!r}: choose gguf or vllm")
+        result = export_vllm(run, target, model, device)
+        against = f"vllm:{target}"
+    else:
+        raise ValueError(f"--format {format!r}: choose gguf, ollama or vllm")
+    if verify:
+        from .verify import REPORT_NAME
+        from .verify import verify as verify_artefact
+
+        report = target / REPORT_NAME if format == "ollama" else None
+        result.verification = verify_artefact(run, against, model=model, device=device, output=report)
+    return result
+
+
+def _gguf_origin(model_name: str) -> dict[str, str | None]:
+    """``general.name`` and the fallback ``tokenizer.ggml.pre`` for a base model: a GGUF base's own values, else the
+    model folder's or hub repository's name and no fallback."""
+    source = source_gguf(model_name)
+    if source is None:
+        return {"name": Path(model_name.rstrip("/")).name, "pre_fallback": None}
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    values = {k: reader.fields[k].contents() for k in ("general.name", "tokenizer.ggml.pre") if k in reader.fields}
+    return {"name": values.get("general.name") or source.stem, "pre_fallback": values.get("tokenizer.ggml.pre")}
 
 
 def merged_model(run: Path, model: str | None, device: str | None) -> tuple[nn.Module, Any]:
@@ -73,8 +125,12 @@ def merged_model(run: Path, model: str | None, device: str | None) -> tuple[nn.M
 # -- GGUF ---------------------------------------------------------------------------------------------------
 
 
-def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, dtype: str = "f16") -> Path:
-    """Write ``model`` (a plain HF Llama / Qwen2 causal LM) and ``tokenizer`` as one GGUF file."""
+def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, dtype: str = "f16", name: str | None = None,
+                pre_fallback: str | None = None) -> Path:
+    """Write ``model`` (a plain HF Llama / Qwen2 causal LM) and ``tokenizer`` as one GGUF file.
+
+    ``name``: ``general.name`` (default: the model's config name). ``pre_fallback``: the ``tokenizer.ggml.pre`` to
+    write when llama.cpp's converter would not recognise this tokenizer (the value in the GGUF the base came from)."""
     import gguf
 
     arch = model.config.model_type
@@ -84,8 +140,8 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, dtype: str =
     with staged_file(path) as tmp:  # write, then rename: a failed or killed export leaves no half file behind
         writer = gguf.GGUFWriter(str(tmp), arch)
         try:
-            _write_hparams(writer, model, dtype)
-            _write_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0])
+            _write_hparams(writer, model, dtype, name)
+            _write_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0], pre_fallback)
             for name, array, kind in _gguf_tensors(model, dtype):
                 writer.add_tensor(name, array, raw_dtype=kind)
             writer.write_header_to_file()
@@ -96,7 +152,7 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, dtype: str =
     return path
 
 
-def _write_hparams(writer, model: nn.Module, dtype: str) -> None:
+def _write_hparams(writer, model: nn.Module, dtype: str, name: str | None = None) -> None:
     import gguf
 
     cfg = model.config
@@ -105,7 +161,7 @@ def _write_hparams(writer, model: nn.Module, dtype: str) -> None:
         raise ValueError(f"GGUF export writes plain RoPE only; this model uses {rope.get('rope_type')!r} scaling")
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    writer.add_name(Path(str(cfg.name_or_path or cfg.model_type)).name)
+    writer.add_name(name or Path(str(cfg.name_or_path or cfg.model_type)).name)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
@@ -163,7 +219,7 @@ def _encode(data: np.ndarray, dtype: str):
     return quants.quantize(data, kind), kind
 
 
-def _write_tokenizer(writer, tokenizer: Any, n_vocab: int) -> None:
+def _write_tokenizer(writer, tokenizer: Any, n_vocab: int, pre_fallback: str | None = None) -> None:
     """A byte-level BPE tokenizer as GGUF's ``gpt2`` model: tokens by id, their types, merges, special ids."""
     import json
 
@@ -182,7 +238,9 @@ def _write_tokenizer(writer, tokenizer: Any, n_vocab: int) -> None:
                      else gguf.TokenType.UNUSED if i not in by_id else gguf.TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    # llama.cpp picks its pre-tokenizer regex by this name alone; "default" (GPT-2's) splits digits, contractions
+    # and symbols unlike most tokenizers, so name it as llama.cpp's converter would (by the probe-text hash).
+    writer.add_tokenizer_pre(pretokenizer_name(tokenizer, fallback=pre_fallback))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -193,6 +251,82 @@ def _write_tokenizer(writer, tokenizer: Any, n_vocab: int) -> None:
     writer.add_add_bos_token(False)
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
+
+
+# -- Ollama -------------------------------------------------------------------------------------------------
+
+# Ollama's own ChatML template (its template/chatml.gotmpl): each message in its role block, then the assistant's.
+OLLAMA_CHATML = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+                 "<|im_start|>assistant\n")
+# tuneforge's fallback ChatML (data/template.py) ends an assistant turn with the EOS token instead.
+OLLAMA_CHATML_EOS = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}"
+                     "{{ if eq .Role \"assistant\" }}EOS{{ else }}<|im_end|>{{ end }}\n{{ end }}"
+                     "<|im_start|>assistant\n")
+
+
+def export_ollama(model: nn.Module, tokenizer: Any, output: str | Path, dtype: str = "f16",
+                  gguf_name: str = "model.gguf", name: str | None = None, pre_fallback: str | None = None
+                  ) -> ExportResult:
+    """A folder Ollama imports: the GGUF and a ``Modelfile`` (``ollama create NAME -f DIR/Modelfile``)."""
+    output = Path(output)
+    with staged_dir(output) as staging:
+        export_gguf(model, tokenizer, staging / gguf_name, dtype, name=name, pre_fallback=pre_fallback)
+        (staging / "Modelfile").write_text(modelfile(tokenizer, gguf_name))
+    return ExportResult(output, f"ollama create {shlex.quote(output.name)} -f {shlex.quote(str(output / 'Modelfile'))}")
+
+
+def modelfile(tokenizer: Any, gguf_name: str) -> str:
+    """The Modelfile text: FROM the GGUF beside it; for a ChatML-style chat template its Go form (TEMPLATE), the
+    default system message the template inserts when a conversation has none (SYSTEM); the stop tokens."""
+    lines = ["# tuneforge export --format ollama; import with: ollama create NAME -f Modelfile", f"FROM ./{gguf_name}"]
+    template, system = ollama_chatml(tokenizer)
+    if template is not None:
+        lines.append(f'TEMPLATE """{template}"""')
+        if system:
+            lines.append(f'SYSTEM """{system}"""')
+    else:
+        lines.append("# the chat template is not ChatML-style: Ollama reads it from the GGUF's tokenizer.chat_template")
+    stops = ["<|im_end|>"] if template is not None else []
+    if tokenizer.eos_token and tokenizer.eos_token not in stops:
+        stops.append(tokenizer.eos_token)
+    lines += [f"PARAMETER stop {json.dumps(stop)}" for stop in stops]
+    return "\n".join(lines) + "\n"
+
+
+def ollama_chatml(tokenizer: Any) -> tuple[str | None, str | None]:
+    """``(Go template, default system message or None)`` when the tokenizer's chat template renders conversations
+    exactly as ChatML does (an assistant turn may end with EOS instead of ``<|im_end|>``; a system message may be
+    added when there is none); ``(None, None)`` otherwise."""
+    def chatml(messages: list[dict], assistant_end: str) -> str:
+        return "".join(f"<|im_start|>{m['role']}\n{m['content']}"
+                       f"{assistant_end if m['role'] == 'assistant' else '<|im_end|>'}\n" for m in messages) + \
+            "<|im_start|>assistant\n"
+
+    def render(messages: list[dict]) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    if not tokenizer.chat_template:
+        return None, None
+    talk = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye."}]
+    try:
+        rendered = render(talk)
+        alone, plain = render(talk[1:2]), chatml(talk[1:2], "")
+    except Exception:  # a template that raises on a system turn, or on a lone user turn, is not ChatML
+        return None, None
+    if rendered == chatml(talk, "<|im_end|>"):
+        template = OLLAMA_CHATML
+    elif tokenizer.eos_token and '"' not in tokenizer.eos_token and rendered == chatml(talk, tokenizer.eos_token):
+        template = OLLAMA_CHATML_EOS.replace("EOS", tokenizer.eos_token)
+    else:
+        return None, None
+    if alone == plain:
+        return template, None
+    head, end = "<|im_start|>system\n", "<|im_end|>\n"
+    prefix = alone[:-len(plain)] if alone.endswith(plain) else ""
+    if prefix.startswith(head) and prefix.endswith(end) and '"""' not in prefix:
+        return template, prefix[len(head):-len(end)]
+    return None, None
 
 
 # -- vLLM ---------------------------------------------------------------------------------------------------
@@ -235,4 +369,5 @@ def _vllm_rank(rank: int) -> int:
     return next((size for size in (8, 16, 32, 64, 128, 256, 320, 512) if size >= rank), rank)
 
 
-__all__ = ["ExportResult", "GGUF_ARCHITECTURES", "export", "export_gguf", "export_vllm", "merged_model"]
+__all__ = ["ExportResult", "GGUF_ARCHITECTURES", "OLLAMA_CHATML", "export", "export_gguf", "export_ollama",
+           "export_vllm", "merged_model", "modelfile", "ollama_chatml"]

@@ -12,7 +12,7 @@ from .outputs import check_output, staged_dir
 
 
 def merge_adapter(adapter_dir: str | Path, output: str | Path, model_name: str | None = None,
-                  device: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+                  device: str | None = None, overwrite: bool = False, verify: bool = True) -> dict[str, Any]:
     """Load base + adapter, merge, save ``output`` (safetensors + tokenizer); report how close the logits are.
 
     The report compares the merged model's logits with the unmerged adapter's on a fixed probe text: merging
@@ -20,6 +20,9 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, model_name: str |
     any difference comes from. A method that cannot merge raises ValueError (``MethodHandle.merge_and_unload``).
     ``output`` follows ``outputs.check_output``: never the adapter or the base, a non-empty folder only with
     ``overwrite``; it is written aside and renamed into place whole.
+
+    With ``verify`` the written folder is then compared with the run in float32 (``verify.verify``, against
+    ``merged:OUTPUT``): the summary is ``report["verification"]`` and ``OUTPUT/verify.json``.
     """
     model_name = default_model(str(adapter_dir), model_name)
     output = check_output(output, inputs=[adapter_dir, model_name], overwrite=overwrite)
@@ -38,5 +41,11 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, model_name: str |
         merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
     diff = (after - before).abs()
-    return {"output": str(output), "max_abs_logit_diff": f"{diff.max().item():.3g}",
-            "mean_abs_logit_diff": f"{diff.mean().item():.3g}"}
+    report: dict[str, Any] = {"output": str(output), "max_abs_logit_diff": f"{diff.max().item():.3g}",
+                              "mean_abs_logit_diff": f"{diff.mean().item():.3g}"}
+    if verify:
+        from .verify import verify as verify_artefact
+
+        del model, merged, handle  # the reference and the merged folder load afresh
+        report["verification"] = verify_artefact(adapter_dir, f"merged:{output}", model=model_name, device=device)
+    return report

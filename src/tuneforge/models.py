@@ -110,6 +110,15 @@ def local_model_dir(name: str) -> Path | None:
     return path
 
 
+def source_gguf(name: str) -> Path | None:
+    """The GGUF file a model name loads from (an embedded name or a ``.gguf`` path), else None: export reads the
+    original's metadata (its ``general.name``, its ``tokenizer.ggml.pre``) from it."""
+    if name.lower() in EMBEDDED:
+        return embedded_gguf_path(name.lower())
+    path = Path(name).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
 def resolve_model_reference(name: str) -> str:
     """What to record for ``name`` so it means the same model from any working directory: the absolute path of an
     existing local folder or file; an embedded name or hub id unchanged."""

@@ -1,0 +1,180 @@
+"""`tuneforge verify`: an artefact against the run's float32 base + adapter (agreement, KL, logit difference), the
+tokenizer round trip of a GGUF (pre-tokenizer name, probe strings, chat template) and the Ollama Modelfile."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import pytest
+import torch
+
+import tuneforge as tf
+from conftest import CORPUS, make_tiny_model
+from tuneforge.export import OLLAMA_CHATML, export, modelfile, ollama_chatml
+from tuneforge.gguf_pretokenizer import KNOWN_PRETOKENIZERS, pretokenizer_hash, pretokenizer_name
+from tuneforge.merge import merge_adapter
+from tuneforge.verify import PROBE_STRINGS, THRESHOLDS, threshold_for, verify
+
+gguf = pytest.importorskip("gguf")
+
+
+def trained_base(arch, tokenizer, directory):
+    """A tiny model fitted for a few seconds to the test corpus, saved with the tokenizer. A random model's
+    next-token distributions are nearly flat, so any rounding flips its greedy choice; a trained one is peaked, as
+    real models are, and quantisation keeps its choices."""
+    model = make_tiny_model(arch, len(tokenizer))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batches = [torch.tensor([tokenizer(text)["input_ids"]]) for text in CORPUS]
+    model.train()
+    for _ in range(10):
+        for ids in batches:
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    model.eval().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return model
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tokenizer_source):
+    """arch -> a saved LoRA run (non-zero B) over a trained tiny base of that architecture."""
+    root = tmp_path_factory.mktemp("verify")
+    out = {}
+    for arch in ("llama", "qwen2"):
+        base = trained_base(arch, copy.deepcopy(tokenizer_source), root / f"base-{arch}")
+        torch.manual_seed(1)
+        handle = tf.attach(base, tf.LoRAConfig(r=4, init_lora_weights=False))
+        out[arch] = handle.save(root / f"run-{arch}", base_model_name_or_path=str(root / f"base-{arch}"))
+    return out
+
+
+def test_thresholds_cover_the_export_dtypes():
+    for dtype in ("f32", "f16", "bf16", "q8_0", "q4_k"):
+        assert dtype in THRESHOLDS and THRESHOLDS[dtype].source
+    assert threshold_for("q4_K_M")[0] == "q4_k" and threshold_for("bfloat16")[0] == "bf16"
+    assert "no entry" in threshold_for("iq2_xxs")[1].source
+
+
+def test_an_exact_merge_passes(runs, tmp_path):
+    report = merge_adapter(runs["llama"], tmp_path / "merged")
+    summary = report["verification"]
+    assert summary["passed"], summary["failures"]
+    assert summary["agreement"] == 1.0 and summary["mean_kl"] < 1e-6 and summary["max_logit_diff"] < 1e-3
+    assert summary["prompts"] == 16 and summary["prompt_source"] == "built-in prompts"
+    assert summary["tokenizer"]["ok"] and summary["precision"] == "f32"
+    assert json.loads((tmp_path / "merged" / "verify.json").read_text())["passed"]
+    assert verify(runs["llama"], "merged", write=False)["passed"]  # merged in memory
+
+
+def test_a_corrupted_artefact_fails_naming_the_first_diverging_prompt(runs, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from tuneforge.cli import main
+
+    merge_adapter(runs["llama"], tmp_path / "merged", verify=False)
+    weights = load_file(tmp_path / "merged" / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"] *= 4.0  # one tensor scaled
+    save_file(weights, tmp_path / "merged" / "model.safetensors", metadata={"format": "pt"})
+    assert main(["verify", str(runs["llama"]), "--against", f"merged:{tmp_path / 'merged'}", "--prompts", "6"]) == 1
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "merged" / "verify.json").read_text())
+    assert not summary["passed"] and summary["mean_kl"] > THRESHOLDS["f32"].max_kl
+    first = summary["first_divergence"]
+    assert first["prompt"] == summary["per_prompt"][first["prompt_index"]]["prompt"]
+    assert first["token_index"] == min(r["first_divergence"] for r in summary["per_prompt"]
+                                       if r["first_divergence"] is not None)
+    assert f"first divergence: prompt {first['prompt_index']}" in out and "FAIL" in out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+def test_gguf_passes_its_threshold(runs, tmp_path, arch, dtype):
+    result = export(runs[arch], "gguf", output=tmp_path / f"m.{dtype}.gguf", dtype=dtype)
+    summary = result.verification
+    assert summary["passed"], summary["failures"]
+    assert summary["precision"] == dtype and summary["threshold"]["key"] == dtype
+    assert 0 < summary["mean_kl"] <= THRESHOLDS[dtype].max_kl
+    assert (tmp_path / f"m.{dtype}.verify.json").is_file()
+    tokenizer = summary["tokenizer"]
+    assert tokenizer["ok"] and tokenizer["chat_template"] == "same" and not tokenizer["probes"]["mismatched"]
+    assert "PASS" in result.summary()
+
+
+def test_gguf_through_llama_cpp(runs, tmp_path):
+    pytest.importorskip("llama_cpp")
+    summary = export(runs["llama"], "gguf", output=tmp_path / "m.gguf", dtype="f16").verification
+    assert summary["runtime"].startswith("llama.cpp")
+    assert summary["passed"], summary["failures"]
+
+
+def test_the_gguf_tokenizer_round_trips(runs, tmp_path, tokenizer):
+    """The written GGUF's tokenizer, read back by transformers' GGUF loader, tokenizes the probe strings (unicode,
+    digits, whitespace runs, contractions, symbols, code) as the original does; the file names its pre-tokenizer as
+    llama.cpp's converter would and carries the base model's name."""
+    from transformers import AutoTokenizer
+
+    path = export(runs["qwen2"], "gguf", output=tmp_path / "m.gguf", verify=False).path
+    back = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for text in PROBE_STRINGS:
+        assert back(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)[
+            "input_ids"], text
+    fields = gguf.GGUFReader(str(path)).fields
+    assert fields["tokenizer.ggml.pre"].contents() == pretokenizer_name(tokenizer)
+    assert fields["general.name"].contents() == "base-qwen2"  # the model's folder, not a cache path
+
+
+def test_pretokenizer_name_by_hash_with_a_fallback(tokenizer, caplog):
+    digest = pretokenizer_hash(tokenizer)
+    assert digest not in KNOWN_PRETOKENIZERS  # the test tokenizer is no published model's
+    assert pretokenizer_name(tokenizer, fallback="smollm") == "smollm"
+    with caplog.at_level(logging.WARNING, logger="tuneforge.gguf_pretokenizer"):
+        assert pretokenizer_name(tokenizer) == "default"
+    assert digest[:16] in caplog.text
+    for name in ("smollm", "llama-bpe", "qwen2", "gpt-2"):
+        assert name in KNOWN_PRETOKENIZERS.values()
+
+
+@pytest.mark.slow
+def test_the_embedded_tokenizer_is_smollm():
+    """The embedded SmolLM2 hashes to llama.cpp's "smollm" (its own GGUF says so too)."""
+    from tuneforge.models import embedded_gguf_path, load_tokenizer
+
+    assert pretokenizer_name(load_tokenizer("smollm2-135m-instruct")) == "smollm"
+    source = gguf.GGUFReader(str(embedded_gguf_path("smollm2-135m-instruct")))
+    assert source.fields["tokenizer.ggml.pre"].contents() == "smollm"
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# SmolLM2's shape: a default system message when the conversation has none.
+CHATML_WITH_SYSTEM = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}"
+                      "{% endif %}" + CHATML)
+
+
+def test_ollama_folder_holds_the_gguf_and_a_modelfile(runs, tmp_path):
+    result = export(runs["llama"], "ollama", output=tmp_path / "ollama")
+    assert result.command == f"ollama create ollama -f {tmp_path / 'ollama' / 'Modelfile'}"
+    assert sorted(p.name for p in (tmp_path / "ollama").iterdir()) == ["Modelfile", "run-llama.f16.gguf",
+                                                                       "verify.json"]
+    text = (tmp_path / "ollama" / "Modelfile").read_text()
+    assert "FROM ./run-llama.f16.gguf\n" in text
+    # tuneforge's fallback ChatML (the run's tokenizer has no template of its own) ends assistant turns with EOS
+    assert ('TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}{{ if eq .Role "assistant" }}'
+            '<|endoftext|>{{ else }}<|im_end|>{{ end }}\n{{ end }}<|im_start|>assistant\n"""') in text
+    assert 'PARAMETER stop "<|im_end|>"\nPARAMETER stop "<|endoftext|>"\n' in text
+    assert result.verification["passed"]
+
+
+def test_modelfile_template_forms(tokenizer):
+    tokenizer.chat_template = CHATML_WITH_SYSTEM
+    assert ollama_chatml(tokenizer) == (OLLAMA_CHATML, "You are helpful.")
+    assert 'SYSTEM """You are helpful."""' in modelfile(tokenizer, "m.gguf")
+    tokenizer.chat_template = CHATML
+    assert ollama_chatml(tokenizer) == (OLLAMA_CHATML, None)
+    tokenizer.chat_template = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    text = modelfile(tokenizer, "m.gguf")
+    assert "TEMPLATE" not in text.replace("# the chat template", "") and 'PARAMETER stop "<|endoftext|>"' in text
+    assert "<|im_end|>" not in text
