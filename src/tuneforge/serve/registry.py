@@ -22,9 +22,11 @@ import dataclasses
 import logging
 import re
 import threading
+import typing
 from pathlib import Path
 from typing import Any, Iterator
 
+import pydantic
 import torch
 from torch import nn
 
@@ -183,15 +185,24 @@ def checked_config(path: Path, method: type[Method], saved: dict[str, Any], opti
     except KeyError as e:
         raise ValueError(f"{where}: the field {e.args[0]!r} is missing") from None
     except TypeError as e:  # a constructor compared a value of the wrong type: let the annotations name the field
-        fields = {k: v for k, v in saved.items() if k in option_names(method.config_class)}
-        try:
-            method.config_class.from_dict(fields)
-        except ValueError as named:
-            raise ValueError(f"{where}: {named}") from None
-        raise ValueError(f"{where}: {e}") from None
+        raise ValueError(f"{where}: {wrong_types(method.config_class, saved) or e}") from None
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     return config
+
+
+def wrong_types(config_class: type[MethodConfig], saved: dict[str, Any]) -> str | None:
+    """The fields of ``saved`` that do not have their option's type, strictly (``r: "8"`` is not a rank), as
+    "field: problem"; None when every field has."""
+    hints = typing.get_type_hints(config_class)
+    problems = []
+    for name in option_names(config_class):
+        if name in saved:
+            try:
+                pydantic.TypeAdapter(hints[name]).validate_python(saved[name], strict=True)
+            except pydantic.ValidationError as e:
+                problems.append(f"{name}: {e.errors()[0]['msg']}")
+    return "; ".join(problems) or None
 
 
 __all__ = ["Adapter", "AdapterRegistry", "SHARED", "checked_config", "describe_adapter"]
