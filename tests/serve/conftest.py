@@ -141,7 +141,9 @@ class ServeProcess:
         self.port = free_port()
         self.cmd = [sys.executable, "-m", "tuneforge.cli", "serve", "--model", str(model_dir), "--port",
                     str(self.port), *args]
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        # One intra-op thread, as in the test process: tiny models gain nothing from two, and OpenMP threads that
+        # spin for a core the machine's other work holds make a token take seconds.
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         self.proc: subprocess.Popen | None = None
 
     @property

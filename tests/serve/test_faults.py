@@ -13,6 +13,7 @@ import threading
 import time
 
 import httpx
+import openai
 import pytest
 
 LIMIT = 64 * 1024
@@ -55,6 +56,23 @@ def hang_up_mid_request(server, stream: bool) -> None:
             next(response.iter_lines())  # the first event, then gone
     except httpx.TimeoutException:
         pass  # a non-streaming client that stopped waiting
+
+
+def hang_up_mid_body(server) -> None:
+    with raw_post(server, "Content-Length: 1000\r\n") as sock:
+        sock.sendall(b'{"model": "base", "prompt": "')  # and gone
+
+
+def flood_one(server, i: int) -> int:
+    """One request of a flood, through httpx or the official client; its status."""
+    if i % 2:
+        return completion(server, timeout=60, max_tokens=8).status_code
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="unused", max_retries=0, timeout=60)
+    try:
+        client.completions.create(model="base", prompt="hi", max_tokens=8, temperature=0)
+    except openai.RateLimitError:
+        return 429
+    return 200
 
 
 def declared_too_large(server) -> bytes:
@@ -100,6 +118,7 @@ def test_faults_cost_an_honest_client_seconds_and_the_server_bounded_memory(serv
     with concurrent.futures.ThreadPoolExecutor(max_workers=24) as pool:
         # Clients that hang up, streaming or not, while their 20000-token answers generate.
         list(pool.map(lambda i: hang_up_mid_request(server, stream=i % 2 == 0), range(8)))
+        list(pool.map(lambda _: hang_up_mid_body(server), range(4)))
         # Bodies far over the limit: declared, and streamed in without a length.
         for answer in pool.map(lambda _: declared_too_large(server), range(8)):
             assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
@@ -114,7 +133,7 @@ def test_faults_cost_an_honest_client_seconds_and_the_server_bounded_memory(serv
         for future in slow:
             assert future.result(timeout=15).startswith(b"HTTP/1.1 408")
         # A flood: beyond 2 running + 4 waiting, 429 at once.
-        flood = list(pool.map(lambda _: completion(server, max_tokens=40).status_code, range(24)))
+        flood = list(pool.map(lambda i: flood_one(server, i), range(24)))
     assert set(flood) <= {200, 429} and flood.count(429) >= 10 and 200 in flood, flood
     assert_honest_requests_answer_quickly(server)
     growth = server.rss_bytes() - baseline

@@ -168,9 +168,8 @@ def describe_adapter(path: Path) -> tuple[type[Method], dict[str, Any]]:
         raise ValueError(f"{path} holds a whole model (full fine-tuning), not an adapter: serve it with --model")
     try:
         return method_for_adapter(path), read_adapter_config(path)
-    except KeyError as e:  # a record without "method", or one naming no known method
-        raise ValueError(f"{path}: the adapter's record names no method tuneforge knows ({e.args[0] if e.args else e})"
-                         ) from None
+    except KeyError:  # tuneforge's record without its "method" field
+        raise ValueError(f"{path}: the adapter's tuneforge record names no method") from None
 
 
 def checked_config(path: Path, method: type[Method], saved: dict[str, Any], options: dict[str, Any],
@@ -180,7 +179,7 @@ def checked_config(path: Path, method: type[Method], saved: dict[str, Any], opti
     where = path / ADAPTER_CONFIG_NAME
     try:
         config = method.config_from_saved(saved, options, model)
-        # The constructor checks values; from_dict checks each against its annotation too (r: 8.5, lora_alpha: null).
+        # The constructor checks values; from_dict also checks each against its annotation (lora_alpha: null).
         method.config_class.from_dict(config.to_dict())
     except KeyError as e:
         raise ValueError(f"{where}: the field {e.args[0]!r} is missing") from None
