@@ -36,10 +36,10 @@ def completion(server, timeout: float = 30, **body) -> httpx.Response:
 def assert_honest_requests_answer_quickly(server) -> None:
     started = time.monotonic()
     assert httpx.get(f"{server.base}/health", timeout=5).status_code == 200
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 2
     started = time.monotonic()
     assert completion(server, max_tokens=2).status_code == 200
-    assert time.monotonic() - started < 8
+    assert time.monotonic() - started < 10
 
 
 def raw_post(server, headers: str) -> socket.socket:
@@ -129,7 +129,7 @@ def test_faults_cost_an_honest_client_seconds_and_the_server_bounded_memory(serv
         time.sleep(0.3)
         started = time.monotonic()
         assert httpx.get(f"{server.base}/health", timeout=5).status_code == 200
-        assert time.monotonic() - started < 1.5
+        assert time.monotonic() - started < 2
         for future in slow:
             assert future.result(timeout=15).startswith(b"HTTP/1.1 408")
         # A flood: beyond 2 running + 4 waiting, 429 at once.
