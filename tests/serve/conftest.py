@@ -1,14 +1,21 @@
 """A live server on loopback for the serve tests: a tiny Llama, two LoRA adapters of different ranks and targets,
-and a prompt-tuning adapter, served by uvicorn in a thread on a port the OS picks; stopped after the module."""
+and a prompt-tuning adapter, served by uvicorn in a thread on a port the OS picks; stopped after the module. Also
+a tiny model that never stops generating (for cancellation, shutdown and fault tests) and `tuneforge serve` as a
+subprocess."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -101,3 +108,105 @@ def client(server):
 def live_server():
     """The LiveServer class, for tests that need a server of their own (test modules cannot import conftest)."""
     return LiveServer
+
+
+@pytest.fixture(scope="session")
+def endless_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny Llama with a 32k context whose stop tokens never win greedy decoding (their output rows are zero,
+    every other logit is random): a request runs to its max_tokens, so a long generation is long for sure."""
+    from tuneforge.generate import stop_token_ids
+    from tuneforge.inference import load_for_inference
+
+    model, tokenizer, _ = load_for_inference(str(tiny_model_dir), None)
+    with torch.no_grad():
+        for token in stop_token_ids(tokenizer, model):
+            model.lm_head.weight[token] = 0.0
+    model.config.max_position_embeddings = 32768  # rotary positions: no weight depends on it
+    path = tmp_path_factory.mktemp("endless")
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """`tuneforge serve MODEL_DIR ARGS` in a subprocess on a free loopback port, up once /health answers."""
+
+    def __init__(self, model_dir: Path, *args: str, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.cmd = [sys.executable, "-m", "tuneforge.cli", "serve", "--model", str(model_dir), "--port",
+                    str(self.port), *args]
+        # One intra-op thread, as in the test process: tiny models gain nothing from two, and OpenMP threads that
+        # spin for a core the machine's other work holds make a token take seconds.
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def rss_bytes(self) -> int:
+        """The server process's resident memory, from /proc."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS in /proc status")
+
+    def log(self) -> str:
+        self.stderr.seek(0)
+        return self.stderr.read().decode(errors="replace")
+
+    def __enter__(self) -> "ServeProcess":
+        # A file, not a pipe: a server logging every request would block once a pipe nobody reads is full.
+        self.stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=self.stderr)
+        deadline = time.monotonic() + 90
+        while True:
+            assert self.proc.poll() is None, self.log()
+            try:
+                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up within 90 s"
+            time.sleep(0.1)
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def serve_process():
+    """The ServeProcess class (test modules cannot import conftest)."""
+    return ServeProcess
+
+
+@pytest.fixture(scope="session")
+def other_base_adapter(tmp_path_factory, tiny_model_dir) -> Path:
+    """A LoRA adapter that fits the tiny Llama's shapes but was trained on another tiny Llama (other weights): its
+    record holds that model's fingerprint."""
+    import tuneforge as tf
+    from tuneforge.inference import load_for_inference
+
+    root = tmp_path_factory.mktemp("other-base")
+    model, tokenizer, _ = load_for_inference(str(tiny_model_dir), None)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    model.save_pretrained(root / "model", safe_serialization=True)
+    tokenizer.save_pretrained(root / "model")
+    model, _, _ = load_for_inference(str(root / "model"), None)
+    handle = tf.attach(model, tf.LoRAConfig(r=4, init_lora_weights=False))
+    return handle.save(root / "adapter", base_model_name_or_path=str(root / "model"))

@@ -55,6 +55,29 @@ def test_bad_parameters_are_400(server, change, param):
         assert error["param"] == param, error
 
 
+@pytest.mark.parametrize("change, param", [
+    ({"max_tokens": "4"}, "max_tokens"), ({"max_tokens": True}, "max_tokens"), ({"max_tokens": 4.0}, "max_tokens"),
+    ({"max_completion_tokens": "4"}, "max_completion_tokens"), ({"temperature": "0.5"}, "temperature"),
+    ({"temperature": True}, "temperature"), ({"top_p": "1"}, "top_p"), ({"n": "2"}, "n"), ({"n": True}, "n"),
+    ({"seed": "7"}, "seed"), ({"stream": "true"}, "stream"), ({"stream": 1}, "stream"),
+    ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+])
+def test_values_of_the_wrong_type_are_400_not_coerced(server, change, param):
+    error = assert_openai_error(post(server, "/chat/completions", {**CHAT, **change}), 400)
+    assert error["param"] == param, error
+
+
+def test_token_ids_of_the_wrong_type_are_400(server):
+    for prompt in (["5", "6"], [5, True], [5, 6.0]):
+        assert_openai_error(post(server, "/completions", {"model": "base", "prompt": prompt}), 400)
+
+
+def test_ints_are_numbers_as_openai_takes_them(client):
+    out = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                         temperature=0, top_p=1)
+    assert out.usage.completion_tokens >= 1
+
+
 def test_prompt_plus_max_tokens_beyond_context_is_400(server, client):
     # The tiny model's context is 256 positions.
     assert_openai_error(post(server, "/chat/completions", {**CHAT, "max_tokens": 250}), 400,
@@ -160,3 +183,47 @@ def test_disconnected_client_cancels_generation(small_queue_server):
         while scheduler.requests_cancelled == before and time.monotonic() < deadline:
             time.sleep(0.01)
         assert scheduler.requests_cancelled == before + 1, f"pause={pause}"
+
+
+def corrupt_copy(source, target, **changes):
+    import json
+    import shutil
+
+    shutil.copytree(source, target)
+    config = json.loads((target / "adapter_config.json").read_text())
+    (target / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    return target
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"r": 0}, "r must be positive"), ({"r": None}, "r: Input should be a valid integer"),
+    ({"r": "8"}, "r: Input should be a valid integer"), ({"lora_alpha": None}, "lora_alpha"),
+    ({"lora_dropout": 2}, "lora_dropout"),
+])
+def test_admin_refuses_adapter_configs_with_bad_fields(server, adapter_dirs, tmp_path, changes, named):
+    """Before: r 0 was a 500 ZeroDivisionError, r null a 500 TypeError."""
+    bad = corrupt_copy(adapter_dirs["lora-b"], tmp_path / "bad", **changes)
+    error = assert_openai_error(post(server, "/admin/adapters", {"name": "bad", "path": str(bad)}), 400,
+                                param="path")
+    assert named in error["message"] and str(bad) in error["message"], error
+
+
+def test_admin_refuses_an_adapter_trained_on_another_base(server, other_base_adapter):
+    error = assert_openai_error(post(server, "/admin/adapters", {"name": "other", "path": str(other_base_adapter)}),
+                                400, param="path")
+    assert "different base model" in error["message"]
+    assert "other" not in [m["id"] for m in httpx.get(server.url + "/models", headers=AUTH, timeout=10).json()["data"]]
+
+
+def test_adapter_trained_on_another_base_is_refused_at_start(tiny_model_dir, other_base_adapter):
+    from tuneforge.inference import load_for_inference
+    from tuneforge.serve.app import create_app
+
+    model, tokenizer, _ = load_for_inference(str(tiny_model_dir), None)
+    with pytest.raises(ValueError, match="different base model"):
+        create_app(model, tokenizer, "base", {"other": str(other_base_adapter)})
+
+
+def test_admin_errors_name_the_problem_to_key_holders(server, tmp_path):
+    error = assert_openai_error(post(server, "/admin/adapters", {"name": "x", "path": str(tmp_path / "nope")}), 400)
+    assert "does not exist" in error["message"]

@@ -4,7 +4,14 @@ not), and ``/v1/admin/adapters`` to add and remove adapters at runtime.
 A request's ``model`` names an adapter or the base. Errors carry OpenAI's body, ``{"error": {"message", "type",
 "param", "code"}}``, so the official clients raise their usual exceptions: 400 for a malformed or out-of-range
 request (and a prompt that does not fit the context), 401 without the right bearer token when the server has an API
-key, 404 for an unknown model, 429 when the queue is full, 500 when generation fails.
+key, 403 from the admin routes when they are off, 404 for an unknown model, 408 for a body slower than
+``body_timeout``, 413 for a body larger than ``max_body_bytes``, 429 when the queue is full, 500 when generation
+fails.
+
+What one client can cost the others is bounded: a body's size and the time it may take to arrive, the tokens a
+request generates when it names no limit (``default_max_tokens``), the requests that may wait (``max_queue``), and
+a client that hangs up cancels its generation. Tokenising runs off the event loop, so ``/health`` and every other
+request keep answering while a long prompt is tokenised.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import contextlib
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from typing import Any, AsyncIterator, Literal
@@ -23,11 +31,15 @@ from fastapi import Request as HTTPRequest
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_validator
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import nn
 
 from ..data.template import ensure_chat_template, prompt_ids
+from ..models import model_fingerprint
+from .defaults import BODY_TIMEOUT_S, DEFAULT_MAX_TOKENS, MAX_BODY_BYTES
 from .engine import Row
 from .registry import SHARED, AdapterRegistry
 from .scheduler import QueueFull, Request, Scheduler
@@ -36,6 +48,7 @@ log = logging.getLogger(__name__)
 
 MAX_CHOICES = 16  # n: more choices than this is a mistake, not a use
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request asks whether its client is still there
 # Options a client may send that tuneforge does not implement: refused when set to anything but their default,
 # rather than silently ignored.
 UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "tools", "tool_choice", "functions", "function_call",
@@ -50,26 +63,44 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
-    def response(self) -> JSONResponse:
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+class BodyRefused(StarletteHTTPException):
+    """A request body too large (413) or too slow (408), raised while it is read. FastAPI hands HTTPExceptions to the
+    app's handlers (anything else raised while reading becomes a bare 400); the answer closes the connection, so the
+    rest of the body is never read."""
+
+    def __init__(self, error: APIError):
+        super().__init__(error.status, error.message, headers={"Connection": "close"})
+        self.error = error
 
 
 # -- request bodies ----------------------------------------------------------------------------------
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: StrictBool = False
+
+
 class Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
+    # OpenAI's types, strictly: "4" or true is not a number and 1 is not a boolean (400, as OpenAI answers);
+    # StrictFloat takes ints, as OpenAI does (temperature: 1).
     model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: StrictFloat = Field(1.0, ge=0.0, le=2.0)
+    top_p: StrictFloat = Field(1.0, gt=0.0, le=1.0)
+    n: StrictInt = Field(1, ge=1, le=MAX_CHOICES)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -89,7 +120,7 @@ class Sampling(BaseModel):
         return stops
 
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return self.stream_options is not None and self.stream_options.include_usage
 
 
 class TextPart(BaseModel):
@@ -108,12 +139,12 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[int] = Field(min_length=1)
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    prompt: str | list[StrictInt] = Field(min_length=1)
+    max_tokens: StrictInt | None = Field(16, ge=1)  # OpenAI's default for completions
 
 
 class AdapterBody(BaseModel):
@@ -133,16 +164,30 @@ def context_length(model: nn.Module) -> int:
 
 
 def create_app(model: nn.Module, tokenizer: Any, base_name: str, adapters: dict[str, str] | None = None, *,
-               api_key: str | None = None, max_queue: int = 64, max_batch_size: int = 8) -> FastAPI:
+               api_key: str | None = None, max_queue: int = 64, max_batch_size: int = 8,
+               default_max_tokens: int = DEFAULT_MAX_TOKENS, max_body_bytes: int = MAX_BODY_BYTES,
+               body_timeout: float = BODY_TIMEOUT_S, allow_admin_without_key: bool = False,
+               base_fingerprint: str | None = None) -> FastAPI:
     """An app serving ``model`` (under ``base_name``) and ``adapters`` (name -> directory) over it. The scheduler's
-    worker starts and stops with the app (its lifespan); ``app.state.scheduler`` / ``.registry`` expose them."""
+    worker starts and stops with the app (its lifespan); ``app.state.scheduler`` / ``.registry`` expose them.
+
+    ``default_max_tokens`` caps a chat request that names no ``max_tokens`` (never beyond the context it leaves);
+    ``max_body_bytes`` / ``body_timeout`` bound a request body's size and arrival time. The admin routes (adding
+    adapters from server paths) exist only with an ``api_key`` or ``allow_admin_without_key``. Adapters trained on
+    another base than ``base_fingerprint`` (``models.model_fingerprint``; default: that of ``model.name_or_path``)
+    are refused."""
+    if default_max_tokens < 1 or max_body_bytes < 1 or body_timeout <= 0:
+        raise ValueError(f"default_max_tokens ({default_max_tokens}), max_body_bytes ({max_body_bytes}) and "
+                         f"body_timeout ({body_timeout}) must be positive")
     ensure_chat_template(tokenizer)
     model.eval()
-    registry = AdapterRegistry(model, tokenizer, base_name)
+    if base_fingerprint is None:
+        base_fingerprint = model_fingerprint(str(model.name_or_path)) if model.name_or_path else None
+    registry = AdapterRegistry(model, tokenizer, base_name, base_fingerprint)
     for name, path in (adapters or {}).items():
         registry.add(name, path)
     scheduler = Scheduler(registry, max_queue=max_queue, max_batch_size=max_batch_size)
-    api = _API(registry, scheduler, context_length(model))
+    api = _API(registry, scheduler, context_length(model), default_max_tokens, detailed_admin_errors=bool(api_key))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -150,20 +195,39 @@ def create_app(model: nn.Module, tokenizer: Any, base_name: str, adapters: dict[
         try:
             yield
         finally:
-            scheduler.stop()
+            scheduler.stop()  # cancels what still waits or runs: shutdown takes seconds, not a generation's length
 
-    app = FastAPI(title="tuneforge serve", lifespan=lifespan)
+    # No /docs, /redoc or /openapi.json: the docs page loads JavaScript from a CDN, and both would answer without
+    # the key. The API is OpenAI's, documented there.
+    app = FastAPI(title="tuneforge serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.registry, app.state.scheduler = registry, scheduler
     _add_error_handlers(app)
-    _add_auth(app, api_key)
+    # Added last = runs first: the key is checked before a byte of the body is read.
+    app.add_middleware(_BodyLimits, max_bytes=max_body_bytes, timeout=body_timeout)
+    if api_key:
+        app.add_middleware(_BearerAuth, api_key=api_key)
     app.get("/health")(lambda: {"status": "ok"})
     app.get("/v1/models")(api.list_models)
     app.get("/v1/models/{name:path}")(api.get_model)
     app.post("/v1/chat/completions")(api.chat)
     app.post("/v1/completions")(api.completions)
-    app.post("/v1/admin/adapters", status_code=201)(api.add_adapter)
-    app.delete("/v1/admin/adapters/{name:path}")(api.remove_adapter)
+    _add_admin_routes(app, api, enabled=bool(api_key) or allow_admin_without_key)
     return app
+
+
+def _add_admin_routes(app: FastAPI, api: "_API", enabled: bool) -> None:
+    """Adding an adapter loads files from a path the caller names: without a key anyone who reaches the port could
+    probe the server's disk, so the routes answer 403 unless a key guards them or the operator opted in."""
+    if enabled:
+        app.post("/v1/admin/adapters", status_code=201)(api.add_adapter)
+        app.delete("/v1/admin/adapters/{name:path}")(api.remove_adapter)
+        return
+
+    async def off() -> None:
+        raise APIError(403, "the admin routes are off: start the server with an API key (--api-key-file or "
+                       "$TUNEFORGE_API_KEY), or with --allow-admin-without-key", type="permission_error")
+
+    app.api_route("/v1/admin/{rest:path}", methods=["GET", "POST", "DELETE"])(off)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -184,8 +248,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: HTTPRequest, e: StarletteHTTPException) -> JSONResponse:
+        if isinstance(e, BodyRefused):
+            return e.error.response(e.headers)
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return APIError(e.status_code, str(e.detail), type=kind).response()
+        return APIError(e.status_code, str(e.detail), type=kind).response(e.headers)
 
     @app.exception_handler(Exception)
     async def crashed(_: HTTPRequest, e: Exception) -> JSONResponse:
@@ -193,26 +259,93 @@ def _add_error_handlers(app: FastAPI) -> None:
         return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").response()
 
 
-def _add_auth(app: FastAPI, api_key: str | None) -> None:
-    """With a key, every /v1 route needs ``Authorization: Bearer KEY`` (checked before the body is read)."""
-    if not api_key:
-        return
-    expected = f"Bearer {api_key}".encode()
+class _BearerAuth:
+    """With a key, every /v1 route needs ``Authorization: Bearer KEY``, checked from the headers alone: a caller
+    without the key never gets its body read. (A plain ASGI middleware: Starlette's BaseHTTPMiddleware would run
+    the app in another task and hide the client's disconnect from it.)"""
 
-    @app.middleware("http")
-    async def bearer(request: HTTPRequest, call_next):
-        if request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected):  # constant time: no key guessing by timing
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = Headers(scope=scope).get("authorization", "").encode()
+            if not hmac.compare_digest(given, self.expected):  # constant time: no key guessing by timing
                 what = "Incorrect API key provided" if given else "Missing bearer token (Authorization header)"
-                return APIError(401, what, code="invalid_api_key").response()
-        return await call_next(request)
+                await APIError(401, what, code="invalid_api_key").response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class _BodyLimits:
+    """Every request body: at most ``max_bytes`` (413, answered from Content-Length before a byte is read, else as
+    soon as the bytes that arrived pass it) and ``timeout`` seconds to arrive in full (408: a client trickling bytes
+    cannot hold a connection open and its request half-read for ever). Memory per request stays ``max_bytes``."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refusal(413).response({"Connection": "close"})(scope, receive, send)
+            return
+        started = False
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, self._limited(receive), tracked_send)
+        except BodyRefused as e:  # raised outside a route's body parsing (FastAPI's handlers answer the rest)
+            if started:
+                raise
+            await e.error.response(e.headers)(scope, receive, send)
+
+    def _limited(self, receive: Receive) -> Receive:
+        deadline = time.monotonic() + self.timeout
+        received, complete = 0, False
+
+        async def limited_receive() -> Message:
+            nonlocal received, complete
+            if complete:  # the body is in: only the client's disconnect can come, whenever it comes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise BodyRefused(self._refusal(408)) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyRefused(self._refusal(413))
+                complete = not message.get("more_body", False)
+            return message
+
+        return limited_receive
+
+    def _refusal(self, status: int) -> APIError:
+        if status == 413:
+            return APIError(413, f"the request body is larger than this server's limit of {self.max_bytes} bytes "
+                            "(--max-body-bytes)", code="request_too_large")
+        return APIError(408, f"the request body did not arrive within {self.timeout:g} s (--body-timeout)",
+                        code="request_timeout")
 
 
 class _API:
-    def __init__(self, registry: AdapterRegistry, scheduler: Scheduler, context: int):
+    def __init__(self, registry: AdapterRegistry, scheduler: Scheduler, context: int, default_max_tokens: int,
+                 detailed_admin_errors: bool):
         self.registry, self.scheduler, self.context = registry, scheduler, context
+        self.default_max_tokens = default_max_tokens
+        # Only a key holder may learn why a path cannot be served (which paths exist, what they hold).
+        self.detailed_admin_errors = detailed_admin_errors
         self.tokenizer = registry.tokenizer
+        # One encode at a time: the Rust tokenizer refuses a second thread while it changes its settings.
+        self._tokenizer_lock = threading.Lock()
         self.created = int(time.time())
 
     # -- models and adapters -------------------------------------------------------------------------
@@ -233,10 +366,25 @@ class _API:
 
     async def add_adapter(self, body: AdapterBody) -> dict[str, Any]:
         try:
+            self.registry.check_name(body.name)
+        except ValueError as e:
+            raise APIError(400, str(e), param="name") from None
+        try:
             await run_in_threadpool(self.registry.add, body.name, body.path)
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise APIError(400, f"cannot add adapter {body.name!r}: {e}", param="path") from None
+        except Exception as e:
+            raise self._admin_error(body, e) from None
         return self._model_card(body.name)
+
+    def _admin_error(self, body: AdapterBody, e: Exception) -> APIError:
+        if not self.detailed_admin_errors:  # the same answer whether the path is missing, unreadable or malformed
+            log.warning("cannot add adapter %r from %s: %s: %s", body.name, body.path, type(e).__name__, e)
+            return APIError(400, f"cannot add adapter {body.name!r}: the path is not a servable adapter directory "
+                            "(the server log says why)", param="path")
+        if isinstance(e, (ValueError, KeyError, OSError)):
+            message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() is its repr
+            return APIError(400, f"cannot add adapter {body.name!r}: {message}", param="path")
+        log.exception("adding adapter %r failed", body.name)
+        return APIError(500, f"cannot add adapter {body.name!r}: {type(e).__name__}: {e}", type="server_error")
 
     async def remove_adapter(self, name: str) -> dict[str, Any]:
         if name not in self.registry.adapters:
@@ -256,7 +404,7 @@ class _API:
     async def chat(self, body: ChatRequest, http: HTTPRequest):
         adapter = self._resolve(body.model)
         try:
-            ids = prompt_ids(self.tokenizer, [m.as_message() for m in body.messages])
+            ids = await self._encode(prompt_ids, self.tokenizer, [m.as_message() for m in body.messages])
         except Exception as e:  # the chat template rejects the conversation (e.g. roles out of order)
             raise APIError(400, f"messages: the chat template rejects them: {e}", param="messages") from None
         limit = body.max_completion_tokens or body.max_tokens
@@ -269,7 +417,7 @@ class _API:
     async def completions(self, body: CompletionRequest, http: HTTPRequest):
         adapter = self._resolve(body.model)
         if isinstance(body.prompt, str):
-            ids = self.tokenizer(body.prompt, add_special_tokens=True)["input_ids"]
+            ids = (await self._encode(self.tokenizer, body.prompt, add_special_tokens=True))["input_ids"]
         else:
             vocab = len(self.tokenizer)
             if any(t < 0 or t >= vocab for t in body.prompt):
@@ -281,11 +429,22 @@ class _API:
             return _sse(self._stream(request, shape, body.include_usage()))
         return await self._collect(request, shape, http)
 
+    async def _encode(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` in a worker thread: a long prompt takes seconds to tokenise, and the event loop
+        must keep answering meanwhile."""
+        def locked():
+            with self._tokenizer_lock:
+                return fn(*args, **kwargs)
+
+        return await run_in_threadpool(locked)
+
     def _submit(self, body: Sampling, adapter, ids: list[int], max_tokens: int | None, param: str) -> Request:
         reserved = adapter.reserved_positions if adapter is not None else 0
         room = self.context - reserved - len(ids)
         if max_tokens is None:
-            max_tokens = room  # OpenAI's chat default: whatever the context leaves
+            # OpenAI's chat default is whatever the context leaves: with a long context, one request that forgot
+            # max_tokens would hold its batch (and everyone queued behind it) for minutes.
+            max_tokens = max(1, min(self.default_max_tokens, room))
         if not ids:
             raise APIError(400, f"{param}: the prompt is empty", param=param)
         if max_tokens > room or room < 1:
@@ -311,19 +470,17 @@ class _API:
     async def _collect(self, request: Request, shape: "_Shape", http: HTTPRequest) -> dict[str, Any]:
         """Wait for every choice; cancel the generation when the client disconnects meanwhile."""
         done = 0
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, http))
         try:
             while done < len(request.rows):
-                try:
-                    event = await asyncio.wait_for(request.events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await http.is_disconnected():
-                        request.cancel()
-                        return {}
-                    continue
+                event = await request.events.get()
+                if event[0] == "disconnected":
+                    return {}
                 if event[0] == "error":
                     raise APIError(500, event[1], type="server_error")
                 done += event[0] == "done"
         finally:
+            watcher.cancel()
             if done < len(request.rows):
                 request.cancel()
         return shape.full(request.rows)
@@ -350,6 +507,16 @@ class _API:
         finally:
             if done < len(request.rows):
                 request.cancel()
+
+
+async def _cancel_on_disconnect(request: Request, http: HTTPRequest) -> None:
+    """Cancel ``request`` when its client hangs up. A non-streaming answer writes nothing until it is complete, so
+    no failed write would tell: ask the server, on a clock (not between events, which keep coming while the
+    generation runs)."""
+    while not await http.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+    request.cancel()
+    request.events.put_nowait(("disconnected",))  # also ends the wait of a request cancelled before it ran
 
 
 def _sse(events: AsyncIterator[str]) -> StreamingResponse:

@@ -9,7 +9,10 @@ Two kinds, decided by the adapter's files:
   from weights kept in memory for the batch (``Method.attach_saved`` + ``load_state_dict``, what ``Method.load``
   does from disk) and removed afterwards. Its batch group is its name.
 
-A whole-model directory (full fine-tuning) is not an adapter: serve it as ``--model`` instead.
+A whole-model directory (full fine-tuning) is not an adapter: serve it as ``--model`` instead. An adapter is
+checked before it is served: its config field by field (``r: 0`` is an error naming ``r``, not a ZeroDivisionError
+on the first request), and the base it was trained on, by the fingerprint ``generate`` warns with (served, a wrong
+base would answer every request wrongly, so it is refused).
 """
 
 from __future__ import annotations
@@ -19,16 +22,24 @@ import dataclasses
 import logging
 import re
 import threading
+import typing
 from pathlib import Path
 from typing import Any, Iterator
 
+import pydantic
 import torch
 from torch import nn
 
-from ..inference import is_full_model_dir
+from ..inference import is_full_model_dir, recorded_model_fingerprint
 from ..methods import method_for_adapter
-from ..methods.adapter_files import read_adapter_config, read_adapter_weights, read_tuneforge_meta
-from ..methods.base import Method, MethodHandle
+from ..methods.adapter_files import (
+    ADAPTER_CONFIG_NAME,
+    read_adapter_config,
+    read_adapter_weights,
+    read_tuneforge_meta,
+)
+from ..methods.base import Method, MethodConfig, MethodHandle
+from ..options import option_names
 from .multi_lora import MultiLoRA, batchable_lora, read_lora_factors
 
 log = logging.getLogger(__name__)
@@ -57,8 +68,9 @@ class AdapterRegistry:
     """Adapters by name over ``model``. ``lock`` is held by whoever runs the model (the scheduler's worker) and by
     ``add`` / ``remove``, so an adapter never changes under a running batch."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, base_name: str):
+    def __init__(self, model: nn.Module, tokenizer: Any, base_name: str, base_fingerprint: str | None = None):
         self.model, self.tokenizer, self.base_name = model, tokenizer, base_name
+        self.base_fingerprint = base_fingerprint  # models.model_fingerprint of the base; None: nothing to compare
         self.multi = MultiLoRA(model)
         self.adapters: dict[str, Adapter] = {}
         self.lock = threading.RLock()
@@ -74,33 +86,45 @@ class AdapterRegistry:
             raise KeyError(name)
         return self.adapters[name]
 
-    def add(self, name: str, path: str | Path) -> Adapter:
-        """Load the adapter in ``path`` under ``name``; ValueError / FileNotFoundError name what is wrong."""
+    def check_name(self, name: str) -> None:
+        """ValueError unless ``name`` is a valid, free adapter name."""
         if not NAME_PATTERN.fullmatch(name or ""):
             raise ValueError(f"adapter name {name!r}: use letters, digits and . _ : / - (at most 128 characters)")
         if name == self.base_name or name in self.adapters:
             raise ValueError(f"an adapter or base model named {name!r} is already served")
+
+    def add(self, name: str, path: str | Path) -> Adapter:
+        """Load the adapter in ``path`` under ``name``; ValueError / FileNotFoundError name what is wrong."""
+        self.check_name(name)
         path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"adapter directory {path} does not exist")
-        if is_full_model_dir(path):
-            raise ValueError(f"{path} holds a whole model (full fine-tuning), not an adapter: serve it with --model")
-        method = method_for_adapter(path)
-        saved = read_adapter_config(path)
+        method, saved = describe_adapter(path)
+        self._check_trained_on(path)
+        options = (read_tuneforge_meta(path) or {}).get("options", {})
+        checked_config(path, method, saved, options, self.model)
         with self.lock:
             if batchable_lora(saved):
                 adapter = Adapter(name, str(path), method.name, SHARED)
                 self.multi.add(name, read_lora_factors(path, self.model))
             else:
                 adapter = Adapter(name, str(path), method.name, name, int(saved.get("num_virtual_tokens") or 0),
-                                  method, saved, (read_tuneforge_meta(path) or {}).get("options", {}),
-                                  read_adapter_weights(path))
+                                  method, saved, options, read_adapter_weights(path))
                 with self._attached(adapter):  # fail now, not on the first request, when it does not fit the base
                     pass
             self.adapters[name] = adapter
         log.info("serving adapter %s (%s, %s) from %s", name, method.name,
                  "batched with other LoRA adapters" if adapter.group == SHARED else "its own batches", path)
         return adapter
+
+    def _check_trained_on(self, path: Path) -> None:
+        """ValueError when the adapter's record names another base than the served one (``generate`` warns)."""
+        recorded, current = recorded_model_fingerprint(path), self.base_fingerprint
+        # Nothing to compare: PEFT's files, a hub base, or fingerprints of two schemes (not comparable).
+        if recorded is None or current is None or recorded.split(":")[0] != current.split(":")[0]:
+            return
+        if recorded != current:
+            raise ValueError(f"{path} was trained on a different base model than the one served (fingerprint "
+                             f"{recorded[:15]}, served {current[:15]}): its answers would be wrong; serve it over the "
+                             "base it was trained on")
 
     def remove(self, name: str) -> None:
         with self.lock:
@@ -135,4 +159,49 @@ class AdapterRegistry:
             handle.remove()
 
 
-__all__ = ["Adapter", "AdapterRegistry", "SHARED"]
+def describe_adapter(path: Path) -> tuple[type[Method], dict[str, Any]]:
+    """The method that wrote the adapter in ``path`` and its ``adapter_config.json``, without loading anything big:
+    what a command checks before it loads the model. FileNotFoundError / ValueError say what is wrong."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter directory {path} does not exist")
+    if is_full_model_dir(path):
+        raise ValueError(f"{path} holds a whole model (full fine-tuning), not an adapter: serve it with --model")
+    try:
+        return method_for_adapter(path), read_adapter_config(path)
+    except KeyError:  # tuneforge's record without its "method" field
+        raise ValueError(f"{path}: the adapter's tuneforge record names no method") from None
+
+
+def checked_config(path: Path, method: type[Method], saved: dict[str, Any], options: dict[str, Any],
+                   model: nn.Module) -> MethodConfig:
+    """The adapter's config with every field checked as tuneforge checks options: a ValueError naming the file and
+    the field, never a TypeError or ZeroDivisionError later."""
+    where = path / ADAPTER_CONFIG_NAME
+    try:
+        config = method.config_from_saved(saved, options, model)
+        # The constructor checks values; from_dict also checks each against its annotation (lora_alpha: null).
+        method.config_class.from_dict(config.to_dict())
+    except KeyError as e:
+        raise ValueError(f"{where}: the field {e.args[0]!r} is missing") from None
+    except TypeError as e:  # a constructor compared a value of the wrong type: let the annotations name the field
+        raise ValueError(f"{where}: {wrong_types(method.config_class, saved) or e}") from None
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return config
+
+
+def wrong_types(config_class: type[MethodConfig], saved: dict[str, Any]) -> str | None:
+    """The fields of ``saved`` that do not have their option's type, strictly (``r: "8"`` is not a rank), as
+    "field: problem"; None when every field has."""
+    hints = typing.get_type_hints(config_class)
+    problems = []
+    for name in option_names(config_class):
+        if name in saved:
+            try:
+                pydantic.TypeAdapter(hints[name]).validate_python(saved[name], strict=True)
+            except pydantic.ValidationError as e:
+                problems.append(f"{name}: {e.errors()[0]['msg']}")
+    return "; ".join(problems) or None
+
+
+__all__ = ["Adapter", "AdapterRegistry", "SHARED", "checked_config", "describe_adapter"]

@@ -10,6 +10,9 @@ rows stop at the next token, and it is skipped if still waiting.
 
 Results go back to the asyncio side through ``loop.call_soon_threadsafe``: the event-loop thread never runs the
 model, and the worker never touches asyncio objects directly.
+
+``stop`` cancels every request still waiting or running (the running batch ends at its next token), so shutting the
+server down takes seconds, whatever the generations in flight had left to do.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ class Request:
         self.cancelled.set()
 
     def send(self, *event: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        if not self.loop.is_closed():  # at shutdown the client's loop may be gone: nobody is left to tell
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 class Scheduler:
@@ -66,6 +70,7 @@ class Scheduler:
         self._running.set()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._current: list[Request] = []  # the running batch's requests, for stop() to cancel
         self.batches_run = 0
         self.requests_cancelled = 0  # requests whose client left before their generation ended
 
@@ -74,10 +79,16 @@ class Scheduler:
         self._thread = threading.Thread(target=self._work, name="tuneforge-serve-worker", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel every waiting and running request and wait (at most ``timeout`` s) for the worker to end."""
         with self._wake:
             self._stopping = True
+            waiting, self._waiting = list(self._waiting), collections.deque()
             self._wake.notify_all()
+        for request in [*waiting, *self._current]:
+            request.cancel()
+        for request in waiting:
+            request.send("error", "the server is shutting down")
         self._running.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -141,8 +152,15 @@ class Scheduler:
     def _run(self, batch: list[Request]) -> None:
         with self.registry.lock:  # held through the batch: no adapter is added or removed under it
             batch = [request for request in batch if self._still_served(request)]
-            if batch:
-                self._generate(batch)
+            self._current = batch
+            if self._stopping:  # stop() ran between taking the batch and here
+                for request in batch:
+                    request.cancel()
+            try:
+                if batch:
+                    self._generate(batch)
+            finally:
+                self._current = []
 
     def _still_served(self, request: Request) -> bool:
         """False (and the client told so) when the request's adapter was removed while it waited."""
