@@ -71,15 +71,24 @@ def recorded_model_fingerprint(adapter: str | Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def base_mismatch(adapter: str | Path, current: str | None) -> str | None:
+    """The adapter's recorded base fingerprint when ``current`` (the base at hand's) is another model; None when
+    they agree or cannot be compared (PEFT's files, a hub base with nothing local to hash, fingerprints of two
+    scheme versions). `generate` warns on a mismatch; `serve` refuses."""
+    recorded = recorded_model_fingerprint(adapter)
+    if recorded is None or current is None or current.split(":")[0] != recorded.split(":")[0]:
+        return None
+    return recorded if recorded != current else None
+
+
 def check_base_model(adapter: str | Path, model_name: str) -> bool:
     """Warn when ``model_name`` is not the base ``adapter`` was trained on (their fingerprints differ): the same
     name can mean another model (a hub id, a folder that was replaced). True when it warned."""
-    recorded = recorded_model_fingerprint(adapter)
-    if recorded is None:
+    if recorded_model_fingerprint(adapter) is None:  # nothing to compare: do not hash the base
         return False
     current = model_fingerprint(model_name)
-    # None: a hub id, nothing local to hash. Another scheme version: the two hashes are not comparable.
-    if current is None or current.split(":")[0] != recorded.split(":")[0] or current == recorded:
+    recorded = base_mismatch(adapter, current)
+    if recorded is None:
         return False
     log.warning("%s was trained on a different base model than %s (fingerprint %s, this one %s): its outputs "
                 "will be wrong; pass --model with the base it was trained on", adapter, model_name,
@@ -137,5 +146,5 @@ def load_for_inference(model_name: str, adapter: str | Path | None, device: str 
     return model, tokenizer, handle
 
 
-__all__ = ["default_model", "load_for_inference", "training_dtype", "recorded_base_model", "recorded_model_fingerprint",
-           "check_base_model", "model_load_kwargs", "is_full_model_dir"]
+__all__ = ["default_model", "load_for_inference", "training_dtype", "base_mismatch", "recorded_base_model",
+           "recorded_model_fingerprint", "check_base_model", "model_load_kwargs", "is_full_model_dir"]

@@ -30,7 +30,7 @@ import pydantic
 import torch
 from torch import nn
 
-from ..inference import is_full_model_dir, recorded_model_fingerprint
+from ..inference import base_mismatch, is_full_model_dir
 from ..methods import method_for_adapter
 from ..methods.adapter_files import (
     ADAPTER_CONFIG_NAME,
@@ -117,11 +117,8 @@ class AdapterRegistry:
 
     def _check_trained_on(self, path: Path) -> None:
         """ValueError when the adapter's record names another base than the served one (``generate`` warns)."""
-        recorded, current = recorded_model_fingerprint(path), self.base_fingerprint
-        # Nothing to compare: PEFT's files, a hub base, or fingerprints of two schemes (not comparable).
-        if recorded is None or current is None or recorded.split(":")[0] != current.split(":")[0]:
-            return
-        if recorded != current:
+        recorded, current = base_mismatch(path, self.base_fingerprint), self.base_fingerprint
+        if recorded is not None:
             raise ValueError(f"{path} was trained on a different base model than the one served (fingerprint "
                              f"{recorded[:15]}, served {current[:15]}): its answers would be wrong; serve it over the "
                              "base it was trained on")
