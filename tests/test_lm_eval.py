@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,13 @@ def test_bad_task_lists_fail_before_any_model_loads(tmp_path):
         Benchmarks([str(tmp_path / "x.yaml")])
     with pytest.raises(ConfigError, match="at least one"):
         Benchmarks(" , ")
+
+
+def test_without_lm_eval_the_error_says_what_to_install(tmp_path, monkeypatch):
+    task = write_task(tmp_path / "tasks", "tiny_mc", MC_YAML, mc_rows())
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ModuleNotFoundError
+    with pytest.raises(ConfigError, match=r"pip install 'tuneforge\[eval\]'"):
+        Benchmarks([str(task)])
 
 
 @pytest.mark.slow

@@ -3,7 +3,8 @@
 ``tuneforge eval --tasks NAME[,NAME]`` and ``--general-eval tasks:NAME[,NAME]`` in training both come here. A task is
 an lm-eval name (``mmlu``, ``arc_easy``, ``hellaswag``: their data sets come from the Hugging Face hub) or a local
 task in lm-eval's YAML format: a ``.yaml`` file, or a folder of them (every task in it). A local task reads local
-data with ``dataset_path: json`` and ``dataset_kwargs: {data_files: {test: data.jsonl}}``, so it needs no hub.
+data with ``dataset_path: json`` and ``dataset_kwargs: {data_files: {test: data.jsonl}}``, so it needs no hub (the
+datasets library reads a relative ``data_files`` path from the working directory, not from the YAML's folder).
 
 The model is lm-eval's ``HFLM`` around the module already in memory: nothing is saved, merged or served, and an
 adapter is measured exactly as it computes in training (``handle.disabled()`` around a call measures the base).
@@ -157,8 +158,9 @@ class Benchmarks:
 
 @contextlib.contextmanager
 def _no_retie(model) -> Iterator[None]:
-    """HFLM calls ``model.tie_weights()`` on the model it is given, as if it had just loaded it. Ours is loaded and
-    maybe wrapped (LoRA on ``lm_head`` keeps the weight as ``base_layer.weight``): nothing to tie, so skip it."""
+    """HFLM calls ``model.tie_weights()`` on the model it is given, as if it had just loaded it. Ours is measured as
+    the run holds it: were its config to say "tied" over a head that is not (one trained apart), re-tying would
+    replace that head. Loading tied what was tied is done already; skip the call."""
     model.tie_weights = lambda *args, **kwargs: None  # an instance attribute shadows the method
     try:
         yield

@@ -14,7 +14,8 @@ A method's own options (``--lora-r 4``, by the method's flag prefix) reach that 
 every method. The ``tuneforge train`` children die with compare (even when it is killed with SIGKILL, on Linux).
 
 Gain is the held-out loss the run removed (``eval loss before - after``); exact match (chat data), preference
-accuracy (pairs) and forgetting (general-text loss after - before, see ``--general-eval``) sit beside it.
+accuracy (pairs) and forgetting (general-text loss after - before, see ``--general-eval``) sit beside it; with
+``--general-eval tasks:NAME[,NAME]``, each benchmark's primary metric before and after and its ``forgetting_<task>``.
 """
 
 from __future__ import annotations
