@@ -229,7 +229,7 @@ def test_flags_parse_and_route():
 
 # -- start-up: what answering `--help` or a bad flag costs ------------------------------------------------------
 
-HEAVY = ("torch", "transformers", "datasets", "matplotlib")
+HEAVY = ("torch", "transformers", "datasets", "matplotlib", "lm_eval")
 SRC = Path(__file__).resolve().parents[1] / "src"
 # Runs the command in a fresh interpreter, then prints (last line) the heavy libraries it imported.
 IMPORTS_PROBE = ("import json, sys\nfrom tuneforge.cli import main\ntry:\n    main(sys.argv[1:])\n"

@@ -100,6 +100,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str] = ()) -> int:
     if "general_ppl_after" in m:  # forgetting: general text the base model knew, before -> after
         before = f"{m['general_ppl_before']:.3f} -> " if "general_ppl_before" in m else ""
         print(f"general-text perplexity (forgetting): {before}{m['general_ppl_after']:.3f}")
+    for line in benchmark_lines(m):
+        print(line)
     for source in m.get("data_sources", []):
         print(describe_source(source))
     for key, value in (result.handle.summary() if result.handle else {}).items():
@@ -108,6 +110,19 @@ def cmd_train(args: argparse.Namespace, extra: list[str] = ()) -> int:
 
     print(f"report: {write_report([result.output])}")  # charts of metrics.jsonl and an HTML page (tuneforge report)
     return 0
+
+
+def benchmark_lines(m: dict[str, Any]) -> list[str]:
+    """``--general-eval tasks:...``: each task's primary metric before -> after, and the forgetting."""
+    lines = []
+    for task, keys in m.get("benchmarks", {}).items():
+        if keys["after"] not in m:
+            continue
+        before = f"{m[keys['before']]:.4f} -> " if keys["before"] in m else ""
+        lost = m.get(keys["forgetting"])
+        lines.append(f"benchmark {task} {keys['metric']} (n={keys['n']}): {before}{m[keys['after']]:.4f}"
+                     + (f" (forgetting {lost:+.4f})" if lost is not None else ""))
+    return lines
 
 
 def describe_source(source: dict[str, Any]) -> str:
@@ -177,6 +192,11 @@ def cmd_generate(args: argparse.Namespace, extra: list[str] = ()) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, extra: list[str] = ()) -> int:
+    if (args.data is None) == (args.tasks is None):
+        raise ConfigError("tuneforge eval: give --data FILE (exact match, perplexity, preference accuracy) or --tasks "
+                          "NAME[,NAME] (lm-evaluation-harness benchmarks), not both")
+    if args.tasks is not None:
+        return eval_tasks(args)
     from .data.bundled import held_out_name
     from .data.formats import load_examples
     from .evaluate import evaluate
@@ -198,6 +218,19 @@ def cmd_eval(args: argparse.Namespace, extra: list[str] = ()) -> int:
     else:
         for key, value in result.items():
             print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
+
+
+def eval_tasks(args: argparse.Namespace) -> int:
+    """``eval --tasks``: lm-eval tasks on the base + adapter in memory; the names are checked before the model loads."""
+    from .benchmarks import Benchmarks, table
+    from .inference import default_model, load_for_inference
+
+    benchmarks = Benchmarks(args.tasks, limit=args.limit, batch_size=args.batch_size)
+    model, tokenizer, _ = load_for_inference(default_model(args.adapter, args.model), args.adapter, args.device,
+                                             inference_dtype(args))
+    results = benchmarks.evaluate(model, tokenizer)
+    print(json.dumps(results) if args.json else table(results))
     return 0
 
 
@@ -288,11 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate, max_new_tokens=128)
 
     ev = sub.add_parser("eval", help="perplexity and exact match (chat, text); reward or implicit-reward accuracy "
-                        "and margins (preference pairs)")
+                        "and margins (preference pairs); lm-evaluation-harness benchmarks (--tasks)")
     _inference_args(ev)
-    ev.add_argument("--data", required=True)
+    ev.add_argument("--data", help="held-out records (chat, text or preference pairs); `demo`: the bundled set")
+    ev.add_argument("--tasks", metavar="NAME[,NAME]", help="lm-evaluation-harness tasks instead of --data: its names "
+                    "(mmlu, arc_easy, hellaswag; data from the hub) or a local task YAML / folder of them; needs "
+                    "pip install 'tuneforge[eval]'")
+    ev.add_argument("--batch-size", type=int, default=8, help="--tasks: documents per forward (default 8)")
     ev.add_argument("--beta", type=float, help="preference pairs: the implicit reward's beta (default: the run's)")
-    ev.add_argument("--limit", type=int)
+    ev.add_argument("--limit", type=int, help="at most this many records (--tasks: documents per task)")
     ev.add_argument("--no-generate", action="store_true", help="perplexity only")
     ev.add_argument("--json", action="store_true", help="machine-readable output")
     ev.set_defaults(func=cmd_eval, max_new_tokens=32)

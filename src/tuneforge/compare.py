@@ -14,7 +14,8 @@ A method's own options (``--lora-r 4``, by the method's flag prefix) reach that 
 every method. The ``tuneforge train`` children die with compare (even when it is killed with SIGKILL, on Linux).
 
 Gain is the held-out loss the run removed (``eval loss before - after``); exact match (chat data), preference
-accuracy (pairs) and forgetting (general-text loss after - before, see ``--general-eval``) sit beside it.
+accuracy (pairs) and forgetting (general-text loss after - before, see ``--general-eval``) sit beside it; with
+``--general-eval tasks:NAME[,NAME]``, each benchmark's primary metric before and after and its ``forgetting_<task>``.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ Runner = Callable[[list[str]], tuple[int, str]]
 
 STATE_NAME = "compare_state.json"  # per method, the signature its run was started with
 # A row is also what its run measured: these evaluation settings, free to change on --resume, shape the row.
-ROW_SETTINGS = ("general_eval", "eval_before", "eval_generate", "eval_max_new_tokens", "eval_limit")
+ROW_SETTINGS = ("general_eval", "general_eval_limit", "eval_before", "eval_generate", "eval_max_new_tokens",
+                "eval_limit")
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -288,11 +290,27 @@ def read_row(method: str, run_dir: Path) -> dict[str, Any]:
         row["wall_s"] = json.loads(wall.read_text())["wall_s"]
     if "eval_before_loss" in row and "eval_loss" in row:
         row["gain"] = row["eval_before_loss"] - row["eval_loss"]
+    if m.get("benchmarks"):  # --general-eval tasks:...: each task's primary metric before / after, and forgetting
+        row["benchmarks"] = m["benchmarks"]
+        row.update({keys[k]: m[keys[k]] for keys in m["benchmarks"].values() for k in ("before", "after", "forgetting")
+                    if isinstance(m.get(keys[k]), (int, float))})
     return row
 
 
+def benchmark_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(column, title, format) for the benchmarks any row measured, in the order they were asked for."""
+    columns: dict[str, tuple[str, str, str]] = {}
+    for row in rows:
+        for task, keys in row.get("benchmarks", {}).items():
+            name = f"{task} {keys['metric']}"
+            columns.setdefault(keys["before"], (keys["before"], f"{name} before", "{:.4f}"))
+            columns.setdefault(keys["after"], (keys["after"], f"{name} after", "{:.4f}"))
+            columns.setdefault(keys["forgetting"], (keys["forgetting"], f"{task} forgetting", "{:+.4f}"))
+    return list(columns.values())
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
-    columns = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    columns = [c for c in COLUMNS[:-1] + benchmark_columns(rows) + COLUMNS[-1:] if any(c[0] in r for r in rows)]
     lines = ["| " + " | ".join(title for _, title, _ in columns) + " |",
              "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:

@@ -65,7 +65,10 @@ class RunConfig(BaseModel):
                                       "default: the tokenizer's own, chatml if it has none.")
     general_eval: str | None = Field("builtin", description="General text whose perplexity before and after "
                                      "training measures forgetting: builtin (the shipped general set), a file "
-                                     "of text/chat records, or none.")
+                                     "of text/chat records, or none; or tasks:NAME[,NAME]: lm-evaluation-harness "
+                                     "benchmarks (mmlu, arc_easy, a local task YAML) before and after instead.")
+    general_eval_limit: int | None = Field(None, ge=1, description="--general-eval tasks:...: at most this many "
+                                           "documents per task (lm-eval's --limit); all when unset.")
     streaming: bool = Field(False, description="Read `data` as a stream (Hugging Face datasets, streaming=True): "
                             "records are shuffled in a buffer and tokenized as training goes, never held whole; "
                             "for files larger than memory. Needs max_steps; eval data comes from eval_data.")

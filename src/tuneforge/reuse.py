@@ -43,7 +43,8 @@ def signature(config: RunConfig, keep: Iterable[str] = ()) -> dict[str, Any]:
 
 def data_files(config: RunConfig, settings: dict[str, Any]) -> list[tuple[str, str]]:
     """``(name as given, file read)`` for each data file the signature's settings name."""
-    from .data.mixing import general_eval_file, parse_sources
+    from .benchmarks import local_task_paths
+    from .data.mixing import general_eval_file, general_eval_tasks, parse_sources
 
     files = [(source.path, source.file) for source in parse_sources(config.data)] if "data" in settings else []
     if settings.get("eval_data"):
@@ -51,6 +52,8 @@ def data_files(config: RunConfig, settings: dict[str, Any]) -> list[tuple[str, s
     general = general_eval_file(config.general_eval) if "general_eval" in settings else None
     if general:
         files.append((config.general_eval, general))
+    if "general_eval" in settings:  # local lm-eval task YAMLs (tasks:PATH): an edited task is another measurement
+        files += [(path, path) for path in local_task_paths(general_eval_tasks(config.general_eval))]
     return files
 
 

@@ -31,10 +31,11 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import kernels
+from .benchmarks import Benchmarks, flat_metrics, forgetting, local_task_paths, primary_keys, table
 from .config import RunConfig, save_config
 from .data.batching import to_device
 from .data.formats import Example, load_examples
-from .data.mixing import LoadedData, general_eval_file, load_mixed, parse_sources
+from .data.mixing import LoadedData, general_eval_file, general_eval_tasks, load_mixed, parse_sources
 from .data.packing import model_packing_refusal, real_tokens
 from .data.streaming import RecordStream, StreamSampler
 from .data.template import ensure_chat_template
@@ -834,7 +835,8 @@ def _empty_run_directory(directory: Path) -> None:
 def check_run_output(config: RunConfig) -> None:
     """Before anything loads: the run's output is none of its inputs (the base model, the data), nor inside one,
     nor a folder that holds one. Not even --overwrite lifts this: `--output` = the base model would replace it."""
-    inputs: list[str | None] = [config.model, config.eval_data, config.general_eval]
+    inputs: list[str | None] = [config.model, config.eval_data, general_eval_file(config.general_eval),
+                                *local_task_paths(general_eval_tasks(config.general_eval))]
     inputs += [source.path for source in parse_sources(config.data)]
     check_not_input(config.output, inputs)
     _refuse_foreign_output(config)
@@ -851,7 +853,7 @@ def _refuse_foreign_output(config: RunConfig) -> None:
 
 # Settings --resume may change: where and how often things are written, evaluated and shown.
 RESUMABLE_CHANGES = {"output", "resume", "overwrite", "progress", "device", "trust_remote_code", "eval_every",
-                     "general_eval",
+                     "general_eval", "general_eval_limit",
                      "eval_before", "eval_generate", "eval_max_new_tokens", "eval_limit", "log_every", "save_every",
                      "keep_checkpoints", "report_to", "distributed", "fsdp_cpu_offload",
                      # memory for time: the same arithmetic
@@ -918,9 +920,10 @@ def train(config: RunConfig, model: nn.Module | None = None, tokenizer=None) -> 
     tracking = Tracking(config.report_to)  # a tracker library that is not installed fails here, before the model loads
     data = training_data(config)  # and so does bad data
     general = general_examples(config)
+    benchmarks = general_benchmarks(config)  # lm-eval's tasks found (a typo fails here), before the model loads
     trainer = Trainer(config, model, tokenizer, tracking)
     with trainer.output_lock(), tracking:  # the trackers' runs are closed, marked failed, if training raises
-        result = _train_with_forgetting(trainer, config, data, general)
+        result = _train_with_forgetting(trainer, config, data, general, benchmarks)
         peak = peak_memory(next(trainer.model.parameters()).device)
         log.info(memory_line(peak))
         # From the call to here: loading, the evaluations before and after, training, saving (not interpreter start).
@@ -948,6 +951,24 @@ def general_examples(config: RunConfig) -> list[Example]:
     return load_examples(path) if path else []
 
 
+def general_benchmarks(config: RunConfig) -> Benchmarks | None:
+    """``--general-eval tasks:NAME[,NAME]``: lm-evaluation-harness tasks measured before and after training."""
+    tasks = general_eval_tasks(config.general_eval)
+    if not tasks:
+        return None
+    return Benchmarks(tasks, limit=config.general_eval_limit)
+
+
+def benchmark_metric(trainer: Trainer, benchmarks: Benchmarks | None, base: bool) -> dict[str, Any] | None:
+    """The benchmarks on the trained model, or (``base=True``) on the untouched base: adapter off, as
+    ``general_metric``; a full fine-tune is still the base before its first step, and has no base left on resume."""
+    if benchmarks is None or (base and trainer.method.trains_base_weights and trainer.config.resume):
+        return None
+    context = trainer.handle.disabled() if base and not trainer.method.trains_base_weights else contextlib.nullcontext()
+    with context:
+        return benchmarks.evaluate(trainer.model, trainer.tokenizer) or None  # {}: not rank 0
+
+
 def general_metric(trainer: Trainer, examples: list[Example], base: bool) -> dict[str, float] | None:
     """Perplexity on general text; ``base=True``: the untouched base (adapter off; a resumed full fine-tune has no
     untouched copy left, so none)."""
@@ -969,15 +990,26 @@ def general_metric(trainer: Trainer, examples: list[Example], base: bool) -> dic
         return general_perplexity(trainer.model, trainer.tokenizer, examples, max_length)
 
 
-def _train_with_forgetting(trainer: Trainer, config: RunConfig, data: LoadedData, general: list[Example]
-                           ) -> TrainResult:
-    """Training, with general-text perplexity before and after (forgetting) and the data mix in the metrics."""
+def _train_with_forgetting(trainer: Trainer, config: RunConfig, data: LoadedData, general: list[Example],
+                           benchmarks: Benchmarks | None = None) -> TrainResult:
+    """Training, with general-text perplexity or benchmarks before and after (forgetting) and the data mix in the
+    metrics."""
     before = general_metric(trainer, general, base=True)
     if before is not None:
         trainer.keep_baseline({"general_loss_before": before["loss"], "general_ppl_before": before["perplexity"]})
+    scores = benchmark_metric(trainer, benchmarks, base=True)
+    if scores is not None:
+        log.info("benchmarks of the base model:\n%s", table(scores))
+        trainer.keep_baseline(flat_metrics(scores, "before"))
     result = _train_with_exact_match(trainer, config, data.stream or data.train, data.eval)
     after = general_metric(trainer, general, base=False)
     m = result.metrics  # holds the "before" numbers, this process's or those the interrupted run kept (resume)
+    scores = benchmark_metric(trainer, benchmarks, base=False)
+    if scores is not None:  # benchmark_<task>_<metric>_after and forgetting_<task>, as general_* below
+        log.info("benchmarks after training:\n%s", table(scores))
+        keys = primary_keys(scores)
+        m.update(flat_metrics(scores, "after"), benchmarks=keys)
+        m.update(forgetting(m, keys))
     if after is not None:
         m.update(general_loss_after=after["loss"], general_ppl_after=after["perplexity"])
         if "general_loss_before" in m:  # > 0: general text got less likely (forgetting); the log-ratio of perplexities

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 GENERAL_DIR = Path(__file__).parents[1] / "assets" / "general"
 GENERAL_SOURCE = "general"  # a data source name: the built-in general-text replay set
 GENERAL_EVAL = "builtin"  # a --general-eval value: the built-in set's held-out split
+GENERAL_EVAL_TASKS = "tasks:"  # a --general-eval prefix: lm-evaluation-harness tasks (tuneforge/benchmarks.py)
 
 
 @dataclass(frozen=True)
@@ -186,13 +187,23 @@ def warn_if_skewed(source: DataSource, records: int, count: int) -> None:
 
 
 def general_eval_file(value: str | None) -> str | None:
-    """The file ``--general-eval`` names: ``builtin`` is the shipped general set's held-out split."""
-    if value is None or value.lower() in ("none", "off", "false"):
+    """The file ``--general-eval`` names: ``builtin`` is the shipped general set's held-out split; none for
+    ``tasks:...`` (benchmarks, see ``general_eval_tasks``)."""
+    if value is None or value.lower() in ("none", "off", "false") or value.startswith(GENERAL_EVAL_TASKS):
         return None
     if value == GENERAL_EVAL and not Path(value).exists():
         return str(GENERAL_DIR / "eval.jsonl")
     return value
 
 
+def general_eval_tasks(value: str | None) -> list[str]:
+    """The lm-eval tasks ``--general-eval tasks:NAME[,NAME]`` names (names or local task YAML paths); [] otherwise."""
+    if value is None or not value.startswith(GENERAL_EVAL_TASKS):
+        return []
+    names = [name.strip() for name in value[len(GENERAL_EVAL_TASKS):].split(",")]
+    return list(dict.fromkeys(name for name in names if name))
+
+
 __all__ = ["DataSource", "LoadedData", "parse_source", "parse_sources", "relative_weights", "mix_counts", "load_mixed",
-           "general_eval_file", "GENERAL_DIR", "GENERAL_SOURCE", "GENERAL_EVAL"]
+           "general_eval_file", "general_eval_tasks", "GENERAL_DIR", "GENERAL_SOURCE", "GENERAL_EVAL",
+           "GENERAL_EVAL_TASKS"]
