@@ -25,6 +25,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import dataclasses
 import threading
 import time
@@ -740,10 +741,18 @@ class _Completion(_Shape):
         for piece in pieces:  # vLLM's text_offset: where each token's text starts, pieces laid end to end
             offsets.append(at)
             at += len(piece)
-        tops = [None if t is None else {**{self.piece(i): lp for i, lp in t.top}, piece: t.logprob}
-                for t, piece in zip(scored, pieces)]
+        tops = [None if t is None else self.top_dict([*t.top, (t.token, t.logprob)]) for t in scored]
         return {"tokens": pieces, "token_logprobs": [None if t is None else t.logprob for t in scored],
                 "top_logprobs": tops, "text_offset": offsets}
+
+    def top_dict(self, candidates: list[tuple[int, float]]) -> dict[str, float]:
+        """Text -> log-prob. Tokens that decode alike (byte pieces of one character) share a key: it keeps the
+        likeliest, so a token is the argmax exactly when its log-prob is the largest value (lm-eval's is_greedy)."""
+        top: dict[str, float] = {}
+        for token, logprob in candidates:
+            piece = self.piece(token)
+            top[piece] = max(logprob, top.get(piece, -math.inf))
+        return top
 
     def chunk(self, index: int, text: str | None = None, finish_reason: str | None = None, start: bool = False):
         choice = {"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
