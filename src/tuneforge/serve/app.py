@@ -8,9 +8,9 @@ multiple-choice answers so); chat requests return ``logprobs`` / ``top_logprobs`
 A request's ``model`` names an adapter or the base. Errors carry OpenAI's body, ``{"error": {"message", "type",
 "param", "code"}}``, so the official clients raise their usual exceptions: 400 for a malformed or out-of-range
 request (and a prompt that does not fit the context), 401 without the right bearer token when the server has an API
-key (every route but ``/health``), 403 from the admin routes when they are off, 404 for an unknown model, 408 for a body slower than
-``body_timeout``, 413 for a body larger than ``max_body_bytes``, 429 when the queue is full, 500 when generation
-fails.
+key (every route but ``/health``), 403 from the admin routes when they are off, 404 for an unknown model, 408 for a
+body slower than ``body_timeout``, 413 for a body larger than ``max_body_bytes``, 429 when the queue is full (a
+request's prompts count one each, and queue all or none), 500 when generation fails.
 
 What one client can cost the others is bounded: a body's size and the time it may take to arrive, the tokens a
 request generates when it names no limit (``default_max_tokens``), the requests that may wait (``max_queue``), and
@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
 import math
-import dataclasses
 import threading
 import time
 import uuid
@@ -513,10 +513,8 @@ class _API:
             ids = [list(p) for p in prompts]
         call = self._submit(body, adapter, ids, body.max_tokens, "prompt", logprobs=body.logprobs,
                             prompt_logprobs=body.echo and body.logprobs is not None)
-        echoed = None
-        if body.echo:  # OpenAI echoes text as sent; token ids as they decode
-            echoed = prompts if isinstance(prompts[0], str) else [self.tokenizer.decode(p) for p in ids]
-        shape = _Completion(body.model, ids, self.tokenizer, body.logprobs, echoed, body.n)
+        texts = prompts if isinstance(prompts[0], str) else None
+        shape = _Completion(body.model, ids, self.tokenizer, body.logprobs, body.echo, texts, body.n)
         if body.stream:
             return _sse(self._stream(call, shape, body.include_usage()))
         return await self._collect(call, shape, http)
@@ -533,6 +531,9 @@ class _API:
     def _submit(self, body: Sampling, adapter, prompts: list[list[int]], max_tokens: int | None, param: str,
                 logprobs: int | None = None, prompt_logprobs: bool = False) -> "_Call":
         """Queue ``n`` rows per prompt (choice ``p * n + i`` is prompt p's i-th), all prompts or none."""
+        if len(prompts) > self.scheduler.max_queue:
+            raise APIError(400, f"{param}: {len(prompts)} prompts exceed the server's --max-queue "
+                           f"{self.scheduler.max_queue}", param=param)
         reserved = adapter.reserved_positions if adapter is not None else 0
         limit = max_tokens
         for ids in prompts:
@@ -544,8 +545,8 @@ class _API:
             if not ids:
                 raise APIError(400, f"{param}: the prompt is empty", param=param)
             if limit > room or room < 0:
-                raise APIError(400, f"This model's maximum context length is {self.context} tokens; the request needs "
-                               f"{len(ids)} prompt + {reserved} virtual + {limit} completion tokens",
+                raise APIError(400, f"This model's maximum context length is {self.context} tokens; the request "
+                               f"needs {len(ids)} prompt + {reserved} virtual + {limit} completion tokens",
                                param=param, code="context_length_exceeded")
         loop, events, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
         stops = body.stops()
@@ -568,7 +569,7 @@ class _API:
         except QueueFull as e:
             raise APIError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded") from None
         except ValueError as e:
-            raise APIError(400, str(e), param="n" if len(prompts) == 1 else param) from None
+            raise APIError(400, str(e), param="n") from None
         return call
 
     async def _collect(self, call: "_Call", shape: "_Shape", http: HTTPRequest) -> dict[str, Any]:
@@ -627,14 +628,14 @@ class _Call:
             request.cancel()
 
 
-async def _cancel_on_disconnect(request: "_Call", http: HTTPRequest) -> None:
-    """Cancel ``request`` when its client hangs up. A non-streaming answer writes nothing until it is complete, so
+async def _cancel_on_disconnect(call: _Call, http: HTTPRequest) -> None:
+    """Cancel ``call`` when its client hangs up. A non-streaming answer writes nothing until it is complete, so
     no failed write would tell: ask the server, on a clock (not between events, which keep coming while the
     generation runs)."""
     while not await http.is_disconnected():
         await asyncio.sleep(DISCONNECT_POLL_S)
-    request.cancel()
-    request.events.put_nowait(("disconnected",))  # also ends the wait of a request cancelled before it ran
+    call.cancel()
+    call.events.put_nowait(("disconnected",))  # also ends the wait of a request cancelled before it ran
 
 
 def _sse(events: AsyncIterator[str]) -> StreamingResponse:
@@ -713,15 +714,21 @@ class _Chat(_Shape):
 class _Completion(_Shape):
     prefix = "cmpl"
 
-    def __init__(self, model: str, prompts: list[list[int]], tokenizer: Any, logprobs: int | None,
-                 echoed: list[str] | None, n: int):
+    def __init__(self, model: str, prompts: list[list[int]], tokenizer: Any, logprobs: int | None, echo: bool,
+                 texts: list[str] | None, n: int):
         super().__init__(model, prompts, tokenizer)
-        self.prompts, self.logprobs, self.echoed, self.n = prompts, logprobs, echoed, n
+        self.prompts, self.logprobs, self.echo, self.texts, self.n = prompts, logprobs, echo, texts, n
+
+    def echoed(self, prompt: int) -> str:
+        """OpenAI echoes a text prompt as sent, token ids as they decode."""
+        if not self.echo:
+            return ""
+        return self.texts[prompt] if self.texts is not None else self.tokenizer.decode(self.prompts[prompt])
 
     def full(self, rows: list[Row]) -> dict[str, Any]:
         choices = []
         for i, row in enumerate(rows):
-            echo = self.echoed[i // self.n] if self.echoed is not None else ""
+            echo = self.echoed(i // self.n)
             choices.append({"index": i, "text": echo + row.text, "finish_reason": row.finish_reason,
                             "logprobs": self.choice_logprobs(row)})
         return {**self.head("text_completion"), "choices": choices, "usage": self.usage(rows)}
@@ -733,7 +740,7 @@ class _Completion(_Shape):
             return None
         scored: list[TokenLogprob | None] = list(row.completion_logprobs)
         tokens = [t.token for t in scored]
-        if self.echoed is not None:
+        if self.echo:
             scored = [None, *row.prompt_token_logprobs, *scored]
             tokens = [*row.prompt, *tokens]
         pieces = [self.piece(t) for t in tokens]

@@ -1,8 +1,9 @@
 """A bounded queue of generation requests and the one worker thread that batches them onto the model.
 
 Requests wait in arrival order; at most ``max_queue`` wait at once (``submit`` raises :class:`QueueFull`, the app
-answers 429; an API request with several prompts is one request per prompt, queued together or not at all), so memory stays bounded whatever the load: one running batch of at most ``max_batch_size`` rows plus
-the waiting prompts. The worker takes the oldest request and every later one of the same batch group (the base and
+answers 429; an API request with several prompts is one request per prompt, queued together or not at all), so
+memory stays bounded whatever the load: one running batch of at most ``max_batch_size`` rows plus the waiting
+prompts. The worker takes the oldest request and every later one of the same batch group (the base and
 all LoRA adapters are one group; every other adapter is its own, see ``registry.py``) until the batch is full, and
 runs them together. A batch runs to its end before the next starts (static batching: the KV cache of a
 transformers model does not take new rows mid-generation). A request whose client is gone is marked cancelled; its
