@@ -27,6 +27,7 @@ pytest.importorskip("openai")
 def make_adapters(root: Path, model_dir: Path) -> dict[str, Path]:
     """Adapters with visible effects (random B / random prompt), saved as training saves them."""
     import tuneforge as tf
+    from tuneforge.inference import load_for_inference
 
     specs = {
         "lora-a": tf.LoRAConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False),
@@ -36,7 +37,7 @@ def make_adapters(root: Path, model_dir: Path) -> dict[str, Path]:
     }
     dirs = {}
     for i, (name, config) in enumerate(specs.items()):
-        model, tokenizer, _ = tf.inference.load_for_inference(str(model_dir), None)
+        model, tokenizer, _ = load_for_inference(str(model_dir), None)
         torch.manual_seed(100 + i)
         handle = tf.attach(model, config)
         with torch.no_grad():  # make the update large enough to change greedy answers

@@ -47,7 +47,9 @@ def test_malformed_json_is_400(server):
     ({"temperature": 1e9}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 3}, "top_p"), ({"n": 0}, "n"),
     ({"n": 10_000}, "n"), ({"seed": -3}, "seed"), ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, None), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"logprobs": True}, None), ({"model": None}, "model"),
+    ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"logprobs": 1}, "logprobs"), ({"logprobs": True, "stream": True}, "stream"), ({"echo": True}, None),
+    ({"top_k": -2}, "top_k"), ({"top_k": 1.0}, "top_k"), ({"model": None}, "model"),
 ])
 def test_bad_parameters_are_400(server, change, param):
     error = assert_openai_error(post(server, "/chat/completions", {**CHAT, **change}), 400)
@@ -68,7 +70,7 @@ def test_values_of_the_wrong_type_are_400_not_coerced(server, change, param):
 
 
 def test_token_ids_of_the_wrong_type_are_400(server):
-    for prompt in (["5", "6"], [5, True], [5, 6.0]):
+    for prompt in ([5, "6"], [5, True], [5, 6.0], [[5], [True]], [[5], "6"], [[]], [], [""]):
         assert_openai_error(post(server, "/completions", {"model": "base", "prompt": prompt}), 400)
 
 

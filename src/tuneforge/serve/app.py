@@ -1,12 +1,16 @@
 """The OpenAI-compatible HTTP API: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions`` (SSE streaming or
-not), and ``/v1/admin/adapters`` to add and remove adapters at runtime.
+not), ``/v1/admin/adapters`` to add and remove adapters at runtime, and vLLM's ``/tokenize`` / ``/detokenize``.
+
+What evaluation harnesses need is here: a completion request may hold a list of prompts (strings or token ids),
+``echo`` them and return ``logprobs`` for prompt and completion tokens (lm-eval's ``local-completions`` scores
+multiple-choice answers so); chat requests return ``logprobs`` / ``top_logprobs``.
 
 A request's ``model`` names an adapter or the base. Errors carry OpenAI's body, ``{"error": {"message", "type",
 "param", "code"}}``, so the official clients raise their usual exceptions: 400 for a malformed or out-of-range
 request (and a prompt that does not fit the context), 401 without the right bearer token when the server has an API
-key, 403 from the admin routes when they are off, 404 for an unknown model, 408 for a body slower than
-``body_timeout``, 413 for a body larger than ``max_body_bytes``, 429 when the queue is full, 500 when generation
-fails.
+key (every route but ``/health``), 403 from the admin routes when they are off, 404 for an unknown model, 408 for a
+body slower than ``body_timeout``, 413 for a body larger than ``max_body_bytes``, 429 when the queue is full (a
+request's prompts count one each, and queue all or none), 500 when generation fails.
 
 What one client can cost the others is bounded: a body's size and the time it may take to arrive, the tokens a
 request generates when it names no limit (``default_max_tokens``), the requests that may wait (``max_queue``), and
@@ -18,13 +22,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
+import math
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, ClassVar, Literal
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
@@ -40,7 +46,7 @@ from torch import nn
 from ..data.template import ensure_chat_template, prompt_ids
 from ..models import model_fingerprint
 from .defaults import BODY_TIMEOUT_S, DEFAULT_MAX_TOKENS, MAX_BODY_BYTES
-from .engine import Row
+from .engine import Row, TokenLogprob
 from .registry import SHARED, AdapterRegistry
 from .scheduler import QueueFull, Request, Scheduler
 
@@ -48,11 +54,13 @@ log = logging.getLogger(__name__)
 
 MAX_CHOICES = 16  # n: more choices than this is a mistake, not a use
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_LOGPROBS = 5  # OpenAI's limit on a completion's logprobs (alternatives per token)
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on a chat completion's top_logprobs
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request asks whether its client is still there
 # Options a client may send that tuneforge does not implement: refused when set to anything but their default,
 # rather than silently ignored.
-UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "tools", "tool_choice", "functions", "function_call",
-               "response_format", "presence_penalty", "frequency_penalty", "echo", "suffix")
+UNSUPPORTED = ("logit_bias", "tools", "tool_choice", "functions", "function_call", "response_format",
+               "presence_penalty", "frequency_penalty", "suffix")
 
 
 class APIError(Exception):
@@ -89,6 +97,7 @@ class StreamOptions(BaseModel):
 
 class Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
+    unsupported: ClassVar[tuple[str, ...]] = UNSUPPORTED
 
     # OpenAI's types, strictly: "4" or true is not a number and 1 is not a boolean (400, as OpenAI answers);
     # StrictFloat takes ints, as OpenAI does (temperature: 1).
@@ -96,6 +105,7 @@ class Sampling(BaseModel):
     max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: StrictFloat = Field(1.0, ge=0.0, le=2.0)
     top_p: StrictFloat = Field(1.0, gt=0.0, le=1.0)
+    top_k: StrictInt | None = Field(None, ge=-1)  # vLLM's convention: -1 or 0 (or none) keep every token
     n: StrictInt = Field(1, ge=1, le=MAX_CHOICES)
     stop: str | list[str] | None = None
     seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
@@ -106,7 +116,7 @@ class Sampling(BaseModel):
     @classmethod
     def refuse_unsupported(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            for key in UNSUPPORTED:
+            for key in cls.unsupported:
                 if data.get(key) not in (None, False, 0, "", [], {}, "none", "auto") and key in data:
                     raise ValueError(f"{key!r} is not supported by tuneforge serve")
             if data.get("best_of") not in (None, 1):
@@ -138,13 +148,53 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(Sampling):
+    unsupported = (*UNSUPPORTED, "echo")
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[StrictInt] = Field(min_length=1)
-    max_tokens: StrictInt | None = Field(16, ge=1)  # OpenAI's default for completions
+    unsupported = (*UNSUPPORTED, "top_logprobs")
+    # OpenAI's four shapes: one prompt as text or token ids, or a list of either (one choice per prompt and n).
+    prompt: (Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
+                                                              Field(min_length=1)]
+             | TokenIds | Annotated[list[TokenIds], Field(min_length=1)])
+    max_tokens: StrictInt | None = Field(16, ge=0)  # OpenAI's default for completions; 0 (with echo): scoring only
+    echo: StrictBool = False
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompts as a list (of strings, or of token-id lists)."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's ``/tokenize``: a text prompt or a chat conversation (with the generation prompt, as served)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: StrictBool = True
+
+    @model_validator(mode="after")
+    def one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[StrictInt]
 
 
 class AdapterBody(BaseModel):
@@ -211,6 +261,8 @@ def create_app(model: nn.Module, tokenizer: Any, base_name: str, adapters: dict[
     app.get("/v1/models/{name:path}")(api.get_model)
     app.post("/v1/chat/completions")(api.chat)
     app.post("/v1/completions")(api.completions)
+    app.post("/tokenize")(api.tokenize)
+    app.post("/detokenize")(api.detokenize)
     _add_admin_routes(app, api, enabled=bool(api_key) or allow_admin_without_key)
     return app
 
@@ -259,6 +311,9 @@ def _add_error_handlers(app: FastAPI) -> None:
         return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").response()
 
 
+GUARDED = ("/v1", "/tokenize", "/detokenize")  # every route but /health needs the key
+
+
 class _BearerAuth:
     """With a key, every /v1 route needs ``Authorization: Bearer KEY``, checked from the headers alone: a caller
     without the key never gets its body read. (A plain ASGI middleware: Starlette's BaseHTTPMiddleware would run
@@ -268,7 +323,7 @@ class _BearerAuth:
         self.app, self.expected = app, f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and scope["path"].startswith(GUARDED):
             given = Headers(scope=scope).get("authorization", "").encode()
             if not hmac.compare_digest(given, self.expected):  # constant time: no key guessing by timing
                 what = "Incorrect API key provided" if given else "Missing bearer token (Authorization header)"
@@ -400,34 +455,69 @@ class _API:
             raise APIError(404, f"The model `{name}` does not exist; served: {', '.join(self.registry.names())}",
                            type="not_found_error", param="model", code="model_not_found") from None
 
+    # -- tokenization --------------------------------------------------------------------------------
+    async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+        if body.model is not None:
+            self._resolve(body.model)
+        if body.messages is not None:
+            try:
+                ids = await self._encode(prompt_ids, self.tokenizer, [m.as_message() for m in body.messages])
+            except Exception as e:
+                raise APIError(400, f"messages: the chat template rejects them: {e}", param="messages") from None
+        else:
+            ids = (await self._encode(self.tokenizer, body.prompt,
+                                      add_special_tokens=body.add_special_tokens))["input_ids"]
+        return {"count": len(ids), "max_model_len": self.context, "tokens": ids}
+
+    async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
+        if body.model is not None:
+            self._resolve(body.model)
+        if any(t < 0 or t >= len(self.tokenizer) for t in body.tokens):
+            raise APIError(400, f"tokens: token ids must lie in [0, {len(self.tokenizer)})", param="tokens")
+        return {"prompt": await self._encode(self.tokenizer.decode, body.tokens)}
+
     # -- generation ----------------------------------------------------------------------------------
     async def chat(self, body: ChatRequest, http: HTTPRequest):
         adapter = self._resolve(body.model)
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+        if body.stream and body.logprobs:
+            raise APIError(400, "stream: streaming with logprobs is not supported; ask without stream",
+                           param="stream")
         try:
             ids = await self._encode(prompt_ids, self.tokenizer, [m.as_message() for m in body.messages])
         except Exception as e:  # the chat template rejects the conversation (e.g. roles out of order)
             raise APIError(400, f"messages: the chat template rejects them: {e}", param="messages") from None
         limit = body.max_completion_tokens or body.max_tokens
-        request = self._submit(body, adapter, ids, limit, "messages")
-        shape = _Chat(body.model, len(ids))
+        call = self._submit(body, adapter, [ids], limit, "messages",
+                            logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+        shape = _Chat(body.model, [ids], self.tokenizer, (body.top_logprobs or 0) if body.logprobs else None)
         if body.stream:
-            return _sse(self._stream(request, shape, body.include_usage()))
-        return await self._collect(request, shape, http)
+            return _sse(self._stream(call, shape, body.include_usage()))
+        return await self._collect(call, shape, http)
 
     async def completions(self, body: CompletionRequest, http: HTTPRequest):
         adapter = self._resolve(body.model)
-        if isinstance(body.prompt, str):
-            ids = (await self._encode(self.tokenizer, body.prompt, add_special_tokens=True))["input_ids"]
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens: 0 is for scoring the prompt: it needs echo: true", param="max_tokens")
+        if body.stream and (body.echo or body.logprobs is not None):
+            raise APIError(400, "stream: streaming with echo or logprobs is not supported; ask without stream",
+                           param="stream")
+        prompts = body.prompts()
+        if isinstance(prompts[0], str):
+            ids = (await self._encode(self.tokenizer, prompts, add_special_tokens=True))["input_ids"]
         else:
             vocab = len(self.tokenizer)
-            if any(t < 0 or t >= vocab for t in body.prompt):
+            if any(t < 0 or t >= vocab for p in prompts for t in p):
                 raise APIError(400, f"prompt: token ids must lie in [0, {vocab})", param="prompt")
-            ids = list(body.prompt)
-        request = self._submit(body, adapter, ids, body.max_tokens, "prompt")
-        shape = _Completion(body.model, len(ids))
+            ids = [list(p) for p in prompts]
+        call = self._submit(body, adapter, ids, body.max_tokens, "prompt", logprobs=body.logprobs,
+                            prompt_logprobs=body.echo and body.logprobs is not None)
+        texts = prompts if isinstance(prompts[0], str) else None
+        shape = _Completion(body.model, ids, self.tokenizer, body.logprobs, body.echo, texts, body.n)
         if body.stream:
-            return _sse(self._stream(request, shape, body.include_usage()))
-        return await self._collect(request, shape, http)
+            return _sse(self._stream(call, shape, body.include_usage()))
+        return await self._collect(call, shape, http)
 
     async def _encode(self, fn, *args, **kwargs):
         """``fn(*args, **kwargs)`` in a worker thread: a long prompt takes seconds to tokenise, and the event loop
@@ -438,42 +528,57 @@ class _API:
 
         return await run_in_threadpool(locked)
 
-    def _submit(self, body: Sampling, adapter, ids: list[int], max_tokens: int | None, param: str) -> Request:
+    def _submit(self, body: Sampling, adapter, prompts: list[list[int]], max_tokens: int | None, param: str,
+                logprobs: int | None = None, prompt_logprobs: bool = False) -> "_Call":
+        """Queue ``n`` rows per prompt (choice ``p * n + i`` is prompt p's i-th), all prompts or none."""
+        if len(prompts) > self.scheduler.max_queue:
+            raise APIError(400, f"{param}: {len(prompts)} prompts exceed the server's --max-queue "
+                           f"{self.scheduler.max_queue}", param=param)
         reserved = adapter.reserved_positions if adapter is not None else 0
-        room = self.context - reserved - len(ids)
-        if max_tokens is None:
-            # OpenAI's chat default is whatever the context leaves: with a long context, one request that forgot
-            # max_tokens would hold its batch (and everyone queued behind it) for minutes.
-            max_tokens = max(1, min(self.default_max_tokens, room))
-        if not ids:
-            raise APIError(400, f"{param}: the prompt is empty", param=param)
-        if max_tokens > room or room < 1:
-            raise APIError(400, f"This model's maximum context length is {self.context} tokens; the request needs "
-                           f"{len(ids)} prompt + {reserved} virtual + {max_tokens} completion tokens",
-                           param=param, code="context_length_exceeded")
-        request = Request(adapter.name if adapter else None, adapter.group if adapter else SHARED, [],
-                          asyncio.get_running_loop(), asyncio.Queue())
+        limit = max_tokens
+        for ids in prompts:
+            room = self.context - reserved - len(ids)
+            if max_tokens is None:
+                # OpenAI's chat default is whatever the context leaves: with a long context, one request that forgot
+                # max_tokens would hold its batch (and everyone queued behind it) for minutes.
+                limit = max(1, min(self.default_max_tokens, room))
+            if not ids:
+                raise APIError(400, f"{param}: the prompt is empty", param=param)
+            if limit > room or room < 0:
+                raise APIError(400, f"This model's maximum context length is {self.context} tokens; the request "
+                               f"needs {len(ids)} prompt + {reserved} virtual + {limit} completion tokens",
+                               param=param, code="context_length_exceeded")
+        loop, events, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
         stops = body.stops()
-        for i in range(body.n):
-            seed = None if body.seed is None else body.seed + i  # n choices: n different draws, each reproducible
-            request.rows.append(Row(list(ids), max_tokens, body.temperature, body.top_p, seed, stops,
-                                    emit=lambda text, i=i: request.send("text", i, text),
-                                    cancelled=request.cancelled.is_set))
+        top_k = max(body.top_k or 0, 0)
+        call = _Call([], [], events)
+        for ids in prompts:
+            request = Request(adapter.name if adapter else None, adapter.group if adapter else SHARED, [], loop,
+                              events, cancelled, first=len(call.rows))
+            for i in range(body.n):
+                seed = None if body.seed is None else body.seed + i  # n choices: n different draws, each reproducible
+                choice = len(call.rows)
+                row = Row(list(ids), limit, body.temperature, body.top_p, top_k, seed, stops,
+                          emit=lambda text, choice=choice, request=request: request.send("text", choice, text),
+                          cancelled=cancelled.is_set, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                request.rows.append(row)
+                call.rows.append(row)
+            call.requests.append(request)
         try:
-            self.scheduler.submit(request)
+            self.scheduler.submit(*call.requests)
         except QueueFull as e:
             raise APIError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded") from None
         except ValueError as e:
             raise APIError(400, str(e), param="n") from None
-        return request
+        return call
 
-    async def _collect(self, request: Request, shape: "_Shape", http: HTTPRequest) -> dict[str, Any]:
+    async def _collect(self, call: "_Call", shape: "_Shape", http: HTTPRequest) -> dict[str, Any]:
         """Wait for every choice; cancel the generation when the client disconnects meanwhile."""
         done = 0
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, http))
+        watcher = asyncio.create_task(_cancel_on_disconnect(call, http))
         try:
-            while done < len(request.rows):
-                event = await request.events.get()
+            while done < len(call.rows):
+                event = await call.events.get()
                 if event[0] == "disconnected":
                     return {}
                 if event[0] == "error":
@@ -481,18 +586,18 @@ class _API:
                 done += event[0] == "done"
         finally:
             watcher.cancel()
-            if done < len(request.rows):
-                request.cancel()
-        return shape.full(request.rows)
+            if done < len(call.rows):
+                call.cancel()
+        return await self._encode(shape.full, call.rows)  # log-probs decode a token at a time: off the loop
 
-    async def _stream(self, request: Request, shape: "_Shape", include_usage: bool) -> AsyncIterator[str]:
+    async def _stream(self, call: "_Call", shape: "_Shape", include_usage: bool) -> AsyncIterator[str]:
         """SSE events; the client going away cancels this generator (Starlette), and with it the generation."""
         done = 0
         try:
-            for i in range(len(request.rows)):
+            for i in range(len(call.rows)):
                 yield _data(shape.chunk(i, start=True))
-            while done < len(request.rows):
-                event = await request.events.get()
+            while done < len(call.rows):
+                event = await call.events.get()
                 if event[0] == "error":
                     yield _data(APIError(500, event[1], type="server_error").response().body.decode(), raw=True)
                     return
@@ -502,21 +607,35 @@ class _API:
                     done += 1
                     yield _data(shape.chunk(event[1], finish_reason=event[2]))
             if include_usage:
-                yield _data(shape.usage_chunk(request.rows))
+                yield _data(shape.usage_chunk(call.rows))
             yield "data: [DONE]\n\n"
         finally:
-            if done < len(request.rows):
-                request.cancel()
+            if done < len(call.rows):
+                call.cancel()
 
 
-async def _cancel_on_disconnect(request: Request, http: HTTPRequest) -> None:
-    """Cancel ``request`` when its client hangs up. A non-streaming answer writes nothing until it is complete, so
+@dataclasses.dataclass
+class _Call:
+    """One API request: a scheduler request per prompt, sharing one event queue and one cancel flag; its rows in
+    choice order."""
+
+    requests: list[Request]
+    rows: list[Row]
+    events: asyncio.Queue
+
+    def cancel(self) -> None:
+        for request in self.requests:
+            request.cancel()
+
+
+async def _cancel_on_disconnect(call: _Call, http: HTTPRequest) -> None:
+    """Cancel ``call`` when its client hangs up. A non-streaming answer writes nothing until it is complete, so
     no failed write would tell: ask the server, on a clock (not between events, which keep coming while the
     generation runs)."""
     while not await http.is_disconnected():
         await asyncio.sleep(DISCONNECT_POLL_S)
-    request.cancel()
-    request.events.put_nowait(("disconnected",))  # also ends the wait of a request cancelled before it ran
+    call.cancel()
+    call.events.put_nowait(("disconnected",))  # also ends the wait of a request cancelled before it ran
 
 
 def _sse(events: AsyncIterator[str]) -> StreamingResponse:
@@ -532,8 +651,8 @@ class _Shape:
 
     prefix = ""
 
-    def __init__(self, model: str, prompt_tokens: int):
-        self.model, self.prompt_tokens = model, prompt_tokens
+    def __init__(self, model: str, prompts: list[list[int]], tokenizer: Any):
+        self.model, self.prompt_tokens, self.tokenizer = model, sum(len(p) for p in prompts), tokenizer
         self.id, self.created = f"{self.prefix}-{uuid.uuid4().hex}", int(time.time())
 
     def usage(self, rows: list[Row]) -> dict[str, int]:
@@ -543,6 +662,10 @@ class _Shape:
 
     def head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def piece(self, token: int) -> str:
+        """A token's text, as OpenAI and vLLM show it in log-probs (special tokens too)."""
+        return self.tokenizer.decode([token])
 
     def full(self, rows: list[Row]) -> dict[str, Any]:
         raise NotImplementedError
@@ -557,10 +680,27 @@ class _Shape:
 class _Chat(_Shape):
     prefix = "chatcmpl"
 
+    def __init__(self, model: str, prompts: list[list[int]], tokenizer: Any, top_logprobs: int | None):
+        super().__init__(model, prompts, tokenizer)
+        self.top_logprobs = top_logprobs  # None: no logprobs asked
+
     def full(self, rows: list[Row]) -> dict[str, Any]:
         choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason,
-                    "logprobs": None} for i, r in enumerate(rows)]
+                    "logprobs": self.logprobs(r)} for i, r in enumerate(rows)]
         return {**self.head("chat.completion"), "choices": choices, "usage": self.usage(rows)}
+
+    def logprobs(self, row: Row) -> dict[str, Any] | None:
+        """OpenAI's chat ``logprobs``: every completion token with its log-prob and ``top_logprobs`` alternatives."""
+        if self.top_logprobs is None:
+            return None
+
+        def entry(token: int, logprob: float) -> dict[str, Any]:
+            text = self.piece(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        content = [{**entry(t.token, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
+                   for t in row.completion_logprobs]
+        return {"content": content, "refusal": None}
 
     def chunk(self, index: int, text: str | None = None, finish_reason: str | None = None, start: bool = False):
         delta = {"role": "assistant", "content": ""} if start else ({"content": text} if text is not None else {})
@@ -574,10 +714,52 @@ class _Chat(_Shape):
 class _Completion(_Shape):
     prefix = "cmpl"
 
+    def __init__(self, model: str, prompts: list[list[int]], tokenizer: Any, logprobs: int | None, echo: bool,
+                 texts: list[str] | None, n: int):
+        super().__init__(model, prompts, tokenizer)
+        self.prompts, self.logprobs, self.echo, self.texts, self.n = prompts, logprobs, echo, texts, n
+
+    def echoed(self, prompt: int) -> str:
+        """OpenAI echoes a text prompt as sent, token ids as they decode."""
+        if not self.echo:
+            return ""
+        return self.texts[prompt] if self.texts is not None else self.tokenizer.decode(self.prompts[prompt])
+
     def full(self, rows: list[Row]) -> dict[str, Any]:
-        choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
-                   for i, r in enumerate(rows)]
+        choices = []
+        for i, row in enumerate(rows):
+            echo = self.echoed(i // self.n)
+            choices.append({"index": i, "text": echo + row.text, "finish_reason": row.finish_reason,
+                            "logprobs": self.choice_logprobs(row)})
         return {**self.head("text_completion"), "choices": choices, "usage": self.usage(rows)}
+
+    def choice_logprobs(self, row: Row) -> dict[str, Any] | None:
+        """OpenAI's legacy completions ``logprobs``: the echoed prompt's tokens (the first has no log-prob: nothing
+        predicts it) then the completion's, each with its ``logprobs`` likeliest alternatives and itself."""
+        if self.logprobs is None:
+            return None
+        scored: list[TokenLogprob | None] = list(row.completion_logprobs)
+        tokens = [t.token for t in scored]
+        if self.echo:
+            scored = [None, *row.prompt_token_logprobs, *scored]
+            tokens = [*row.prompt, *tokens]
+        pieces = [self.piece(t) for t in tokens]
+        offsets, at = [], 0
+        for piece in pieces:  # vLLM's text_offset: where each token's text starts, pieces laid end to end
+            offsets.append(at)
+            at += len(piece)
+        tops = [None if t is None else self.top_dict([*t.top, (t.token, t.logprob)]) for t in scored]
+        return {"tokens": pieces, "token_logprobs": [None if t is None else t.logprob for t in scored],
+                "top_logprobs": tops, "text_offset": offsets}
+
+    def top_dict(self, candidates: list[tuple[int, float]]) -> dict[str, float]:
+        """Text -> log-prob. Tokens that decode alike (byte pieces of one character) share a key: it keeps the
+        likeliest, so a token is the argmax exactly when its log-prob is the largest value (lm-eval's is_greedy)."""
+        top: dict[str, float] = {}
+        for token, logprob in candidates:
+            piece = self.piece(token)
+            top[piece] = max(logprob, top.get(piece, -math.inf))
+        return top
 
     def chunk(self, index: int, text: str | None = None, finish_reason: str | None = None, start: bool = False):
         choice = {"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": None}

@@ -72,7 +72,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--allow-admin-without-key", action="store_true", help="enable the admin routes (loading "
                    "adapters from any path the server can read) without an API key: for a trusted machine only")
     p.add_argument("--max-queue", type=_positive(int), default=64,
-                   help="requests that may wait; more get 429 (default 64)")
+                   help="prompts that may wait (a request with a list of prompts counts each); more get 429 "
+                   "(default 64)")
     p.add_argument("--max-batch-size", type=_positive(int), default=8,
                    help="rows (choices) generated together (default 8)")
     p.add_argument("--default-max-tokens", type=_positive(int), default=DEFAULT_MAX_TOKENS,

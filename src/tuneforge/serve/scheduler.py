@@ -1,8 +1,9 @@
 """A bounded queue of generation requests and the one worker thread that batches them onto the model.
 
 Requests wait in arrival order; at most ``max_queue`` wait at once (``submit`` raises :class:`QueueFull`, the app
-answers 429), so memory stays bounded whatever the load: one running batch of at most ``max_batch_size`` rows plus
-the waiting prompts. The worker takes the oldest request and every later one of the same batch group (the base and
+answers 429; an API request with several prompts is one request per prompt, queued together or not at all), so
+memory stays bounded whatever the load: one running batch of at most ``max_batch_size`` rows plus the waiting
+prompts. The worker takes the oldest request and every later one of the same batch group (the base and
 all LoRA adapters are one group; every other adapter is its own, see ``registry.py``) until the batch is full, and
 runs them together. A batch runs to its end before the next starts (static batching: the KV cache of a
 transformers model does not take new rows mid-generation). A request whose client is gone is marked cancelled; its
@@ -37,7 +38,8 @@ class QueueFull(Exception):
 
 @dataclasses.dataclass
 class Request:
-    """One API request: ``n`` choices of one prompt for one adapter (None: the base)."""
+    """``n`` choices of one prompt for one adapter (None: the base). The requests of one API call with several
+    prompts share ``events`` and ``cancelled``; ``first`` is the API choice index of this request's first row."""
 
     adapter: str | None
     group: str
@@ -46,6 +48,7 @@ class Request:
     events: asyncio.Queue
     """Receives ("text", choice, piece), ("done", choice, finish_reason) and ("error", message) tuples."""
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    first: int = 0
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -103,14 +106,19 @@ class Scheduler:
             self._wake.notify_all()
 
     # -- requests ----------------------------------------------------------------------------------
-    def submit(self, request: Request) -> None:
-        if len(request.rows) > self.max_batch_size:
-            raise ValueError(f"n={len(request.rows)} choices exceed the server's --max-batch-size "
-                             f"{self.max_batch_size}")
+    def submit(self, *requests: Request) -> None:
+        """Queue ``requests`` (an API call's prompts) together: all of them, or none (QueueFull / ValueError)."""
+        for request in requests:
+            if len(request.rows) > self.max_batch_size:
+                raise ValueError(f"n={len(request.rows)} choices exceed the server's --max-batch-size "
+                                 f"{self.max_batch_size}")
+        if len(requests) > self.max_queue:
+            raise ValueError(f"{len(requests)} prompts exceed the server's --max-queue {self.max_queue}")
         with self._wake:
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{self.max_queue} requests are already waiting; retry later")
-            self._waiting.append(request)
+            if len(self._waiting) + len(requests) > self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} of {self.max_queue} requests are already waiting; retry "
+                                "later")
+            self._waiting.extend(requests)
             self._wake.notify()
 
     def queued(self) -> int:
@@ -186,7 +194,7 @@ class Scheduler:
         for request in batch:
             self.requests_cancelled += request.cancelled.is_set()
             for i, row in enumerate(request.rows):
-                request.send("done", i, row.finish_reason)
+                request.send("done", request.first + i, row.finish_reason)
 
 
 __all__ = ["QueueFull", "Request", "Scheduler"]
