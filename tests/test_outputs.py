@@ -125,7 +125,10 @@ def test_gguf_export_replaces_an_existing_file_only_with_overwrite(lora_run, tmp
     target.write_text("an older export")
     code, error = cli(capsys, "export", run, "--format", "gguf", "--dtype", "f32", "--output", target)
     assert code == 2 and "--overwrite" in error and target.read_text() == "an older export"
-    assert cli(capsys, "export", run, "--format", "gguf", "--dtype", "f32", "--output", target, "--overwrite")[0] == 0
+    # --no-verify: this test is about the file, not the numbers (a random tiny model's near-ties make greedy
+    # agreement a coin toss; tests/test_verify.py checks verification on trained ones).
+    assert cli(capsys, "export", run, "--format", "gguf", "--dtype", "f32", "--output", target, "--overwrite",
+               "--no-verify")[0] == 0
     assert target.read_bytes()[:4] == b"GGUF" and leftovers(tmp_path) == []
 
 
