@@ -42,6 +42,9 @@ def test_two_methods_two_steps_each_in_its_own_process(tmp_path, tiny_model_dir)
     assert rows[0]["trainable_params"] != rows[1]["trainable_params"]
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert "| lora |" in (out / "compare.md").read_text()
+    # Each method's wait is visible as it happens: compare numbers them and relays each run's stage lines.
+    assert "compare: [1/2] training lora" in proc.stderr and "compare: [2/2] training prompt_tuning" in proc.stderr
+    assert proc.stderr.count("general-text perplexity: 1 example(s) in") == 4  # before and after, per method
 
 
 def test_a_killed_compare_skips_finished_methods_and_resumes_the_rest(tmp_path):

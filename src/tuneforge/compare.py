@@ -21,12 +21,14 @@ accuracy (pairs) and forgetting (general-text loss after - before, see ``--gener
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -72,13 +74,27 @@ def run_subprocess(args: list[str]) -> tuple[int, str]:
     stops on an error or Ctrl-C, so no training run goes on alone holding its output folder."""
     proc = subprocess.Popen([sys.executable, "-m", "tuneforge", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=_parent_death_signal())
+    # The child's log lines (each stage it starts and ends: exact match, perplexity, steps) reach the user as they
+    # come, so a method that trains for minutes is never a silent wait; the tail is kept for the error row.
+    tail: collections.deque[str] = collections.deque(maxlen=64)
+    relay = threading.Thread(target=_relay, args=(proc.stderr, tail), daemon=True)
+    relay.start()
     try:
-        out, err = proc.communicate()
+        out = proc.stdout.read()
+        proc.wait()
     except BaseException:
         _stop(proc)
         raise
+    finally:
+        relay.join(timeout=5)
     sys.stdout.write(out)
-    return proc.returncode, err[-2000:]
+    return proc.returncode, "".join(tail)[-2000:]
+
+
+def _relay(stream, tail: collections.deque[str]) -> None:
+    for line in stream:
+        sys.stderr.write(line)
+        tail.append(line)
 
 
 def _parent_death_signal() -> Callable[[], None] | None:
@@ -210,7 +226,7 @@ def compare(methods: list[str], flags: list[str], output: str | Path, runner: Ru
     plan = plan_runs(configs, state, overwrite)
     (output / "runs").mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    for name in names:
+    for i, name in enumerate(names, start=1):
         run_dir = output / "runs" / name
         if plan[name] == "reuse":
             log.info("compare: %s already finished in %s with the same settings and data; reading it back", name,
@@ -218,7 +234,7 @@ def compare(methods: list[str], flags: list[str], output: str | Path, runner: Ru
         else:
             state["runs"][name] = signature(configs[name], keep=ROW_SETTINGS)
             write_text_atomic(output / STATE_NAME, json.dumps(state, indent=1))
-            log.info("compare: training %s -> %s", name, run_dir)
+            log.info("compare: [%d/%d] training %s -> %s", i, len(names), name, run_dir)
             start = time.perf_counter()
             code, err = runner(train_args(name, run_dir, own[name], resume=plan[name] == "resume"))
             if code != 0:
