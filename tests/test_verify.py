@@ -263,7 +263,7 @@ def gguf_runtime(request, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["f16", "q8_0"])
 def test_the_embedded_models_gguf_passes(embedded_ggufs, gguf_runtime, dtype):
-    """Measured on the 16 built-in prompts (374 answer tokens): f16 agrees 100% either way; q8_0 through transformers
+    """Measured on the 16 built-in prompts (374 answer tokens): f16 agrees 99.7-100% either way; q8_0 through transformers
     (weights de-quantised, activations float32) 97.06%, KL 0.0013, within the published 97%; q8_0 through llama.cpp
     95.72%, KL 0.0042, below it, and so does llama.cpp's own q8_0 of the model (byte-identical tensors): it passes
     judged against that."""
@@ -273,7 +273,8 @@ def test_the_embedded_models_gguf_passes(embedded_ggufs, gguf_runtime, dtype):
     assert summary["runtime"].startswith("llama.cpp" if gguf_runtime == "llama.cpp" else "transformers")
     assert summary["tokenizer"]["ok"] and summary["precision"] == dtype
     if dtype == "f16":
-        assert summary["agreement"] == 1.0 and summary["judged_by"] == "threshold"
+        # 100% in one measurement, 99.73% (one near-tie token of 374) in another process
+        assert summary["agreement"] >= THRESHOLDS["f16"].min_agreement and summary["judged_by"] == "threshold"
     elif summary["judged_by"] == "reference quantisation":  # our q8_0 is llama.cpp's: the same scores
         own = summary["reference_quantisation"]
         assert own["agreement"] == pytest.approx(summary["agreement"], abs=0.005)
