@@ -178,3 +178,104 @@ def test_modelfile_template_forms(tokenizer):
     text = modelfile(tokenizer, "m.gguf")
     assert "TEMPLATE" not in text.replace("# the chat template", "") and 'PARAMETER stop "<|endoftext|>"' in text
     assert "<|im_end|>" not in text
+
+
+# -- quantised GGUF: our q8_0 against llama.cpp's own, and the judgement against it ------------------------------
+
+
+def llama_cpp_quantize(source, target, file_type) -> None:
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(file_type)
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_q8_0_tensors_are_llama_cpps_own(runs, tmp_path, arch):
+    """llama.cpp's llama_model_quantize of our f32 GGUF to q8_0 holds the very bytes of our q8_0 GGUF, tensor by
+    tensor (types included: 1-D tensors f32, token_embd and output q8_0)."""
+    ours = export(runs[arch], "gguf", output=tmp_path / "m.q8_0.gguf", dtype="q8_0", verify=False).path
+    f32 = export(runs[arch], "gguf", output=tmp_path / "m.f32.gguf", dtype="f32", verify=False).path
+    llama_cpp_quantize(f32, tmp_path / "lc.q8_0.gguf", gguf.LlamaFileType.MOSTLY_Q8_0)
+    mine = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
+    theirs = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "lc.q8_0.gguf")).tensors}
+    assert mine.keys() == theirs.keys()
+    for name, tensor in mine.items():
+        assert tensor.tensor_type == theirs[name].tensor_type, name
+        assert tensor.data.tobytes() == theirs[name].data.tobytes(), name
+    assert {t.tensor_type.name for t in mine.values()} == {"F32", "Q8_0"}
+    fields = gguf.GGUFReader(str(ours)).fields
+    assert fields["general.quantization_version"].contents() == gguf.GGML_QUANT_VERSION
+
+
+def test_a_quantisation_is_judged_against_llama_cpps_own():
+    """Out of the published threshold's reach: passes within REFERENCE_KL_FACTOR / _AGREEMENT_MARGIN of llama.cpp's
+    own quantisation of the model, fails beyond; a tokenizer failure stands either way."""
+    from tuneforge.verify import REFERENCE_KL_FACTOR, Artefact, summarise
+
+    rows = [{"prompt": "p", "tokens": 100, "agreement": 0.955, "mean_kl": 0.0045, "max_kl": 0.1,
+             "max_logit_diff": 2.0, "first_divergence": 3, "reference_token": "a", "artefact_token": "b"}]
+    artefact = Artefact("gguf:m", "llama.cpp", "q8_0")
+    assert not summarise(rows, artefact, None, "p")["passed"]  # 95.5% < the published 97%
+    own = {"how": "test", "agreement": 0.957, "mean_kl": 0.0042, "max_logit_diff": 2.0}
+    summary = summarise(rows, artefact, None, "p", own)
+    assert summary["passed"] and summary["judged_by"] == "reference quantisation"
+    assert summary["reference_quantisation"] == own
+    worse = {**own, "mean_kl": 0.0045 / REFERENCE_KL_FACTOR / 1.1}
+    assert "mean KL" in summarise(rows, artefact, None, "p", worse)["failures"][0]
+    better = {**own, "agreement": 0.98}
+    assert "greedy agreement" in summarise(rows, artefact, None, "p", better)["failures"][0]
+    assert not summarise(rows, artefact, {"ok": False}, "p", own)["passed"]
+    rows[0].update(agreement=0.99, mean_kl=0.001)  # within the published threshold: the reference is not consulted
+    assert summarise(rows, artefact, None, "p", own)["judged_by"] == "threshold"
+
+
+@pytest.fixture(scope="module")
+def embedded_ggufs(tmp_path_factory):
+    """An untrained LoRA over the embedded SmolLM2-135M-Instruct, exported as f16 and q8_0 GGUF (not verified)."""
+    root = tmp_path_factory.mktemp("embedded")
+    from tuneforge.models import load_model
+
+    model, _ = load_model("smollm2-135m-instruct", device="cpu", dtype=torch.float32)
+    run = tf.attach(model, tf.LoRAConfig(r=4)).save(root / "run", base_model_name_or_path="smollm2-135m-instruct")
+    del model
+    return run, {d: export(run, "gguf", output=root / f"m.{d}.gguf", dtype=d, verify=False).path
+                 for d in ("f16", "q8_0")}
+
+
+@pytest.fixture(params=["transformers", "llama.cpp"])
+def gguf_runtime(request, monkeypatch):
+    """Which runtime reads the GGUF: llama.cpp (skipped without llama-cpp-python), or transformers' loader (as
+    where llama-cpp-python is absent, CI's case)."""
+    import importlib.util
+
+    if request.param == "llama.cpp":
+        pytest.importorskip("llama_cpp")
+    else:
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a, **k: None if name == "llama_cpp" else find_spec(name, *a, **k))
+    return request.param
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+def test_the_embedded_models_gguf_passes(embedded_ggufs, gguf_runtime, dtype):
+    """Measured on the 16 built-in prompts (374 answer tokens): f16 agrees 99.7-100% either way; q8_0 through transformers
+    (weights de-quantised, activations float32) 97.06%, KL 0.0013, within the published 97%; q8_0 through llama.cpp
+    95.72%, KL 0.0042, below it, and so does llama.cpp's own q8_0 of the model (byte-identical tensors): it passes
+    judged against that."""
+    run, paths = embedded_ggufs
+    summary = verify(run, f"gguf:{paths[dtype]}", write=False)
+    assert summary["passed"], summary["failures"]
+    assert summary["runtime"].startswith("llama.cpp" if gguf_runtime == "llama.cpp" else "transformers")
+    assert summary["tokenizer"]["ok"] and summary["precision"] == dtype
+    if dtype == "f16":
+        # 100% in one measurement, 99.73% (one near-tie token of 374) in another process
+        assert summary["agreement"] >= THRESHOLDS["f16"].min_agreement and summary["judged_by"] == "threshold"
+    elif summary["judged_by"] == "reference quantisation":  # our q8_0 is llama.cpp's: the same scores
+        own = summary["reference_quantisation"]
+        assert own["agreement"] == pytest.approx(summary["agreement"], abs=0.005)
+        assert own["mean_kl"] == pytest.approx(summary["mean_kl"], rel=0.05)

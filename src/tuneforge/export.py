@@ -175,6 +175,8 @@ def _write_hparams(writer, model: nn.Module, dtype: str, name: str | None = None
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
     writer.add_file_type(file_type)
+    if dtype == "q8_0":  # as llama.cpp's llama_model_quantize writes it (its q8_0 tensors match ours byte for byte)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def _gguf_tensors(model: nn.Module, dtype: str):

@@ -11,9 +11,10 @@ distributions:
 
 A runtime that returns no logits (a server, vLLM) is compared on its own greedy answer instead: agreement is then
 the share of each reference answer it reproduces before the first different token. ``THRESHOLDS`` decides pass or
-fail per precision; the report names the prompt that diverged first and at which token. For a GGUF the tokenizer is
-checked too (``check_tokenizer``): the pre-tokenizer name llama.cpp will apply, the probe strings' token ids, and the
-chat template.
+fail per precision (a quantised GGUF that misses it is judged against llama.cpp's own quantisation of the run,
+``reference_quantisation``, when llama-cpp-python is installed); the report names the prompt that diverged first and
+at which token. For a GGUF the tokenizer is checked too (``check_tokenizer``): the pre-tokenizer name llama.cpp will
+apply, the probe strings' token ids, and the chat template.
 
 Artefacts (``--against``): ``merged`` (the run merged in memory), ``merged:DIR`` (a ``tuneforge merge`` output),
 ``gguf:FILE`` (llama.cpp through llama-cpp-python, the ``tuneforge[gguf]`` extra, else transformers' GGUF loader),
@@ -103,6 +104,20 @@ THRESHOLDS: dict[str, Threshold] = {
     "q4_k": Threshold(0.90, 0.1, "llama.cpp: q4_K_M KLD 0.031, same top 91.9%"),
     "q4_0": Threshold(0.85, 0.2, "llama.cpp: q4_0 / q4_1 KLD 0.072"),
 }
+# A quantised GGUF that misses its entry above is judged once more, against the quantisation llama.cpp itself makes
+# of the same run (``reference_quantisation``: the run merged, written as an f32 GGUF, ``llama_model_quantize``d to
+# the artefact's file type, run through llama.cpp): it passes when its mean KL is within REFERENCE_KL_FACTOR of that
+# reference's and its agreement within REFERENCE_AGREEMENT_MARGIN below it. Why: the published numbers are
+# LLaMA-3-8B's, and a small model is more sensitive to the same rounding. Measured (llama-cpp-python 0.3.36): the
+# embedded SmolLM2-135M-Instruct under an untrained LoRA, 16 built-in prompts, 374 answer tokens: tuneforge's q8_0
+# GGUF and llama.cpp's own q8_0 of tuneforge's f32 GGUF hold byte-identical tensors (all 272; token_embd q8_0 in
+# both, 1-D norms f32 in both) and score the same through llama.cpp: 95.72% greedy agreement, mean KL 0.00419, max
+# |dlogit| 2.39 (the f32 GGUF: 100%, max |dlogit| 0.038). So 97% is out of reach for that model whoever quantises it;
+# the loss is llama.cpp's q8_0 (weights and, in its CPU kernels, activations rounded to 8 bits), not our writer.
+REFERENCE_KL_FACTOR = 1.5  # same bytes give the same KL; the slack covers a file quantised from an f16 source
+REFERENCE_AGREEMENT_MARGIN = 0.01
+UNQUANTISED = ("f32", "f16", "bf16")
+
 THRESHOLD_ALIASES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "q4_1": "q4_0", "q4_k_m": "q4_k",
                      "q4_k_s": "q4_k", "q6_k_m": "q6_k"}
 
@@ -279,6 +294,53 @@ def gguf_artefact(path: Path, n_ctx: int, device: str | None) -> Artefact:
     return artefact
 
 
+def reference_quantisation(run: Path, model: str | None, device: str | None, artefact_path: Path,
+                           reference: Reference, tokenizer, n_ctx: int) -> dict[str, Any] | None:
+    """What llama.cpp's own quantisation of this run scores: the run merged and written as an f32 GGUF (a temporary
+    file), ``llama_model_quantize``d to the artefact's ``general.file_type``, run through llama.cpp and compared like
+    the artefact. None where that cannot be made (no llama-cpp-python, an unquantised or unknown file type, a model
+    ``export_gguf`` does not write): the artefact is then judged by ``THRESHOLDS`` alone."""
+    if importlib.util.find_spec("llama_cpp") is None or gguf_precision(artefact_path) in UNQUANTISED + ("unknown",):
+        return None
+    import ctypes
+    import tempfile
+
+    import llama_cpp
+
+    from .export import _gguf_origin, export_gguf, merged_model
+
+    file_type = int(gguf_fields(artefact_path, ["general.file_type"])["general.file_type"])
+    model_name = default_model(run, model)
+    with tempfile.TemporaryDirectory(prefix="tuneforge-verify-") as tmp:
+        merged, run_tokenizer = merged_model(run, model, device)
+        try:
+            source = export_gguf(merged, run_tokenizer, Path(tmp) / "reference.f32.gguf", "f32",
+                                 **_gguf_origin(model_name))
+        except ValueError as e:  # an architecture or tokenizer the GGUF writer does not handle
+            log.warning("verify: no reference quantisation (%s)", e)
+            return None
+        finally:
+            del merged
+        quantised = Path(tmp) / "reference.quantised.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = file_type
+        try:
+            from llama_cpp._utils import suppress_stdout_stderr  # its per-tensor log, hundreds of lines
+        except ImportError:  # pragma: no cover
+            import contextlib
+            suppress_stdout_stderr = lambda **_: contextlib.nullcontext()  # noqa: E731
+        with suppress_stdout_stderr(disable=False):
+            status = llama_cpp.llama_model_quantize(str(source).encode(), str(quantised).encode(),
+                                                    ctypes.byref(params))
+        if status != 0:
+            log.warning("verify: llama_model_quantize failed (%d): no reference quantisation", status)
+            return None
+        rows = compare(reference, gguf_artefact(quantised, n_ctx, device), tokenizer)
+    _, agreement, mean_kl = _totals(rows)
+    return {"how": f"llama_model_quantize of the run's f32 GGUF to file type {file_type}", "agreement": agreement,
+            "mean_kl": mean_kl, "max_logit_diff": max(r["max_logit_diff"] for r in rows)}
+
+
 def vllm_artefact(path: Path, device: str | None, precision: str | None) -> Artefact:
     """An ``export --format vllm`` folder: ``base`` + ``adapter``, or one merged model."""
     base, adapter = (path / "base", path / "adapter") if (path / "base").is_dir() else (path, None)
@@ -311,18 +373,26 @@ def served_artefact(url: str, model_name: str, tokenizer, precision: str | None,
     endpoint = url.rstrip("/") + ("" if url.rstrip("/").endswith("/v1") else "/v1") + "/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
-    def greedy(prompts: list[list[int]], n: int) -> list[list[int]]:
-        out = []
+    def greedy(prompts: list[list[int]], n: int) -> list[list[int] | list[str]]:
+        # Each generated token's text from ``logprobs`` (compared token by token with the reference's): re-tokenizing
+        # the answer's text is lossy, as a byte token that is part of a character decodes to U+FFFD on its own and
+        # the text's ids then differ although the server generated the very same ones. A server that returns no
+        # logprobs: its text re-tokenized.
+        out: list[list[int] | list[str]] = []
         for p in prompts:
-            r = httpx.post(endpoint, json={"model": model_name, "prompt": p, "max_tokens": n, "temperature": 0.0},
-                           headers=headers, timeout=120.0)
+            r = httpx.post(endpoint, json={"model": model_name, "prompt": p, "max_tokens": n, "temperature": 0.0,
+                                           "logprobs": 0}, headers=headers, timeout=120.0)
             r.raise_for_status()
-            out.append(tokenizer(r.json()["choices"][0]["text"], add_special_tokens=False)["input_ids"])
+            choice = r.json()["choices"][0]
+            tokens = (choice.get("logprobs") or {}).get("tokens")
+            out.append(list(tokens) if isinstance(tokens, list) else
+                       tokenizer(choice["text"], add_special_tokens=False)["input_ids"])
         return out
 
     return Artefact(f"serve:{url}", "HTTP /v1/completions", precision or "f32", greedy=greedy,
-                    notes=["the server returns text, not logits: agreement is on greedy answers (re-tokenized), "
-                           "KL and logit differences are not measured"])
+                    notes=["the server returns text, not logits: agreement is on greedy answers (token by token as "
+                           "text where it returns logprobs, else re-tokenized), KL and logit differences are not "
+                           "measured"])
 
 
 # -- comparing -----------------------------------------------------------------------------------------------
@@ -338,6 +408,8 @@ def compare(reference: Reference, artefact: Artefact, tokenizer) -> list[dict[st
         if artefact.greedy is not None:  # free-running: the reference answer's share reproduced before a difference
             expected = [t for t in answer if t not in reference.stops]
             mine = got[i][:len(expected)]
+            if any(isinstance(t, str) for t in mine):  # a server's tokens as their text: compare them so
+                expected = [tokenizer.decode([t]) for t in expected]
             first = next((j for j, (a, b) in enumerate(zip(expected, mine)) if a != b),
                          None if len(mine) == len(expected) else len(mine))
             row.update(tokens=len(expected), agreement=1.0 if first is None else first / max(len(expected), 1),
@@ -355,10 +427,17 @@ def compare(reference: Reference, artefact: Artefact, tokenizer) -> list[dict[st
                        max_logit_diff=(a - b).abs().max().item())
         row["first_divergence"] = first
         if first is not None:
-            row["reference_token"] = tokenizer.decode(ours[first:first + 1]) if first < len(ours) else ""
-            row["artefact_token"] = tokenizer.decode(theirs[first:first + 1]) if first < len(theirs) else "<end>"
+            row["reference_token"] = _shown(tokenizer, ours, first, "")
+            row["artefact_token"] = _shown(tokenizer, theirs, first, "<end>")
         rows.append(row)
     return rows
+
+
+def _shown(tokenizer, tokens: list, at: int, past_end: str) -> str:
+    """Token ``at`` of ``tokens`` (ids, or already text) as text."""
+    if at >= len(tokens):
+        return past_end
+    return tokens[at] if isinstance(tokens[at], str) else tokenizer.decode(tokens[at:at + 1])
 
 
 def check_tokenizer(tokenizer, artefact: Artefact) -> dict[str, Any] | None:
@@ -390,18 +469,38 @@ def check_tokenizer(tokenizer, artefact: Artefact) -> dict[str, Any] | None:
     return result
 
 
-def summarise(rows: list[dict[str, Any]], artefact: Artefact, tokenizer_check: dict[str, Any] | None,
-              prompt_source: str) -> dict[str, Any]:
-    key, threshold = threshold_for(artefact.precision)
+def _totals(rows: list[dict[str, Any]]) -> tuple[int, float, float | None]:
+    """(positions, greedy agreement, mean KL or None) over all prompts, weighted by tokens."""
     positions = sum(r["tokens"] for r in rows)
     agreement = sum(r["agreement"] * r["tokens"] for r in rows) / max(positions, 1)
     measured_kl = [r for r in rows if r["mean_kl"] is not None]
     mean_kl = (sum(r["mean_kl"] * r["tokens"] for r in measured_kl) / max(positions, 1)) if measured_kl else None
+    return positions, agreement, mean_kl
+
+
+def summarise(rows: list[dict[str, Any]], artefact: Artefact, tokenizer_check: dict[str, Any] | None,
+              prompt_source: str, reference_quant: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report. ``reference_quant`` (``reference_quantisation``'s result): an artefact that misses the published
+    threshold still passes within REFERENCE_KL_FACTOR / REFERENCE_AGREEMENT_MARGIN of llama.cpp's own quantisation."""
+    key, threshold = threshold_for(artefact.precision)
+    positions, agreement, mean_kl = _totals(rows)
+    measured_kl = [r for r in rows if r["mean_kl"] is not None]
     failures = []
     if agreement < threshold.min_agreement:
         failures.append(f"greedy agreement {agreement:.2%} < {threshold.min_agreement:.2%}")
     if mean_kl is not None and threshold.max_kl is not None and mean_kl > threshold.max_kl:
         failures.append(f"mean KL {mean_kl:.3g} > {threshold.max_kl:.3g}")
+    judged_by = "threshold"
+    if failures and reference_quant is not None and mean_kl is not None:
+        ref_agreement, ref_kl = reference_quant["agreement"], reference_quant["mean_kl"]
+        failures = []
+        if agreement < ref_agreement - REFERENCE_AGREEMENT_MARGIN:
+            failures.append(f"greedy agreement {agreement:.2%} < llama.cpp's own {key} of this model "
+                            f"({ref_agreement:.2%}) - {REFERENCE_AGREEMENT_MARGIN:.0%}")
+        if mean_kl > REFERENCE_KL_FACTOR * ref_kl:
+            failures.append(f"mean KL {mean_kl:.3g} > {REFERENCE_KL_FACTOR} x llama.cpp's own {key} of this model "
+                            f"({ref_kl:.3g})")
+        judged_by = "reference quantisation"
     if tokenizer_check is not None and not tokenizer_check["ok"]:
         failures.append("tokenizer differs from transformers")
     diverged = sorted((r["first_divergence"], i) for i, r in enumerate(rows) if r["first_divergence"] is not None)
@@ -417,7 +516,8 @@ def summarise(rows: list[dict[str, Any]], artefact: Artefact, tokenizer_check: d
         "tokens": positions, "agreement": agreement, "mean_kl": mean_kl,
         "max_kl": max((r["max_kl"] for r in measured_kl), default=None),
         "max_logit_diff": max((r["max_logit_diff"] for r in measured_kl), default=None),
-        "passed": not failures, "failures": failures, "first_divergence": first,
+        "passed": not failures, "failures": failures, "judged_by": judged_by, "reference_quantisation": reference_quant,
+        "first_divergence": first,
         "diverged_prompts": [i for _, i in diverged], "tokenizer": tokenizer_check, "notes": artefact.notes,
         "per_prompt": rows,
     }
@@ -441,6 +541,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"all  agreement {summary['agreement']:.2%} (>= {t['min_agreement']:.2%}), mean KL "
                  f"{num(summary['mean_kl'], '.3g')} (<= {num(t['max_kl'], '.3g')}), max |dlogit| "
                  f"{num(summary['max_logit_diff'], '.3g')}  [{t['key']}: {t['source']}]")
+    ref = summary.get("reference_quantisation")
+    if ref is not None:
+        lines.append(f"below the published threshold, so judged against llama.cpp's own {t['key']} of this model "
+                     f"({ref['how']}): agreement {ref['agreement']:.2%}, mean KL {ref['mean_kl']:.3g} (pass: KL <= "
+                     f"{REFERENCE_KL_FACTOR} x, agreement >= it - {REFERENCE_AGREEMENT_MARGIN:.0%})")
     tok = summary["tokenizer"]
     if tok is not None:
         parts = []
@@ -473,10 +578,12 @@ def format_summary(summary: dict[str, Any]) -> str:
 def verify(run: str | Path, against: str, *, model: str | None = None, device: str | None = None,
            n_prompts: int = N_PROMPTS, max_new_tokens: int = MAX_NEW_TOKENS, precision: str | None = None,
            served_model: str | None = None, api_key: str | None = None, output: str | Path | None = None,
-           write: bool = True) -> dict[str, Any]:
+           write: bool = True, calibrate: bool = True) -> dict[str, Any]:
     """Compare ``against`` (see the module docstring) with the run's float32 base + adapter; returns the summary and,
     with ``write``, saves it as JSON: ``output``, else beside the artefact (``FILE.verify.json`` for a GGUF,
-    ``DIR/verify.json`` for a folder). A server or the in-memory merge has no place of its own: only ``output``."""
+    ``DIR/verify.json`` for a folder). A server or the in-memory merge has no place of its own: only ``output``.
+    ``calibrate``: a quantised GGUF run by llama.cpp that misses ``THRESHOLDS`` is judged against llama.cpp's own
+    quantisation of the run instead (``reference_quantisation``; it costs an f32 GGUF in a temporary folder)."""
     run = Path(run)
     kind, _, where = against.partition(":")
     if kind not in ("merged", "gguf", "vllm", "serve") or (kind != "merged" and not where):
@@ -508,7 +615,14 @@ def verify(run: str | Path, against: str, *, model: str | None = None, device: s
     if precision and kind in ("merged", "gguf"):
         artefact.precision = precision
     rows = compare(reference, artefact, tokenizer)
-    summary = summarise(rows, artefact, check_tokenizer(tokenizer, artefact), prompt_source)
+    tokenizer_check = check_tokenizer(tokenizer, artefact)
+    summary = summarise(rows, artefact, tokenizer_check, prompt_source)
+    if (not summary["passed"] and kind == "gguf" and calibrate and artefact.runtime.startswith("llama.cpp")
+            and threshold_for(artefact.precision)[0] not in UNQUANTISED):
+        # Out of the published threshold's reach, or a worse quantisation than llama.cpp's own? Make llama.cpp's.
+        reference_quant = reference_quantisation(run, model, device, Path(where), reference, tokenizer, n_ctx)
+        if reference_quant is not None:
+            summary = summarise(rows, artefact, tokenizer_check, prompt_source, reference_quant)
     summary["run"], summary["base_model"] = str(run), model_name
     target = Path(output) if output is not None else artefact.report_path
     if write and target is not None:
