@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from tuneforge.cli import main
 
@@ -37,7 +38,12 @@ def test_the_readme_demo_block_is_what_the_demo_prints(tmp_path, capsys):
     except ModelNotFoundError as e:
         pytest.skip(str(e))
     (loss_before, loss_after), (em_before, em_after) = quoted((ROOT / "README.md").read_text())
-    assert main(["train", "--output", str(tmp_path / "demo"), "--progress", "false"]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # as `tuneforge train` runs (conftest pins one thread for the tiny models)
+    try:
+        assert main(["train", "--output", str(tmp_path / "demo"), "--progress", "false"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     (got_loss_before, got_loss_after), (got_em_before, got_em_after) = quoted(capsys.readouterr().out)
     # The same arithmetic gives the same digits; another CPU's kernels (AVX2 / AVX512, a bf16 base where the CPU has
     # bf16 instructions) may move the last ones, and at most one of the 64 held-out answers.
