@@ -137,6 +137,17 @@ def tiny_model_dir(tmp_path_factory, tokenizer_source) -> Path:
     return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), "llama", copy.deepcopy(tokenizer_source))
 
 
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    """A non-trivial LoRA adapter (random B) on the tiny model directory, recording that base."""
+    import tuneforge
+
+    model, _ = tuneforge.load_model(str(tiny_model_dir), device="cpu")
+    torch.manual_seed(0)
+    handle = tuneforge.attach(model, tuneforge.LoRAConfig(r=4, init_lora_weights=False))
+    return handle.save(tmp_path_factory.mktemp("adapter"), base_model_name_or_path=str(tiny_model_dir))
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

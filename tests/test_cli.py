@@ -26,15 +26,6 @@ from tuneforge.data.formats import load_examples
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir, tmp_path_factory):
-    """A non-trivial LoRA adapter (random B) on the tiny model directory, recording that base."""
-    model, _ = tuneforge.load_model(str(tiny_model_dir), device="cpu")
-    torch.manual_seed(0)
-    handle = tuneforge.attach(model, tuneforge.LoRAConfig(r=4, init_lora_weights=False))
-    return handle.save(tmp_path_factory.mktemp("adapter"), base_model_name_or_path=str(tiny_model_dir))
-
-
 def run(capsys, *argv) -> tuple[int, str, str]:
     rc = main([str(a) for a in argv])
     out, err = capsys.readouterr()

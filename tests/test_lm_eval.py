@@ -170,14 +170,6 @@ def test_an_unknown_lm_eval_name_is_refused_with_close_matches():
         Benchmarks("hellaswg")
 
 
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir, tmp_path_factory):
-    model, _ = tuneforge.load_model(str(tiny_model_dir), device="cpu")
-    torch.manual_seed(0)
-    handle = tuneforge.attach(model, tuneforge.LoRAConfig(r=4, init_lora_weights=False))
-    return handle.save(tmp_path_factory.mktemp("adapter"), base_model_name_or_path=str(tiny_model_dir))
-
-
 def test_eval_tasks_cli_json_and_table(tmp_path, tiny_model_dir, adapter_dir, capsys):
     task = write_task(tmp_path / "tasks", "tiny_mc", MC_YAML, mc_rows())
     argv = ["eval", "--adapter", str(adapter_dir), "--tasks", str(task), "--limit", "5", "--device", "cpu"]
