@@ -265,8 +265,8 @@ def gguf_runtime(request, monkeypatch):
 def test_the_embedded_models_gguf_passes(embedded_ggufs, gguf_runtime, dtype):
     """Measured on the 16 built-in prompts (374 answer tokens): f16 agrees 99.7-100% either way; q8_0 through
     transformers (weights de-quantised, activations float32) 97.06%, KL 0.0013, within the published 97%; q8_0 through
-    llama.cpp 95.72%, KL 0.0042, below it, and so does llama.cpp's own q8_0 of the model (byte-identical tensors): it passes
-    judged against that."""
+    llama.cpp 95.72%, KL 0.0042, below it, and so does llama.cpp's own q8_0 of the model (byte-identical tensors): it
+    passes judged against that."""
     run, paths = embedded_ggufs
     summary = verify(run, f"gguf:{paths[dtype]}", write=False)
     assert summary["passed"], summary["failures"]
