@@ -276,3 +276,59 @@ def test_lm_eval_local_completions_scores_as_the_model_does(server, direct, tiny
         got = [resp[0] for resp in sample["filtered_resps"]]
         assert got == pytest.approx(by_question[sample["doc"]["question"]], abs=1e-3)
     assert results["results"]["tiny_mc"]["acc,none"] == pytest.approx(correct / len(QUESTIONS))
+
+
+GEN_TASK = """task: tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 6
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
+
+@pytest.mark.slow
+def test_lm_eval_gives_the_same_numbers_through_the_server_and_in_process(server, tiny_model_dir, adapter_dirs,
+                                                                          mc_task, monkeypatch):
+    """One adapter, two ways (issue 22): lm-eval's `local-completions` against `tuneforge serve`, and
+    `tuneforge eval --tasks`'s in-process run (benchmarks.py) on the same base + adapter: the same log-likelihoods
+    for a multiple-choice task and the same greedy answers for a generation task."""
+    lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("tenacity")
+    from lm_eval.tasks import TaskManager
+
+    from tuneforge.benchmarks import Benchmarks
+
+    data = mc_task / "gen.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": c[a]}) + "\n" for q, c, a in QUESTIONS))
+    (mc_task / "tiny_gen.yaml").write_text(GEN_TASK.format(data=data))
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    served = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args=f"model=lora-a,base_url={server.url}/completions,tokenizer={tiny_model_dir},"
+                   "tokenizer_backend=huggingface,tokenized_requests=True,batch_size=4,max_retries=1",
+        tasks=["tiny_mc", "tiny_gen"], task_manager=TaskManager(include_path=str(mc_task)), log_samples=True,
+        num_fewshot=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+    model, tokenizer, _ = load_for_inference(str(tiny_model_dir), adapter_dirs["lora-a"])
+    local = Benchmarks([str(mc_task / "tiny_mc.yaml"), str(mc_task / "tiny_gen.yaml")], batch_size=4).run(
+        model, tokenizer, log_samples=True)
+
+    def responses(run, task):
+        return [s["filtered_resps"] for s in sorted(run["samples"][task], key=lambda s: s["doc_id"])]
+
+    for got, want in zip(responses(served, "tiny_mc"), responses(local, "tiny_mc"), strict=True):
+        assert [r[0] for r in got] == pytest.approx([r[0] for r in want], abs=1e-3)
+    assert responses(served, "tiny_gen") == responses(local, "tiny_gen")
+    assert any(doc[0] for doc in responses(local, "tiny_gen"))  # answers were generated, not all cut at once
+    for task, metric in (("tiny_mc", "acc,none"), ("tiny_gen", "exact_match,none")):
+        assert served["results"][task][metric] == pytest.approx(local["results"][task][metric]), task
