@@ -63,6 +63,14 @@ def hang_up_mid_body(server) -> None:
         sock.sendall(b'{"model": "base", "prompt": "')  # and gone
 
 
+def hold_a_slot(server, seconds: float) -> str:
+    """A request for a long answer whose client gives up after ``seconds`` (the server then cancels it)."""
+    try:
+        return f"answered {completion(server, timeout=seconds, max_tokens=20000).status_code}"
+    except httpx.TimeoutException:
+        return "gave up"
+
+
 def flood_one(server, i: int) -> int:
     """One request of a flood, through httpx or the official client; its status."""
     if i % 2:
@@ -132,9 +140,20 @@ def test_faults_cost_an_honest_client_seconds_and_the_server_bounded_memory(serv
         assert time.monotonic() - started < 2
         for future in slow:
             assert future.result(timeout=15).startswith(b"HTTP/1.1 408")
-        # A flood: beyond 2 running + 4 waiting, 429 at once.
+        # A flood while every slot is held: long answers, one after another, until a batch runs and --max-queue (4)
+        # wait behind it (their clients give up after 8 s, which cancels them); then each of the 24 requests that
+        # come is refused at once. (A flood of short answers made the count of 429s a race with finished batches.)
+        held = []
+        for _ in range(7):
+            held.append(pool.submit(hold_a_slot, server, 8.0))
+            time.sleep(0.2)
+        time.sleep(0.5)
+        started = time.monotonic()
         flood = list(pool.map(lambda i: flood_one(server, i), range(24)))
-    assert set(flood) <= {200, 429} and flood.count(429) >= 10 and 200 in flood, flood
+        refused_within = time.monotonic() - started
+        outcomes = [future.result(timeout=30) for future in held]
+    assert set(outcomes) <= {"gave up", "answered 429"} and outcomes.count("gave up") >= 5, outcomes
+    assert flood == [429] * 24 and refused_within < 6, (flood, refused_within)
     assert_honest_requests_answer_quickly(server)
     growth = server.rss_bytes() - baseline
     assert growth < 200 * MiB, f"the server grew by {growth / MiB:.0f} MiB"
