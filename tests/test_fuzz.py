@@ -18,7 +18,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tuneforge.cli import parse_overrides, parse_value
+from tuneforge.flags import parse_overrides, parse_value
 from tuneforge.config import RunConfig, load_config
 from tuneforge.data.formats import FORMATS, Example, detect_format, load_examples, normalise
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 
 from .errors import ConfigError, TuneforgeError
-from .flags import parse_overrides, parse_value  # noqa: F401 (parse_value: part of the CLI's API)
+from .flags import parse_overrides
 from .outputs import check_output, staged_file
 
 # Only light modules above: torch, transformers, datasets and matplotlib are imported by the commands that use them,

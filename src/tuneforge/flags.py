@@ -1,8 +1,6 @@
-"""``--key value`` command-line flags as config values, for the commands that pass flags on to ``tuneforge train``
-(``compare`` splits them per method and builds each method's config from them before anything trains).
-
-The same rules as ``tuneforge.cli.parse_value`` / ``parse_overrides``, in a library module: a library module may
-not import the CLI (tests/test_layers.py), and the compare needs them.
+"""``--key value`` command-line flags as config values: how `tuneforge train` reads its flags (``cli.py``) and how the
+commands that pass flags on to it read them (``compare`` splits them per method and builds each method's config
+before anything trains). A library module, so that compare need not import the CLI (tests/test_layers.py).
 """
 
 from __future__ import annotations

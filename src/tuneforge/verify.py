@@ -34,7 +34,8 @@ from typing import Any, Callable, Sequence
 import torch
 import yaml
 
-from .data.formats import Example, load_examples
+from .data.bundled import bundled_file
+from .data.formats import load_prompts
 from .data.template import prompt_ids
 from .generate import generate_ids, stop_token_ids
 from .gguf_pretokenizer import pretokenizer_name
@@ -144,25 +145,17 @@ def held_out_prompts(run: str | Path, limit: int = N_PROMPTS) -> tuple[list[list
         config = yaml.safe_load(config_file.read_text()) or {}
         if config.get("eval_data"):
             source = config["eval_data"]
-        elif "data" in config and config["data"] is None:  # the bundled demo: its held-out split
-            source = str(Path(__file__).parent / "assets" / "demo" / "eval.jsonl")
+        elif "data" in config and config["data"] in (None, "demo"):  # the bundled demo: its held-out split
+            source = str(bundled_file("demo:eval"))
     if source and Path(source).is_file():
-        try:
-            prompts = [p for p in map(_prompt_of, load_examples(source, limit=4 * limit)) if p][:limit]
+        try:  # the same reading of "the prompt of a record" as `tuneforge generate --data`
+            prompts = [example.messages for example in load_prompts(source)][:limit]
         except ValueError as e:
             log.warning("verify: could not read the run's eval data %s (%s); using the built-in prompts", source, e)
             prompts = []
         if prompts:
             return prompts, str(source)
     return [[{"role": "user", "content": p}] for p in BUILTIN_PROMPTS[:limit]], "built-in prompts"
-
-
-def _prompt_of(example: Example) -> list[dict] | None:
-    """The prompt part of a record: a chat's messages before its final answer, a prompt record's messages."""
-    messages = list(example.messages)
-    if messages and messages[-1]["role"] == "assistant":
-        messages = messages[:-1]
-    return messages or None
 
 
 @dataclasses.dataclass
