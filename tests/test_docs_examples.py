@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_model, train_and_reload, write_jsonl
-from tuneforge.cli import main
+from tuneforge.commands.main import main
 from tuneforge.data.formats import normalise
 from tuneforge.data.template import ensure_chat_template
 from tuneforge.methods.base import METHODS

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from tuneforge.objectives.base import ObjectiveConfig, PairObjective, TrainContext, register
-from tuneforge.objectives.logprobs import sequence_logps
+from tuneforge.models.logprobs import sequence_logps
 
 
 @dataclasses.dataclass

@@ -19,7 +19,7 @@ WIDTH = "110"  # argparse wraps help to $COLUMNS: a fixed width gives the same p
 
 
 def entry_point_parser(root: Path) -> argparse.ArgumentParser:
-    """``build_parser()`` of the module behind ``[project.scripts] tuneforge`` (e.g. ``tuneforge.cli:main``)."""
+    """``build_parser()`` of the module behind ``[project.scripts] tuneforge`` (``tuneforge.commands.main:main``)."""
     scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
     module = importlib.import_module(scripts["tuneforge"].split(":")[0])
     return module.build_parser()
