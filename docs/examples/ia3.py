@@ -16,18 +16,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from tuneforge.methods.base import (
-    Method,
-    MethodConfig,
-    MethodHandle,
-    Switchable,
-    find_target_modules,
-    freeze,
-    in_out_features,
-    register,
-    short_target_names,
-    wrap_modules,
-)
+from tuneforge.methods.base import (Method, MethodConfig, MethodHandle, Switchable, find_target_modules, freeze,
+                                    in_out_features, register, short_target_names, wrap_modules)
 
 
 @dataclasses.dataclass
