@@ -1,6 +1,6 @@
 """Pinned training trajectories: the exact per-step metrics of short deterministic runs, one per objective (SFT,
-pretraining, reward modelling, DPO, PPO, GRPO, ORPO, SimPO, KTO) and one per method family (LoRA, full, prompt tuning, prefix tuning),
-through the public entry point ``tuneforge.train``.
+pretraining, reward modelling, DPO, PPO, GRPO, ORPO, SimPO, KTO) and one per method family (LoRA, full, prompt
+tuning, prefix tuning), through the public entry point ``tuneforge.train``.
 
 These are regression pins, not claims about good training: they fail on any change that alters what the trainer
 computes — loss normalisation, gradient accumulation, clipping, the optimiser or schedule, data order, reference

@@ -40,7 +40,6 @@ from .base import (
 class LoRAConfig(MethodConfig):
     """Options of LoRA (names as in the paper and PEFT)."""
 
-    method: ClassVar[str] = "lora"
     option_aliases: ClassVar[dict[str, str]] = {"init": "init_lora_weights"}
 
     r: int = 8

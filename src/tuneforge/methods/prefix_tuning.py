@@ -41,7 +41,6 @@ _ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attent
 class PrefixTuningConfig(MethodConfig):
     """Options of Prefix Tuning (names as in PEFT's ``PrefixTuningConfig``)."""
 
-    method: ClassVar[str] = "prefix_tuning"
     default_prefix_init: ClassVar[str] = "random"
 
     num_virtual_tokens: int = 20

@@ -27,7 +27,7 @@ class ObjectiveConfig(Options):
     """Base class of an objective's options: a dataclass with one documented field per option."""
 
     kind: ClassVar[str] = "objective"
-    objective: ClassVar[str] = ""
+    objective: ClassVar[str] = ""  # the registered objective's name, set when it registers (registry.py)
 
     max_length_policy: str = "drop"
     """What to do with records longer than max_length: drop, truncate or error (always counted and reported)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class DPOConfig(ObjectiveConfig):
     """Options of DPO (names as in TRL's DPOConfig)."""
-
-    objective: ClassVar[str] = "dpo"
 
     beta: float = 0.1
     """Strength of the pull towards the reference: larger β keeps the policy closer to it (0.1 is the paper's)."""

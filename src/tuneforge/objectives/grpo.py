@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -53,8 +53,6 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 @dataclasses.dataclass
 class GRPOConfig(ObjectiveConfig):
     """Options of GRPO (names and meanings as in TRL's GRPOConfig)."""
-
-    objective: ClassVar[str] = "grpo"
 
     reward_functions: str | RewardFunction | list[str | RewardFunction] | None = None
     """One or more ``module:function`` / ``path/file.py:function`` rewards, each called as

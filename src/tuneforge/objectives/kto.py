@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -34,8 +34,6 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class KTOConfig(ObjectiveConfig):
     """Options of KTO (names as in TRL's KTOConfig)."""
-
-    objective: ClassVar[str] = "kto"
 
     beta: float = 0.1
     """Strength of the pull towards the reference: larger β keeps the policy closer to it."""

@@ -10,7 +10,6 @@ cross-entropy of the chosen responses (TRL's ORPOTrainer also counts the prompt'
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +22,6 @@ from .logprobs import chosen_nll, response_lengths, sequence_logps
 @dataclasses.dataclass
 class ORPOConfig(ObjectiveConfig):
     """Options of ORPO (names as in TRL's ORPOConfig)."""
-
-    objective: ClassVar[str] = "orpo"
 
     beta: float = 0.1
     """λ, the weight of the odds-ratio term beside the chosen answers' NLL (the paper's 0.1)."""

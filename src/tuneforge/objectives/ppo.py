@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,8 +47,6 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class PPOConfig(ObjectiveConfig):
     """Options of PPO (names as in TRL's PPOConfig where it has them)."""
-
-    objective: ClassVar[str] = "ppo"
 
     reward_model: str | None = None
     """Run directory of a tuneforge reward model (objective: reward) that scores completions."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +38,6 @@ REWARD_HEAD_NAME = "reward_head.safetensors"
 @dataclasses.dataclass
 class RewardConfig(ObjectiveConfig):
     """Options of reward modelling (names as in TRL's RewardConfig)."""
-
-    objective: ClassVar[str] = "reward"
 
     center_rewards_coefficient: float | None = None
     """Adds coefficient x mean((r_chosen + r_rejected)^2) to the loss, pulling rewards towards zero mean so

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import ClassVar
 
 from ..data.batching import apply_max_length
 from ..data.formats import Example, examples_of_kind
@@ -22,8 +21,6 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class SFTConfig(ObjectiveConfig):
     """Options of supervised fine-tuning."""
-
-    objective: ClassVar[str] = "sft"
 
     train_on_prompt: bool = False
     """Also put loss on the prompt, system and user tokens (default: the assistant's answers only)."""

@@ -9,7 +9,6 @@ is TRL's CPOTrainer with ``loss_type="simpo"`` (trl.experimental.cpo in trl 1.16
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +21,6 @@ from .logprobs import response_lengths, sequence_logps
 @dataclasses.dataclass
 class SimPOConfig(ObjectiveConfig):
     """Options of SimPO (TRL's CPOConfig names: beta, simpo_gamma here ``gamma``, label_smoothing)."""
-
-    objective: ClassVar[str] = "simpo"
 
     beta: float = 2.0
     """Scale of the length-normalised reward; the paper uses 2.0-2.5 (larger: sharper preference)."""
