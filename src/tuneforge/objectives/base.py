@@ -129,6 +129,16 @@ class Objective:
     def setup(self, model: nn.Module, ctx: TrainContext) -> None:
         """Called once before training (e.g. DPO precomputes reference log-probs here)."""
 
+    # -- evaluation on held-out batches: the training loss, unless an objective scores them otherwise ----------
+    def evaluation_loss(self, model: nn.Module, batch: dict[str, Any], ctx: TrainContext
+                        ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The loss sum and metric sums of a held-out batch (an online objective scores greedy completions)."""
+        return self.loss(model, batch, ctx)
+
+    def evaluation_units(self, batch: dict[str, Any]) -> int:
+        """What ``evaluation_loss`` sums over (the trainer divides by it)."""
+        return self.units(batch)
+
     # -- online objectives (PPO): a rollout phase that feeds several optimiser steps ---------------------------
     def optimizer_steps_per_batch(self) -> int:
         """Optimiser steps one batch of examples becomes (the trainer sizes the run with it)."""
