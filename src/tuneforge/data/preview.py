@@ -14,7 +14,7 @@ def preview(path: str, model_name: str | None = None, index: int = 0, data_forma
 
     ``as_text``: every token is supervised, as an objective that trains on plain text (pretraining) sees it; a
     text record is always shown so."""
-    from ..models import DEFAULT_MODEL, load_tokenizer
+    from ..models.loading import DEFAULT_MODEL, load_tokenizer
 
     tokenizer = load_tokenizer(model_name or DEFAULT_MODEL)
     ensure_chat_template(tokenizer, override=chat_template)

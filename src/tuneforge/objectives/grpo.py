@@ -33,8 +33,8 @@ from torch import nn
 from ..data.batching import pad_batch, to_device
 from ..data.preference import PromptItem
 from ..data.template import IGNORE_INDEX, Tokenized
+from ..models.logprobs import supervised_positions, target_token_logps
 from .base import ObjectiveConfig, TrainContext, register
-from .logprobs import supervised_positions, target_token_logps
 from .online import OnlineObjective
 from .rollouts import RewardFunction, call_reward_function, load_reward_function
 

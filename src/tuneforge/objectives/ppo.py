@@ -29,8 +29,8 @@ from torch import nn
 from ..data.batching import pad_batch, to_device
 from ..data.preference import PromptItem
 from ..data.template import IGNORE_INDEX, Tokenized
+from ..models.logprobs import action_outputs, target_token_logps, token_logps
 from .base import ObjectiveConfig, TrainContext, register
-from .logprobs import action_outputs, target_token_logps, token_logps
 from .online import OnlineObjective
 from .rollouts import (  # noqa: F401  (load_reward_function / call_reward_function: importable from here too)
     RewardFunction,
