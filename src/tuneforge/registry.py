@@ -8,11 +8,19 @@ objective goes through here, so an alias works everywhere the name does.
 from __future__ import annotations
 
 import importlib
-from typing import Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from .options import option_names
 
-T = TypeVar("T")
+class Registrable(Protocol):
+    """What a registered class declares (``Method`` and ``Objective`` do)."""
+
+    name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]]
+    config_class: ClassVar[type[Any]]
+
+
+T = TypeVar("T", bound=Registrable)
 
 
 def canonical(name: str) -> str:
@@ -34,7 +42,7 @@ class Registry(Generic[T]):
         self._name_config(cls)
         return cls
 
-    def _name_config(self, cls: type) -> None:
+    def _name_config(self, cls: type[T]) -> None:
         """The class's name is declared once, on the class: its config class learns it here, as the attribute named
         after this registry's kind (``LoRAConfig.method == "lora"``), for messages and for finding a config's owner."""
         config = cls.config_class

@@ -21,6 +21,10 @@ from ..options import Options
 from ..registry import Registry
 
 
+# What ``loss`` returns beside the loss: metric sums, as floats or detached 0-d tensors (the trainer adds tensors up on
+# the device and reads them once per optimiser step).
+Metrics = dict[str, float | torch.Tensor]
+
 
 @dataclasses.dataclass
 class ObjectiveConfig(Options):
@@ -121,7 +125,7 @@ class Objective:
         raise NotImplementedError
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: TrainContext
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+             ) -> tuple[torch.Tensor, Metrics]:
         """The loss summed over the batch's units, and metric sums. Metrics may be detached 0-d tensors: the
         trainer adds them up on the device and reads them once per optimiser step, so no metric forces a sync."""
         raise NotImplementedError
@@ -131,7 +135,7 @@ class Objective:
 
     # -- evaluation on held-out batches: the training loss, unless an objective scores them otherwise ----------
     def evaluation_loss(self, model: nn.Module, batch: dict[str, Any], ctx: TrainContext
-                        ) -> tuple[torch.Tensor, dict[str, Any]]:
+                        ) -> tuple[torch.Tensor, Metrics]:
         """The loss sum and metric sums of a held-out batch (an online objective scores greedy completions)."""
         return self.loss(model, batch, ctx)
 
@@ -195,7 +199,7 @@ class NextTokenObjective(Objective):
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: TrainContext
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+             ) -> tuple[torch.Tensor, Metrics]:
         from ..models.logprobs import token_cross_entropy_sum
 
         loss_sum, _ = token_cross_entropy_sum(model, batch)

@@ -34,36 +34,25 @@ from ..data.batching import pad_batch, to_device
 from ..data.preference import PromptItem
 from ..data.template import IGNORE_INDEX, Tokenized
 from ..models.logprobs import supervised_positions, target_token_logps
-from .base import ObjectiveConfig, TrainContext, register
-from .online import OnlineObjective
+from .base import Metrics, TrainContext, register
+from .online import OnlineConfig, OnlineObjective
 from .rollouts import RewardFunction, call_reward_function, load_reward_function
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 @dataclasses.dataclass
-class GRPOConfig(ObjectiveConfig):
-    """Options of GRPO (names and meanings as in TRL's GRPOConfig)."""
+class GRPOConfig(OnlineConfig):
+    """Options of GRPO (names and meanings as in TRL's GRPOConfig), besides the rollout options every online
+    objective has (``OnlineConfig``)."""
 
     reward_functions: str | RewardFunction | list[str | RewardFunction] | None = None
     """One or more ``module:function`` / ``path/file.py:function`` rewards, each called as
     ``f(prompts, completions, **record_fields) -> list[float]`` (a callable in Python)."""
-    reward_model: str | None = None
-    """Run directory of a tuneforge reward model (objective: reward) that scores completions, after the functions."""
-    reward_model_base: str | None = None
-    """Base model of ``reward_model``; default: the one named in its adapter_config.json."""
     reward_weights: list[float] | None = None
     """Weight of each reward source (functions in order, then the reward model); default: 1 each."""
     num_generations: int = 8
     """Completions sampled per prompt (G): the group whose mean is each completion's baseline."""
-    max_new_tokens: int = 64
-    """Longest completion sampled (TRL's max_completion_length; dr_grpo divides by it)."""
-    temperature: float = 1.0
-    """Sampling temperature of rollouts; 1.0 samples the policy itself, which the importance ratios assume."""
-    top_k: int = 0
-    """Sample only among the k likeliest tokens; 0 disables."""
-    top_p: float = 1.0
-    """Nucleus sampling mass; 1.0 disables."""
     beta: float = 0.04
     """Weight of the per-token KL to the reference (the paper's 0.04; 0 skips the reference forward entirely)."""
     epsilon: float = 0.2
@@ -78,14 +67,8 @@ class GRPOConfig(ObjectiveConfig):
     recommends: the std gives too easy or too hard prompts more weight)."""
     num_iterations: int = 1
     """Passes over each rollout (GRPO's μ); above 1 the ratio π/π_old moves away from 1 and clipping matters."""
-    num_mini_batches: int = 1
-    """Optimiser steps per pass over a rollout."""
-    micro_batch_size: int | None = None
-    """Completions per forward pass when optimising (gradients accumulate over a mini-batch); default: all."""
     mask_truncated_completions: bool = False
     """Completions cut at max_new_tokens get no loss (DAPO): their reward judges an unfinished answer."""
-    disable_dropout: bool = True
-    """Turn off dropout, so sampling-time and training-time log-probs agree (ratio 1 at the first step)."""
 
     def __post_init__(self):
         if isinstance(self.scale_rewards, bool) or self.scale_rewards is None:  # TRL's True / False; YAML's none
@@ -140,6 +123,7 @@ def grpo_token_losses(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: t
     stats = {"clip_ratio/low": ((ratio < 1 - epsilon_low) & (advantages < 0)).float(),
              "clip_ratio/high": ((ratio > 1 + epsilon_high) & (advantages > 0)).float()}
     if beta != 0.0:
+        assert ref_logps is not None, "a KL term (beta > 0) needs the reference's log-probs"
         delta = ref_logps - logps
         kl = torch.exp(delta) - delta - 1  # k3: unbiased, non-negative estimate of KL(π || π_ref)
         losses = losses + beta * kl
@@ -176,7 +160,9 @@ class GRPO(OnlineObjective):
 
     def __init__(self, tokenizer, options: dict[str, Any] | None = None):
         super().__init__(tokenizer, options)
-        self.reward_functions = [load_reward_function(f) for f in self.config.reward_functions or []]
+        functions = self.config.reward_functions or []
+        assert isinstance(functions, list)  # GRPOConfig.__post_init__ puts a single function in a list
+        self.reward_functions = [load_reward_function(f) for f in functions]
 
     def units(self, batch: dict[str, Any]) -> int:
         # A step whose completions were all masked (truncated) has no token: 1, as TRL clamps its normaliser.
@@ -252,7 +238,7 @@ class GRPO(OnlineObjective):
 
     # -- loss -------------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: dict[str, Any], ctx: TrainContext
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+             ) -> tuple[torch.Tensor, Metrics]:
         c = self.config
         keep = supervised_positions(batch["labels"])
         logps = target_token_logps(model, batch)  # the projection fused with the loss for large batches
@@ -265,6 +251,6 @@ class GRPO(OnlineObjective):
         units = self.units(batch)
         tokens = max(int(keep.sum()), 1)
         # Metrics travel as sums the trainer divides by the step's units: token means are scaled to units.
-        metrics = {"loss": loss.detach(), **{k: v.sum() * units / tokens for k, v in stats.items()}}
+        metrics: Metrics = {"loss": loss.detach(), **{k: v.sum() * units / tokens for k, v in stats.items()}}
         metrics.update({k: v * units for k, v in batch["rollout_stats"].items()})
         return loss, metrics

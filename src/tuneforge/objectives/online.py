@@ -10,6 +10,7 @@ passes it makes over a rollout (``rollout_passes``) and how completions are rewa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, ClassVar
 
@@ -18,15 +19,41 @@ from torch import nn
 
 from ..data.formats import Example, examples_of_kind
 from ..data.preference import PromptItem, prompts_within, tokenize_prompt
-from .base import Objective, TrainContext, disable_dropout
+from .base import Metrics, Objective, ObjectiveConfig, TrainContext, disable_dropout
 from .rollouts import optimizer_steps, sample_completions
 
 PROMPTS = "items"  # a collated batch of prompts: {PROMPTS: [PromptItem, ...]}; the rollout pads them itself
 
 
+@dataclasses.dataclass
+class OnlineConfig(ObjectiveConfig):
+    """The rollout options of every online objective (names as in TRL)."""
+
+    reward_model: str | None = None
+    """Run directory of a tuneforge reward model (objective: reward) that scores completions (GRPO: after its reward
+    functions)."""
+    reward_model_base: str | None = None
+    """Base model of ``reward_model``; default: the one named in its adapter_config.json."""
+    max_new_tokens: int = 64
+    """Longest completion sampled per prompt (TRL's max_completion_length; GRPO's dr_grpo divides by it)."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts; 1.0 samples the policy itself, which the importance ratios assume."""
+    top_k: int = 0
+    """Sample only among the k likeliest tokens; 0 disables."""
+    top_p: float = 1.0
+    """Nucleus sampling mass; 1.0 disables."""
+    num_mini_batches: int = 1
+    """Mini-batches (= optimiser steps) per pass over a rollout."""
+    micro_batch_size: int | None = None
+    """Sequences per forward pass when optimising (gradients accumulate over a mini-batch); default: all."""
+    disable_dropout: bool = True
+    """Turn off dropout, so sampling-time and training-time log-probs agree (ratio 1 at the first step), as TRL does."""
+
+
 class OnlineObjective(Objective):
-    """Base of PPO and GRPO. Its config has reward_model, reward_model_base, max_new_tokens, temperature, top_k,
-    top_p, num_mini_batches, micro_batch_size and disable_dropout."""
+    """Base of PPO and GRPO; their configs extend ``OnlineConfig``."""
+
+    config: OnlineConfig
 
     kinds: ClassVar[tuple[str, ...]] = ("prompt", "preference")  # a preference record contributes its prompt
     needs_reference = True
@@ -109,7 +136,7 @@ class OnlineObjective(Objective):
     # -- evaluation: held-out prompts -----------------------------------------------------------------------
     @torch.no_grad()
     def evaluation_loss(self, model: nn.Module, batch: dict[str, Any], ctx: TrainContext | None = None
-                        ) -> tuple[torch.Tensor, dict[str, Any]]:
+                        ) -> tuple[torch.Tensor, Metrics]:
         """Greedy completions' summed reward, negated as a loss (lower is better)."""
         items = batch[PROMPTS]
         completions, stopped = self.sample(model, items, do_sample=False, ctx=ctx)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ObjectiveConfig, PairObjective, TrainContext, disable_dropout, register
+from .base import Metrics, ObjectiveConfig, PairObjective, TrainContext, disable_dropout, register
 from ..models.logprobs import chosen_nll, response_lengths, sequence_logps
 
 
@@ -53,13 +53,14 @@ class ORPO(PairObjective):
     aliases = ("odds_ratio_preference_optimization",)
     purpose = "ORPO"
     config_class = ORPOConfig
+    config: ORPOConfig
 
     def setup(self, model: nn.Module, ctx: TrainContext) -> None:
         if self.config.disable_dropout:
             disable_dropout(model)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: TrainContext
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+             ) -> tuple[torch.Tensor, Metrics]:
         logps = sequence_logps(model, batch)
         lengths = response_lengths(batch)
         chosen, rejected = logps.chunk(2)

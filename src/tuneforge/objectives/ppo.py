@@ -30,8 +30,8 @@ from ..data.batching import pad_batch, to_device
 from ..data.preference import PromptItem
 from ..data.template import IGNORE_INDEX, Tokenized
 from ..models.logprobs import action_outputs, target_token_logps, token_logps
-from .base import ObjectiveConfig, TrainContext, register
-from .online import OnlineObjective
+from .base import Metrics, TrainContext, register
+from .online import OnlineConfig, OnlineObjective
 from .rollouts import (  # noqa: F401  (load_reward_function / call_reward_function: importable from here too)
     RewardFunction,
     call_reward_function,
@@ -40,30 +40,15 @@ from .rollouts import (  # noqa: F401  (load_reward_function / call_reward_funct
 
 
 @dataclasses.dataclass
-class PPOConfig(ObjectiveConfig):
-    """Options of PPO (names as in TRL's PPOConfig where it has them)."""
+class PPOConfig(OnlineConfig):
+    """Options of PPO (names as in TRL's PPOConfig where it has them), besides the rollout options every online
+    objective has (``OnlineConfig``)."""
 
-    reward_model: str | None = None
-    """Run directory of a tuneforge reward model (objective: reward) that scores completions."""
-    reward_model_base: str | None = None
-    """Base model of ``reward_model``; default: the one named in its adapter_config.json."""
     reward_function: str | RewardFunction | None = None
     """Instead of a reward model, ``module:function`` or ``path/to/file.py:function`` called as
     ``f(prompts, completions, **record_fields) -> list[float]`` (verifiable rewards); a callable in Python."""
-    max_new_tokens: int = 64
-    """Longest completion sampled per prompt."""
-    temperature: float = 1.0
-    """Sampling temperature of rollouts; 1.0 samples the policy itself, which PPO's ratios assume."""
-    top_k: int = 0
-    """Sample only among the k likeliest tokens; 0 disables."""
-    top_p: float = 1.0
-    """Nucleus sampling mass; 1.0 disables."""
     num_ppo_epochs: int = 4
     """Optimisation passes over each rollout batch."""
-    num_mini_batches: int = 1
-    """Mini-batches (= optimiser steps) per pass over a rollout batch."""
-    micro_batch_size: int | None = None
-    """Sequences per forward pass when optimising (gradients accumulate over a mini-batch); default: all."""
     kl_coef: float = 0.05
     """Weight of the per-token KL penalty against the reference (the initial value when adaptive)."""
     adaptive_kl: bool = False
@@ -86,8 +71,6 @@ class PPOConfig(ObjectiveConfig):
     """Normalise advantages to zero mean and unit variance over each rollout batch."""
     missing_eos_penalty: float | None = None
     """Subtracted from the score of a completion cut at max_new_tokens, teaching the policy to finish."""
-    disable_dropout: bool = True
-    """Turn off dropout, so rollout log-probs and the first update's log-probs agree (ratio 1), as TRL does."""
 
     def __post_init__(self):
         if (self.reward_model is None) == (self.reward_function is None):
@@ -198,7 +181,9 @@ class PPO(OnlineObjective):
     def setup(self, model: nn.Module, ctx: TrainContext) -> None:
         if self.value_head is None:
             device = next(model.parameters()).device
-            self.value_head = ValueHead(model.get_input_embeddings().embedding_dim).to(device)
+            # transformers' get_input_embeddings reads as Tensor | Module on an nn.Module
+            embeddings = model.get_input_embeddings()  # type: ignore[operator]
+            self.value_head = ValueHead(embeddings.embedding_dim).to(device)
         super().setup(model, ctx)
 
     def extra_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -242,6 +227,7 @@ class PPO(OnlineObjective):
         batch = pad_batch([Tokenized(i.input_ids + ids, [IGNORE_INDEX] * len(i.input_ids) + ids, i.source)
                            for i, ids in zip(items, completions)], self.tokenizer.pad_token_id)
         batch = to_device(batch, device)
+        assert self.value_head is not None, "setup(model, ctx) sizes the value head"
         logits, targets, hidden, keep = action_outputs(model, batch)
         old_logps, values = token_logps(logits, targets), self.value_head(hidden)
         del logits
@@ -275,8 +261,9 @@ class PPO(OnlineObjective):
 
     # -- loss -------------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: dict[str, Any], ctx: TrainContext
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+             ) -> tuple[torch.Tensor, Metrics]:
         c = self.config
+        assert self.value_head is not None, "setup(model, ctx) sizes the value head"
         logits, targets, hidden, keep = action_outputs(model, batch)
         logps = token_logps(logits, targets)
         losses, stats = ppo_loss(logps, batch["old_logps"][keep], batch["advantages"][keep],
@@ -287,7 +274,8 @@ class PPO(OnlineObjective):
             entropy = torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
         loss = losses.sum()
         units = int(keep.sum())
-        metrics = {"loss": loss.detach(), "entropy": entropy.sum(), **{k: v.detach().sum() for k, v in stats.items()}}
+        metrics: Metrics = {"loss": loss.detach(), "entropy": entropy.sum(),
+                            **{k: v.detach().sum() for k, v in stats.items()}}
         # Rollout statistics are one number per step; the trainer divides metric sums by the step's units,
         # so they travel as value × units.
         metrics.update({k: v * units for k, v in batch["rollout_stats"].items()})

@@ -30,6 +30,7 @@ class Pretrain(NextTokenObjective):
     aliases = ("continued_pretraining", "clm", "causal_lm")
     kinds = ("text",)
     config_class = PretrainConfig
+    config: PretrainConfig
 
     def prepare(self, examples: list[Example], max_length: int, split: str = "train") -> list[Tokenized]:
         examples = examples_of_kind(examples, self.kinds, "continued pretraining")

@@ -32,6 +32,7 @@ class SFT(NextTokenObjective):
     aliases = ("instruction", "supervised")
     kinds = ("chat",)
     config_class = SFTConfig
+    config: SFTConfig
 
     def prepare(self, examples: list[Example], max_length: int, split: str = "train") -> list[Tokenized]:
         examples = examples_of_kind(examples, self.kinds, "supervised fine-tuning")

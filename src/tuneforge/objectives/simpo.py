@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ObjectiveConfig, PairObjective, TrainContext, disable_dropout, register
+from .base import Metrics, ObjectiveConfig, PairObjective, TrainContext, disable_dropout, register
 from ..models.logprobs import response_lengths, sequence_logps
 
 
@@ -51,13 +51,14 @@ class SimPO(PairObjective):
     aliases = ("simple_preference_optimization",)
     purpose = "SimPO"
     config_class = SimPOConfig
+    config: SimPOConfig
 
     def setup(self, model: nn.Module, ctx: TrainContext) -> None:
         if self.config.disable_dropout:
             disable_dropout(model)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: TrainContext
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+             ) -> tuple[torch.Tensor, Metrics]:
         c = self.config
         mean_logps = (sequence_logps(model, batch)
                       / response_lengths(batch).clamp(min=1))
