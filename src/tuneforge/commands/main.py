@@ -43,7 +43,7 @@ def config_from_args(config_path: str | None, extra: list[str]) -> RunConfig:
 
     overrides = parse_overrides(extra)
     if config_path is None and overrides.get("data") is None:
-        from ..run.trainer import DEMO_DIR
+        from ..run.training_data import DEMO_DIR
 
         config_path = str(DEMO_DIR / "demo.yaml")  # no config and no data: the bundled demonstration run
     return load_config(config_path, overrides)
@@ -139,7 +139,7 @@ def check_before_launch(nproc: int, extra: list[str]) -> None:
     one per rank under torchrun's traceback. The per-rank batch split is checked as the workers would."""
     from ..run.distributed import Distributed
     from ..run.pipeline import is_pipeline
-    from ..run.trainer import STREAMING_IN_ONE_PROCESS
+    from ..run.training_data import STREAMING_IN_ONE_PROCESS
 
     config_path = extra[0] if extra and not extra[0].startswith("-") else None
     if config_path and is_pipeline(config_path):  # each stage is its own run, checked as it starts

@@ -35,7 +35,7 @@ TITLES = {"loss": "loss", "lr": "learning rate", "grad_norm": "gradient norm (be
           "tokens_per_s": "tokens / s (cumulative average)", "peak_memory_mb": "peak memory, MB"}
 # Bookkeeping, not a signal: the step is the x axis, epoch is a rescaled step, units/tokens are batch sizes.
 NOT_CHARTED = {"step", "epoch", "units", "tokens"}
-SUMMARY_FILE = "summary.json"  # the trainer's final metrics (trainer.write_summary)
+SUMMARY_FILE = "summary.json"  # the trainer's final metrics (RunDirectory.write_summary)
 # Fractions a reader thinks of as percentages.
 PERCENT_STEMS = ("exact_match", "accuracy")
 # Before → after rows, by stem: their names on the page; a stem not here is named by itself.
