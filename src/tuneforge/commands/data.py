@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 
 
 def add_subcommands(sub) -> None:
@@ -21,7 +22,7 @@ def add_subcommands(sub) -> None:
     prev.set_defaults(func=cmd_data_preview)
 
 
-def cmd_data_preview(args: argparse.Namespace, extra: list[str] = ()) -> int:
+def cmd_data_preview(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     from ..data.preview import preview
     from ..objectives.base import get_objective
 
