@@ -39,7 +39,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q
 
-# The inner loop: everything but the tests marked slow (the embedded model's end-to-end runs, the README demo).
+# The inner loop: everything but the tests marked slow (over ~20 s: the embedded model's end-to-end runs, the README
+# demo, torchrun ranks, live servers, the fuzzing).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -q -m "not slow"
 

@@ -47,6 +47,7 @@ def test_two_methods_two_steps_each_in_its_own_process(tmp_path, tiny_model_dir)
     assert proc.stderr.count("general-text perplexity: 1 example(s) in") == 4  # before and after, per method
 
 
+@pytest.mark.slow  # compare killed and resumed: training children (~30 s)
 def test_a_killed_compare_skips_finished_methods_and_resumes_the_rest(tmp_path):
     """The runner is faked: what matters is which methods are trained again and with which flags."""
     calls = []
