@@ -23,6 +23,7 @@ from tuneforge.run.reuse import SettingsChanged
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+@pytest.mark.slow  # a training child process per method (~5 min on 2 busy cores)
 def test_two_methods_two_steps_each_in_its_own_process(tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "sft.jsonl", qa_rows(8))
     out = tmp_path / "cmp"
