@@ -320,7 +320,7 @@ class PrefixTuning(Method):
                        "example would see them")
     config_class = PrefixTuningConfig
     flag_prefix = "prefix"  # --prefix-num-virtual-tokens 20
-    aliases = ("prefix",)
+    aliases: ClassVar[tuple[str, ...]] = ("prefix",)
     peft_type = "PREFIX_TUNING"
     # The MLP amplifies updates: 1e-3 brings SmolLM2-135M's demo SFT loss from 0.64 to <0.01 in 30 steps.
     default_learning_rate = 1e-3
