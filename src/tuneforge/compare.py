@@ -328,7 +328,9 @@ def learning_rates(names: list[str], flags: list[str], own: dict[str, list[str]]
     values = values if isinstance(values, dict) else {}
     out = {}
     for name in names:
-        if values.get("learning_rate") is not None and values.get("method") in (None, name):
+        if values.get("learning_rate") is None:
+            out[name] = ("its own default", [])  # train falls back to it
+        elif values.get("method") in (None, name):
             out[name] = (f"{path.name}'s", [])
         else:
             out[name] = ("its own default", ["--learning-rate", repr(METHODS.get(name).default_learning_rate)])

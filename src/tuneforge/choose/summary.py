@@ -85,11 +85,11 @@ def verdict(summaries: list[MethodSummary], seed: int) -> str:
     if len(scored) < 2:
         lines.insert(0, "nothing to compare: " + (f"only {scored[0].method} has a held-out gain" if scored else
                                                   "no method has a held-out gain (give --eval-data or --eval-split)"))
-        return ". ".join(lines) + "."
+        return "; ".join(lines) + "."
     if min(s.intervals["gain"].n for s in scored) < 2:
         lines.insert(0, "one seed per method: a difference cannot be told from seed noise; run --seeds 3 or more "
                         "for intervals and a verdict")
-        return ". ".join(lines) + "."
+        return "; ".join(lines) + "."
     best = max(scored, key=lambda s: s.intervals["gain"].mean)
     tied = [s for s in scored if s.intervals["gain"].overlaps(best.intervals["gain"])]
     worse = sorted((s for s in scored if s not in tied), key=lambda s: -s.intervals["gain"].mean)
@@ -99,7 +99,7 @@ def verdict(summaries: list[MethodSummary], seed: int) -> str:
         lines.append(f"{s.method} is worse by {plus_minus(gap, '{:.4f}')} in held-out loss drop "
                      f"(95% interval of the gap {gap.low:.4f} to {gap.high:.4f})")
     lines += _tie_breaks(tied)
-    return ". ".join(lines) + "."
+    return "; ".join(lines) + "."
 
 
 def _lead(tied: list[MethodSummary], best: MethodSummary) -> str:
