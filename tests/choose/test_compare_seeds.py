@@ -10,8 +10,8 @@ import pytest
 
 from conftest import qa_rows, write_jsonl
 from tuneforge.choose.watch import Watcher, progress_line
-from tuneforge.cli import main
-from tuneforge.compare import compare
+from tuneforge.commands.main import main
+from tuneforge.choose.compare import compare
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -76,7 +76,7 @@ def test_progress_lines_come_from_the_runs_metrics(tmp_path, caplog):
     assert watcher.report() is None  # nothing written yet
     metrics.write_text(json.dumps({"step": 0, "eval_loss": 2.0}) + "\n")
     assert watcher.report() is None  # the evaluation before training is not a step
-    with caplog.at_level(logging.INFO, logger="tuneforge.compare"):
+    with caplog.at_level(logging.INFO, logger="tuneforge.choose"):
         metrics.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 11)))
         assert watcher.report() == "compare: [1/2] lora, seed 0: step 10/50 (20%), loss 0.1000"
         assert watcher.report() is None  # no new step: no new line

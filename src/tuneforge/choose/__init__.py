@@ -1,2 +1,2 @@
-"""Choosing a method: ``recommend`` (estimates before anything trains) and ``compare`` (measured runs, several
-seeds each, with intervals and a verdict)."""
+"""Choosing a method: the memory/time model behind ``recommend`` (estimates before anything trains, measured numbers
+once runs exist), and ``compare`` across methods (several seeds each, intervals, a verdict)."""

@@ -21,8 +21,8 @@ def steps_for_tokens(config: RunConfig, budget: int) -> tuple[int, int]:
     from ..data.packing import real_tokens
     from ..data.template import ensure_chat_template
     from ..errors import ConfigError
-    from ..models import load_tokenizer
-    from ..trainer import EpochSampler, training_data
+    from ..models.loading import load_tokenizer
+    from ..run.trainer import EpochSampler, training_data
 
     if config.streaming or config.objective_class.online:
         raise ConfigError("--budget-tokens: needs the data's token counts before training; a stream or an online "

@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-log = logging.getLogger("tuneforge.compare")
+log = logging.getLogger(__name__)
 
 EVERY_S = 10.0  # between two lines: often enough to see it move, rarely enough to read
 TAIL_BYTES = 8192  # a metrics line is well under this

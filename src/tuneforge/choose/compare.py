@@ -13,7 +13,7 @@ forgetting, wall time, peak memory and tokens seen, the verdict in words, then e
 run's row), ``compare_summary.json`` and ``compare.png`` (``choose/chart.py``) — so a killed compare loses at most the
 run it was running; run the same command again and runs already finished are read back, not retrained (one killed
 mid-run resumes from its last checkpoint when ``--save-every`` wrote one). ``OUTPUT/compare_state.json`` records the
-signature each run was started with (its settings and a fingerprint of its data files, ``tuneforge.reuse``): a
+signature each run was started with (its settings and a fingerprint of its data files, ``run/reuse.py``): a
 finished or checkpointed run made with other settings or data is refused, naming what changed; ``--overwrite``
 trains those runs again (every run, when nothing changed). ``--budget-tokens N`` gives every method the same number
 of training tokens (``choose/budget.py``).
@@ -44,16 +44,16 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import yaml
 
-from .checkpoint import latest_checkpoint, read_run_record, write_text_atomic
-from .flags import flag_groups, flag_key, flag_value, parse_overrides
-from .outputs import check_output
-from .choose.chart import chart
-from .choose.summary import FORMATS, QUANTITIES, cell, summarize, verdict
-from .choose.watch import Watcher
-from .reuse import SettingsChanged, changes, signature
+from ..run.checkpoint import latest_checkpoint, read_run_record, write_text_atomic
+from ..flags import flag_groups, flag_key, flag_value, parse_overrides
+from ..outputs import check_output
+from .chart import chart
+from .summary import FORMATS, QUANTITIES, cell, summarize, verdict
+from .watch import Watcher
+from ..run.reuse import SettingsChanged, changes, signature
 
 if TYPE_CHECKING:  # config imports torch: loaded by the functions that build configs, not by `--help`
-    from .config import RunConfig
+    from ..config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +155,8 @@ def train_args(method: str, run_dir: Path, flags: list[str], resume: bool = Fals
 def method_flags(names: list[str], flags: list[str]) -> dict[str, list[str]]:
     """Each method's flags: the shared ones and its own options (``--lora-r 4`` reaches lora alone; an option of a
     method not compared is refused). A leading config file stays first."""
-    from .config import RunConfig
-    from .methods.base import METHODS
+    from ..config import RunConfig
+    from ..methods.base import METHODS
 
     shared, tokens = _config_file(flags)
     own: dict[str, list[str]] = {name: [] for name in names}
@@ -178,8 +178,8 @@ def method_flags(names: list[str], flags: list[str]) -> dict[str, list[str]]:
 
 def _other_spellings(option: str, names: list[str]) -> str:
     """How the compared methods that have ``option`` take it (``--qlora-r`` for LoRA's ``--lora-r``)."""
-    from .methods.base import METHODS
-    from .options import option_names
+    from ..methods.base import METHODS
+    from ..options import option_names
 
     prefix = {cls.name: p for p, cls in METHODS.flag_prefixes().items()}
     flags = [f"--{prefix[n]}-{option}".replace("_", "-") for n in names
@@ -194,14 +194,14 @@ def _config_file(flags: list[str]) -> tuple[list[str], list[str]]:
 
 def run_config(args: list[str]) -> RunConfig:
     """The config ``tuneforge train ARGS`` runs with (no config file and no data: the bundled demo's)."""
-    from .config import load_config
+    from ..config import load_config
 
     head, tokens = _config_file(args[1:])
     path = head[0] if head else None
     overrides = parse_overrides(tokens)
     overrides.pop("nproc_per_node", None)  # a launcher flag, not a config key
     if path is None and overrides.get("data") is None:
-        from .trainer import DEMO_DIR
+        from ..run.trainer import DEMO_DIR
 
         path = str(DEMO_DIR / "demo.yaml")
     return load_config(path, overrides)
@@ -226,7 +226,7 @@ def compare(methods: list[str], flags: list[str], output: str | Path, runner: Ru
     checkpointed run made otherwise is refused, naming what changed, unless ``overwrite``: then the changed runs
     train again, or every run when none changed (the user asked). ``budget_tokens``: every method of a seed trains
     the steps that hold that many training tokens (``choose/budget.py``)."""
-    from .methods.base import METHODS
+    from ..methods.base import METHODS
 
     names = [METHODS.get(m).name for m in methods]  # an unknown method fails before anything runs
     if len(set(names)) != len(names):
@@ -314,14 +314,14 @@ def learning_rates(names: list[str], flags: list[str], own: dict[str, list[str]]
     is the user's: every method. A config file's was chosen for the file's method (the demo's 1e-3 for LoRA): that
     method only, or every method when the file names none. Every other method trains with its own default, as
     `tuneforge train` would (`tuneforge methods` lists them), given explicitly so that the file's cannot reach it."""
-    from .methods.base import METHODS
+    from ..methods.base import METHODS
 
     head, tokens = _config_file(flags)
     if any(flag_key(g) == "learning_rate" for g in flag_groups(tokens)):
         return {name: ("--learning-rate", []) for name in names}
     path = Path(head[0]) if head else None
     if path is None and "data" not in parse_overrides(tokens):
-        from .trainer import DEMO_DIR  # no config and no data: train runs the bundled demo's config
+        from ..run.trainer import DEMO_DIR  # no config and no data: train runs the bundled demo's config
 
         path = DEMO_DIR / "demo.yaml"
     values = yaml.safe_load(path.read_text()) if path is not None and path.is_file() else None
@@ -353,7 +353,7 @@ def budget_steps(config: RunConfig, seeds: list[int], budget_tokens: int | None,
     _, tokens = _config_file(flags)
     if any(flag_key(g) in ("max_steps", "epochs") for g in flag_groups(tokens)):
         raise ValueError("compare: --budget-tokens sets each run's steps; drop --max-steps / --epochs")
-    from .choose.budget import steps_for_tokens
+    from .budget import steps_for_tokens
 
     out = {}
     for seed in seeds:
@@ -371,7 +371,7 @@ def read_state(output: Path) -> dict[str, Any] | None:
 
 def _inputs(configs) -> list[str]:
     """What the runs read: the model and the data files (an output there would replace them)."""
-    from .data.mixing import parse_sources
+    from ..data.mixing import parse_sources
 
     found: list[str] = []
     for config in configs:
@@ -436,7 +436,7 @@ def read_row(method: str, run_dir: Path) -> dict[str, Any]:
 
 def run_settings(method: str, run_dir: Path) -> dict[str, Any]:
     """The seed and the learning rate the run trained with (its own default where its config sets none)."""
-    from .methods.base import METHODS
+    from ..methods.base import METHODS
 
     path = run_dir / "tuneforge.yaml"
     saved = yaml.safe_load(path.read_text()) if path.is_file() else None
