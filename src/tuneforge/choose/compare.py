@@ -48,6 +48,7 @@ from ..run.checkpoint import latest_checkpoint, read_run_record, write_text_atom
 from ..flags import flag_groups, flag_key, flag_value, parse_overrides
 from ..outputs import check_output
 from .chart import chart
+from .measured import training_pace
 from .summary import FORMATS, QUANTITIES, cell, summarize, verdict
 from .watch import Watcher
 from ..run.reuse import SettingsChanged, changes, signature
@@ -444,21 +445,6 @@ def run_settings(method: str, run_dir: Path) -> dict[str, Any]:
         return {}
     lr = saved.get("learning_rate") or METHODS.get(saved.get("method") or method).default_learning_rate
     return {"seed": saved.get("seed", 0), "learning_rate": lr}
-
-
-def training_pace(metrics: Path) -> dict[str, float]:
-    """``tokens_seen`` (every step's real training tokens, summed) and ``step_s`` (training seconds per optimiser
-    step, evaluations excluded) from a run's metrics.jsonl; empty where the log skips steps (--log-every > 1)."""
-    if not metrics.is_file():
-        return {}
-    steps = [r for r in map(json.loads, metrics.read_text().splitlines()) if r.get("step", 0) > 0 and "loss" in r]
-    if not steps or [r["step"] for r in steps] != list(range(1, len(steps) + 1)):
-        return {}
-    tokens = sum(r.get("tokens", 0) for r in steps)
-    out: dict[str, float] = {"tokens_seen": tokens}
-    if tokens and steps[-1].get("tokens_per_s"):  # the run's running rate: its tokens over its training seconds
-        out["step_s"] = round(tokens / steps[-1]["tokens_per_s"] / len(steps), 4)
-    return out
 
 
 def benchmark_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
