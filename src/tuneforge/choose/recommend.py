@@ -447,7 +447,7 @@ def recommend(shape: ModelShape, goal: str = "task", gpu_memory_mb: float | None
     result.update(method=method, setup=setup, chosen=chosen, run=command(shape.name, method, goal, setup),
                   combination=" + ".join(o.upper() if o != "pretrain" else "continued pretraining"
                                          for o in objectives) + f" with {method}",
-                  why=_why(chosen, tried, usable, gpu))
+                  why=_why(chosen, tried, usable, table))
     _impractical(result, chosen, gpu)
     return result
 
@@ -461,7 +461,8 @@ def _impractical(result: dict[str, Any], row: dict[str, Any], gpu: bool) -> None
                                  "(see: tuneforge recommend --gpu-memory 24GB)")
 
 
-def _why(chosen: dict[str, Any], tried: list[dict[str, Any]], usable: float | None, gpu: bool) -> str:
+def _why(chosen: dict[str, Any], tried: list[dict[str, Any]], usable: float | None,
+         table: list[dict[str, Any]]) -> str:
     """The reason in the table's own numbers."""
     where = f"the {usable:,.0f} MB usable" if usable else "memory (unknown: give --ram)"
     first = tried[0]
@@ -470,9 +471,11 @@ def _why(chosen: dict[str, Any], tried: list[dict[str, Any]], usable: float | No
     else:
         reason = (f"the fastest configuration that fits {where}: {chosen['memory_mb']:,} MB, "
                   f"{chosen['step_s']:.3g} s/step")
-    if not gpu:
-        reason += ("; on a CPU QLoRA saves nothing (it also holds the float weights it quantised, and de-quantises "
-                   "every matmul): see its rows")
+    rows = {r["method"]: r for r in table}
+    other = rows.get("qlora" if chosen["method"] == "lora" else "lora")
+    if other is not None and other["memory_mb"] >= rows[chosen["method"]]["memory_mb"] and \
+            other["step_s"] >= rows[chosen["method"]]["step_s"]:
+        reason += f"; {other['method']} needs more memory and more time here (its row above)"
     return reason
 
 
