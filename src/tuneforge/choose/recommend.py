@@ -475,7 +475,7 @@ def _why(chosen: dict[str, Any], tried: list[dict[str, Any]], usable: float | No
     other = rows.get("qlora" if chosen["method"] == "lora" else "lora")
     if other is not None and other["memory_mb"] >= rows[chosen["method"]]["memory_mb"] and \
             other["step_s"] >= rows[chosen["method"]]["step_s"]:
-        reason += f"; {other['method']} needs more memory and more time here (its row above)"
+        reason += f"; {other['method']} saves no memory here and is slower (its row above)"
     return reason
 
 
