@@ -274,6 +274,7 @@ def parse_memory(text: str, flag: str = "--gpu-memory") -> float:
     return value * 1024 if match.group(2) in (None, "g") else value
 
 
+STAGE_WORDS = {"pretrain": "continued pretraining"}  # how a situation's stage reads in the verdict (else SFT, DPO)
 HEADROOM = 0.10  # of the device's memory kept free: CUDA context, allocator fragmentation (shown, never hidden)
 CANDIDATES = ("lora", "qlora")  # the seeds' recommendations; full fine-tuning never is (forgetting, for its memory)
 IMPRACTICAL_HOURS = 7 * 24  # per 1,000 optimiser steps: past a week, a CPU is not where to train this model
@@ -445,8 +446,7 @@ def recommend(shape: ModelShape, goal: str = "task", gpu_memory_mb: float | None
         return result
     method, setup = chosen["method"], chosen["setup"]
     result.update(method=method, setup=setup, chosen=chosen, run=command(shape.name, method, goal, setup),
-                  combination=" + ".join(o.upper() if o != "pretrain" else "continued pretraining"
-                                         for o in objectives) + f" with {method}",
+                  combination=" + ".join(STAGE_WORDS.get(o, o.upper()) for o in objectives) + f" with {method}",
                   why=_why(chosen, tried, usable, table))
     _impractical(result, chosen, gpu)
     return result
@@ -472,7 +472,7 @@ def _why(chosen: dict[str, Any], tried: list[dict[str, Any]], usable: float | No
         reason = (f"the fastest configuration that fits {where}: {chosen['memory_mb']:,} MB, "
                   f"{chosen['step_s']:.3g} s/step")
     rows = {r["method"]: r for r in table}
-    other = rows.get("qlora" if chosen["method"] == "lora" else "lora")
+    other = next((rows[m] for m in CANDIDATES if m != chosen["method"] and m in rows), None)
     if other is not None and other["memory_mb"] >= rows[chosen["method"]]["memory_mb"] and \
             other["step_s"] >= rows[chosen["method"]]["step_s"]:
         reason += f"; {other['method']} saves no memory here and is slower (its row above)"
