@@ -8,6 +8,19 @@ The seeds' table of combinations by situation:
     a domain the model does not know        -> continued pretraining (with general data mixed in) + SFT
     must also be helpful and safe           -> SFT + DPO
 
+The method is chosen by the table, not by a rule the table can contradict: every method is estimated at the setup
+asked for (``tuneforge train``'s defaults where not given); then LoRA and QLoRA are tried as asked, with gradient
+checkpointing, and with ever smaller micro-batches (the batch per step kept by accumulation) until each fits the
+usable memory — the device's less ``HEADROOM``, printed, and the same number the table's "fits" column uses — and
+the fastest of those is recommended, its row printed and its command exactly that configuration. On a GPU that is
+usually LoRA, or QLoRA when LoRA needs checkpointing; on a CPU QLoRA saves nothing (it holds the float weights it
+quantised and de-quantises every matmul), so its rows there say LoRA. A CPU is judged against its RAM (``--ram``,
+default this machine's) and named impractical past a week per 1,000 steps. Full fine-tuning on a GPU is estimated
+as it should be run, float32 weights, gradients and AdamW moments (16 bytes per parameter), and never recommended.
+
+Where finished runs of the same model exist under ``--runs`` (a compare's, a sweep's), their measured peaks and
+step times on this machine scale each method's estimates (``choose/measured.py``), and the table says "measured".
+
 Memory is an analytic model of what training holds at its peak, with constants calibrated against measured peaks
 (``bench/memory_calibration.py`` writes ``bench/results/memory_calibration_*.json``; the tests hold the estimates to
 20% of them):
@@ -15,14 +28,14 @@ Memory is an analytic model of what training holds at its peak, with constants c
 * weights: parameters x bytes per value (float32 on CPU, bf16 on GPU); QLoRA stores the decoder's linear weights
   in 4 bits (0.5 byte + its per-64 scale) and the rest as loaded;
 * training state: an adapter's trainable tensors train in float32 (value, gradient, two AdamW moments: 16 bytes);
-  full fine-tuning adds two moments in the weights' dtype, and its gradients fill while backward frees the
-  activations (the larger of the two counts); DPO/PPO of a full fine-tune keep a copy;
+  full fine-tuning adds two moments in the weights' dtype (``fp32_master``: float32), and its gradients fill while
+  backward frees the activations (the larger of the two counts); DPO/PPO of a full fine-tune keep a copy;
 * activations saved for backward: per token and layer ``ACT_HIDDEN x hidden + ACT_MLP x intermediate`` values
   (``ACT_HIDDEN_FROZEN`` when nothing inside the blocks trains: prompt tuning), plus the logits (``vocab``
   values in the model's dtype, their float32 copy and its gradient; above ``FUSE_FROM_LOGITS`` the loss fuses the
-  projection, and only one chunk of float32 logits and the hidden states' gradient remain); pairs double the
-  tokens; gradient checkpointing keeps one hidden state per layer instead, and one block's activations while it
-  is recomputed;
+  projection, and only one chunk of float32 logits and the hidden states' gradient remain); an objective's
+  ``sequences_per_example`` multiplies the tokens (a preference pair: 2); gradient checkpointing keeps one hidden
+  state per layer instead, and one block's activations while it is recomputed;
 * per rank (``world_size``, ``strategy``): DDP ranks hold whole replicas; FSDP2 ranks hold 1/N of the parameters,
   gradients, optimiser state and reference copy, plus the units all-gathered at once (:func:`memory_breakdown`;
   ``tests/test_distributed.py`` checks the sharded terms against the shards two gloo ranks hold);
@@ -31,8 +44,9 @@ Memory is an analytic model of what training holds at its peak, with constants c
   linear weights it quantised (``CPU_QLORA_SOURCE``, measured).
 
 Time is compute over throughput: ~6 x parameters FLOPs per token for full fine-tuning (forward 2, backward 4),
-~4 x for adapter methods (no weight gradients for the frozen base), QLoRA x1.3 for de-quantising; throughput is a
-calibrated CPU figure or 35% of the GPU's bf16 peak.
+~4 x for adapter methods (no weight gradients for the frozen base), a quantised base (``quantized_base``) x1.3 for
+de-quantising, gradient checkpointing one more forward (2 x); throughput is a calibrated CPU figure or 35% of the
+GPU's bf16 peak.
 """
 
 from __future__ import annotations
