@@ -544,7 +544,7 @@ def format_report(result: dict[str, Any], shape: ModelShape, hardware: str) -> s
         lines += ["", "configurations tried, per method until one fits (gradient checkpointing first, then smaller "
                   "micro-batches; the batch per step stays):", *_table(result["tried"], result["times_known"],
                                                                        with_setup=True)]
-    lines += [f"note: {n}" for n in ([""] if result["notes"] else []) + result["notes"] if n]
+    lines += [""] + [f"note: {n}" for n in result["notes"]] if result["notes"] else []
     lines += ["", f"situation: {SITUATIONS[result['goal']]}"]
     if result["method"] is None:
         lines += [f"recommended: nothing fits — {result['why']}"]
