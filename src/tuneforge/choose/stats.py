@@ -12,9 +12,10 @@ seeded rerun of a compare reproduces its table exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported by the functions: `tuneforge --help` builds compare's parser without it
+    import numpy as np
 
 RESAMPLES = 10_000
 LEVEL = 0.95
@@ -42,12 +43,16 @@ class Interval:
 
 
 def _resampled_means(values: Sequence[float], rng: np.random.Generator, resamples: int) -> np.ndarray:
+    import numpy as np
+
     data = np.asarray(values, dtype=float)
     picks = rng.integers(0, len(data), size=(resamples, len(data)))
     return data[picks].mean(axis=1)
 
 
 def _interval(mean: float, means: np.ndarray, n: int, level: float) -> Interval:
+    import numpy as np
+
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return Interval(float(mean), float(low), float(high), n)
@@ -56,6 +61,8 @@ def _interval(mean: float, means: np.ndarray, n: int, level: float) -> Interval:
 def bootstrap_interval(values: Sequence[float], seed: int, resamples: int = RESAMPLES,
                        level: float = LEVEL) -> Interval:
     """The mean of ``values`` and the percentile-bootstrap ``level`` interval of that mean."""
+    import numpy as np
+
     if not len(values):
         raise ValueError("bootstrap_interval: no values")
     rng = np.random.default_rng(seed)
@@ -66,6 +73,8 @@ def difference_interval(a: Sequence[float], b: Sequence[float], seed: int, resam
                         level: float = LEVEL) -> Interval:
     """mean(a) - mean(b) and its bootstrap interval, each side resampled on its own (the seeds of two methods are
     separate runs, not pairs)."""
+    import numpy as np
+
     if not len(a) or not len(b):
         raise ValueError("difference_interval: no values")
     rng = np.random.default_rng(seed)
