@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -227,6 +228,37 @@ def compare(methods: list[str], flags: list[str], output: str | Path, runner: Ru
     checkpointed run made otherwise is refused, naming what changed, unless ``overwrite``: then the changed runs
     train again, or every run when none changed (the user asked). ``budget_tokens``: every method of a seed trains
     the steps that hold that many training tokens (``choose/budget.py``)."""
+    flags, asked = _own_flags(list(flags))
+    overwrite = overwrite or asked
+    output = Path(output)
+    plan = plan_compare(methods, flags, output, seeds, budget_tokens)
+    state = read_state(output)
+    ours = state is not None or (output / "compare.json").is_file()  # a compare's folder (perhaps an older one's)
+    check_output(output, inputs=_inputs(plan.configs.values()), overwrite=overwrite or ours)
+    state = state or {"runs": {}}
+    todo = plan_runs({run_key(*run): c for run, c in plan.configs.items()}, state, overwrite)
+    (output / "runs").mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for i, run in enumerate(plan.configs, start=1):
+        label = f"compare: [{i}/{len(plan.configs)}] {run[0]}, seed {run[1]}"
+        rows.append(_train_or_read(plan, run, todo[run_key(*run)], state, output, runner, label))
+        write_report(rows, output, plan.seeds[0])
+    return rows
+
+
+@dataclasses.dataclass
+class ComparePlan:
+    """Every run of a compare, built and checked before any trains: per (method, seed) its flags and config, in
+    training order (seed-major: a first full row of methods early); per method its learning rate's source."""
+
+    seeds: list[int]
+    rates: dict[str, tuple[str, list[str]]]
+    flags: dict[tuple[str, int], list[str]]
+    configs: dict[tuple[str, int], RunConfig]
+
+
+def plan_compare(methods: list[str], flags: list[str], output: Path, seeds: int,
+                 budget_tokens: int | None) -> ComparePlan:
     from ..methods.base import METHODS
 
     names = [METHODS.get(m).name for m in methods]  # an unknown method fails before anything runs
@@ -234,50 +266,37 @@ def compare(methods: list[str], flags: list[str], output: str | Path, runner: Ru
         raise ValueError(f"--methods names a method twice: {', '.join(methods)}")
     if type(seeds) is not int or seeds < 1:
         raise ValueError(f"--seeds must be a positive integer, got {seeds!r}")
-    flags, asked = _own_flags(list(flags))
-    overwrite = overwrite or asked
-    output = Path(output)
     own = method_flags(names, flags)
     rates = learning_rates(names, flags, own)
     first = run_config(train_args(names[0], output / "runs", own[names[0]]))
     seed_list = [first.seed + i for i in range(seeds)]
     budget = budget_steps(first, seed_list, budget_tokens, flags)
-    runs = [(name, seed) for seed in seed_list for name in names]  # seed-major: a first full row of methods early
     run_flags = {(name, seed): [*own[name], *rates[name][1], "--seed", str(seed), *budget.get(seed, [])]
-                 for name, seed in runs}
-    # Every run's config is built (and checked) before any trains; what building says, it says once.
-    with _said_once(logging.getLogger("tuneforge.config")):
-        configs = {run: run_config(train_args(run[0], run_folder(output, *run), run_flags[run])) for run in runs}
+                 for seed in seed_list for name in names}
+    with _said_once(logging.getLogger("tuneforge.config")):  # K seeds' configs say the same things: once
+        configs = {run: run_config(train_args(run[0], run_folder(output, *run), f)) for run, f in run_flags.items()}
     _log_learning_rates(rates)
-    state = read_state(output)
-    ours = state is not None or (output / "compare.json").is_file()  # a compare's folder (perhaps an older one's)
-    check_output(output, inputs=_inputs(configs.values()), overwrite=overwrite or ours)
-    state = state or {"runs": {}}
-    plan = plan_runs({run_key(*run): c for run, c in configs.items()}, state, overwrite)
-    (output / "runs").mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
-    for i, run in enumerate(runs, start=1):
-        name, seed = run
-        key, run_dir = run_key(*run), run_folder(output, *run)
-        label = f"compare: [{i}/{len(runs)}] {name}, seed {seed}"
-        if plan[key] == "reuse":
-            log.info("%s: already finished in %s with the same settings and data; reading it back", label, run_dir)
-        else:
-            state["runs"][key] = signature(configs[run], keep=ROW_SETTINGS)
-            write_text_atomic(output / STATE_NAME, json.dumps(state, indent=1))
-            log.info("%s: training -> %s", label, run_dir)
-            start = time.perf_counter()
-            with Watcher(run_dir / "metrics.jsonl", label, configs[run].max_steps):
-                code, err = runner(train_args(name, run_dir, run_flags[run], resume=plan[key] == "resume"))
-            if code != 0:
-                rows.append({"method": name, "seed": seed, "error": _last_error_line(err)})
-                write_report(rows, output, seed_list[0])
-                continue
-            (run_dir / WALL_NAME).write_text(json.dumps({"wall_s": round(time.perf_counter() - start, 2)}))
-        rows.append({**read_row(name, run_dir), "seed": seed, "learning_rate": effective_learning_rate(configs[run]),
-                     "learning_rate_source": rates[name][0]})
-        write_report(rows, output, seed_list[0])
-    return rows
+    return ComparePlan(seed_list, rates, run_flags, configs)
+
+
+def _train_or_read(plan: ComparePlan, run: tuple[str, int], todo: str, state: dict[str, Any], output: Path,
+                   runner: Runner, label: str) -> dict[str, Any]:
+    """One run's row: read back (``todo`` "reuse"), or trained ("train", "resume") with its progress logged."""
+    (name, seed), run_dir, config = run, run_folder(output, *run), plan.configs[run]
+    if todo == "reuse":
+        log.info("%s: already finished in %s with the same settings and data; reading it back", label, run_dir)
+    else:
+        state["runs"][run_key(*run)] = signature(config, keep=ROW_SETTINGS)
+        write_text_atomic(output / STATE_NAME, json.dumps(state, indent=1))
+        log.info("%s: training -> %s", label, run_dir)
+        start = time.perf_counter()
+        with Watcher(run_dir / "metrics.jsonl", label, config.max_steps):
+            code, err = runner(train_args(name, run_dir, plan.flags[run], resume=todo == "resume"))
+        if code != 0:
+            return {"method": name, "seed": seed, "error": _last_error_line(err)}
+        (run_dir / WALL_NAME).write_text(json.dumps({"wall_s": round(time.perf_counter() - start, 2)}))
+    return {**read_row(name, run_dir), "seed": seed, "learning_rate": effective_learning_rate(config),
+            "learning_rate_source": plan.rates[name][0]}
 
 
 def effective_learning_rate(config: RunConfig) -> float:
