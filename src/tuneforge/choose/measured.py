@@ -26,6 +26,7 @@ class MeasuredRun:
     method: str
     objective: str
     gpu: bool
+    batch_size: int
     micro_batch: int
     max_length: int
     gradient_checkpointing: bool
@@ -72,9 +73,10 @@ def read_run(folder: Path) -> MeasuredRun | None:
         return None
     if not isinstance(config, dict) or not isinstance(summary, dict) or "peak_memory_mb" not in summary:
         return None
-    micro = config.get("micro_batch_size") or config.get("batch_size", 8)
+    batch = int(config.get("batch_size", 8))
+    micro = int(config.get("micro_batch_size") or batch)
     return MeasuredRun(folder, config.get("method", "lora"), config.get("objective", "sft"),
-                       "peak_cuda_allocated_mb" in summary, int(micro), int(config.get("max_length", 512)),
+                       "peak_cuda_allocated_mb" in summary, batch, micro, int(config.get("max_length", 512)),
                        bool(config.get("gradient_checkpointing")), float(summary["peak_memory_mb"]),
                        training_pace(folder / "metrics.jsonl").get("step_s"))
 

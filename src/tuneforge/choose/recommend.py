@@ -425,6 +425,8 @@ def recommend(shape: ModelShape, goal: str = "task", gpu_memory_mb: float | None
     default_batch, default_length = train_defaults()
     check_request(goal, batch_size, max_length, gpu_name, micro_batch_size)
     batch = batch_size or default_batch
+    if micro_batch_size and batch % micro_batch_size:
+        raise ValueError(f"--micro-batch-size {micro_batch_size} does not divide the batch size {batch}")
     asked = Setup(batch, micro_batch_size or batch, max_length or default_length)
     gpu = gpu_memory_mb is not None
     device_mb = gpu_memory_mb if gpu else ram_mb
@@ -599,7 +601,7 @@ def measured_calibrations(shape: ModelShape, model: str, runs_root: str | Path, 
     est = Estimator(shape, gpu, gpu_name)
 
     def setup_of(run) -> Setup:
-        return Setup(run.micro_batch, run.micro_batch, run.max_length, run.gradient_checkpointing)
+        return Setup(run.batch_size, run.micro_batch, run.max_length, run.gradient_checkpointing)
 
     return calibrations(runs, gpu, lambda r: est.model_memory_mb(r.method, r.objective, setup_of(r)),
                         lambda r: est.model_step_s(r.method, setup_of(r)))
