@@ -100,6 +100,8 @@ def test_recommend_command_prints_estimates_and_the_command(tiny_model_dir, caps
     (["--max-length", "0"], "--max-length must be a positive integer, got 0"),
     (["--gpu-memory", "24GB", "--gpu", "nosuchgpu"], "--gpu: no throughput known for 'nosuchgpu'; known GPUs: h100"),
     (["--gpu-memory", "0GB"], "--gpu-memory: expected a size such as 24GB or 16000MB, got '0GB'"),
+    (["--micro-batch-size", "3"], "--batch-size 8 is not a multiple of --micro-batch-size 3"),
+    (["--ram", "lots"], "--ram: expected a size such as 24GB or 16000MB, got 'lots'"),
 ])
 def test_recommend_refuses_what_no_estimate_can_mean(tmp_path, capsys, flags, message):
     assert main(["recommend", "--model", str(tmp_path / "never-read"), *flags]) == 2  # checked before the model

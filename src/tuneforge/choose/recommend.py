@@ -355,8 +355,9 @@ def check_request(goal: str, batch_size: int | None, max_length: int | None, gpu
                         ("--micro-batch-size", micro_batch_size)):
         if value is not None and (type(value) is not int or value < 1):
             raise ValueError(f"{flag} must be a positive integer, got {value!r}")
-    if micro_batch_size and batch_size and batch_size % micro_batch_size:
-        raise ValueError(f"--batch-size {batch_size} is not a multiple of --micro-batch-size {micro_batch_size}")
+    batch = batch_size or (train_defaults()[0] if micro_batch_size else None)
+    if micro_batch_size and batch and batch % micro_batch_size:
+        raise ValueError(f"--batch-size {batch} is not a multiple of --micro-batch-size {micro_batch_size}")
     if gpu_name is not None and gpu_name not in GPU_BF16_FLOPS:  # its throughput would be a guess
         raise ValueError(f"--gpu: no throughput known for {gpu_name!r}; known GPUs: {', '.join(GPU_BF16_FLOPS)}")
 
@@ -425,8 +426,6 @@ def recommend(shape: ModelShape, goal: str = "task", gpu_memory_mb: float | None
     default_batch, default_length = train_defaults()
     check_request(goal, batch_size, max_length, gpu_name, micro_batch_size)
     batch = batch_size or default_batch
-    if micro_batch_size and batch % micro_batch_size:
-        raise ValueError(f"--micro-batch-size {micro_batch_size} does not divide the batch size {batch}")
     asked = Setup(batch, micro_batch_size or batch, max_length or default_length)
     gpu = gpu_memory_mb is not None
     device_mb = gpu_memory_mb if gpu else ram_mb
