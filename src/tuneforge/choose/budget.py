@@ -22,7 +22,7 @@ def steps_for_tokens(config: RunConfig, budget: int) -> tuple[int, int]:
     from ..data.template import ensure_chat_template
     from ..errors import ConfigError
     from ..models.loading import load_tokenizer
-    from ..run.trainer import EpochSampler, training_data
+    from ..run.training_data import EpochSampler, training_data
 
     if config.streaming or config.objective_class.online:
         raise ConfigError("--budget-tokens: needs the data's token counts before training; a stream or an online "
