@@ -493,14 +493,15 @@ def summary_markdown(summaries, seed: int) -> str:
     """Per method: its learning rate, the seeds that finished, and each quantity's mean [95% interval]; then the
     verdict in words."""
     keys = [(key, words) for key, words, *_ in QUANTITIES if any(key in s.intervals for s in summaries)]
-    titles = ["method", "learning rate", "seeds", *(words for _, words in keys), "trainable params"]
+    counted = any(s.trainable_params is not None for s in summaries)
+    titles = ["method", "learning rate", "seeds", *(words for _, words in keys)] + ["trainable params"] * counted
     lines = ["| " + " | ".join(titles) + " |", "|" + "|".join("---" for _ in titles) + "|"]
     for s in summaries:
         seeds = ", ".join(map(str, s.seeds)) + (f" ({len(s.errors)} failed)" if s.errors else "")
         lr = f"{s.learning_rate:g}" if s.learning_rate else ""
         cells = [s.method, f"{lr} ({s.learning_rate_source})" if lr and s.learning_rate_source else lr, seeds,
-                 *(cell(s.intervals[k], FORMATS[k]) if k in s.intervals else "" for k, _ in keys),
-                 f"{s.trainable_params:,}" if s.trainable_params is not None else ""]
+                 *(cell(s.intervals[k], FORMATS[k]) if k in s.intervals else "" for k, _ in keys)]
+        cells += [f"{s.trainable_params:,}" if s.trainable_params is not None else ""] * counted
         lines.append("| " + " | ".join(cells) + " |")
     return ("\n".join(lines) + "\n\nMean [95% bootstrap interval] over the seeds that finished.\n\n"
             f"**Verdict:** {verdict(summaries, seed)}\n")
