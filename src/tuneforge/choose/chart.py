@@ -29,7 +29,8 @@ def draw_chart(summaries: list[MethodSummary]):
     done = [s for s in summaries if "gain" in s.intervals]
     if not done:
         return None
-    styles = {s.method: dict(color=f"C{i % 10}", marker=MARKERS[i // 10 % len(MARKERS)]) for i, s in enumerate(done)}
+    styles: dict[str, dict[str, Any]] = {s.method: dict(color=f"C{i % 10}", marker=MARKERS[i // 10 % len(MARKERS)])
+                                         for i, s in enumerate(done)}
     panels = [(key, label) for key, label in PANELS if any(key in s.intervals for s in done)]
     fig = Figure(figsize=(5 * max(1, len(panels)), 4.8), layout="constrained")
     axes = fig.subplots(1, max(1, len(panels)), squeeze=False)[0]

@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import yaml
 
@@ -94,6 +94,7 @@ def run_subprocess(args: list[str]) -> tuple[int, str]:
                             stderr=subprocess.PIPE, text=True, preexec_fn=_parent_death_signal())
     # The child's log lines (each stage it starts and ends: exact match, perplexity, steps) reach the user as they
     # come, so a method that trains for minutes is never a silent wait; the tail is kept for the error row.
+    assert proc.stdout is not None and proc.stderr is not None  # both piped above
     tail: collections.deque[str] = collections.deque(maxlen=64)
     relay = threading.Thread(target=_relay, args=(proc.stderr, tail), daemon=True)
     relay.start()
@@ -346,9 +347,9 @@ def learning_rates(names: list[str], flags: list[str], own: dict[str, list[str]]
         path = DEMO_DIR / "demo.yaml"
     values = yaml.safe_load(path.read_text()) if path is not None and path.is_file() else None
     values = values if isinstance(values, dict) else {}
-    out = {}
+    out: dict[str, tuple[str, list[str]]] = {}
     for name in names:
-        if values.get("learning_rate") is None:
+        if path is None or values.get("learning_rate") is None:
             out[name] = ("its own default", [])  # train falls back to it
         elif values.get("method") in (None, name):
             out[name] = (f"{path.name}'s", [])
@@ -529,7 +530,7 @@ def write_report(rows: list[dict[str, Any]], output: Path, seed: int = 0) -> Non
 # -- command line -------------------------------------------------------------------------------------------
 
 
-def cmd_compare(args: argparse.Namespace, extra: list[str] = ()) -> int:
+def cmd_compare(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise ValueError("--methods: give at least one method, e.g. --methods lora,qlora,adapter")

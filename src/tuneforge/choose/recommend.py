@@ -380,11 +380,10 @@ class Estimator:
 
         # Full fine-tuning on a GPU, honestly: float32 weights, gradients and AdamW moments (16 bytes/parameter,
         # `--dtype float32`); bf16 AdamW would hold half as much but rounds small updates away.
-        honest = dict(fp32_master=True, compute_bytes=4) if self.gpu and METHODS.get(method).trains_base_weights \
-            else {}
+        honest = self.gpu and METHODS.get(method).trains_base_weights
         return estimate_memory_mb(self.shape, method, objective, gpu=self.gpu, batch_size=setup.micro_batch_size,
                                   max_length=setup.max_length, gradient_checkpointing=setup.gradient_checkpointing,
-                                  **honest)
+                                  fp32_master=honest, compute_bytes=4 if honest else None)
 
     def step_s(self, method: str, setup: Setup) -> float:
         return self.model_step_s(method, setup) * self._ratio(method, "time")
