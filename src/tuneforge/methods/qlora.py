@@ -359,6 +359,11 @@ class QLoRA(LoRA):
     config_class = QLoRAConfig
     # A PEFT "LORA" adapter loads as LoRA (on a 4-bit base too); tuneforge's own record says "qlora".
     peft_type = None
+    quantized_base = True
+
+    @classmethod
+    def float_base_method(cls) -> type[LoRA]:
+        return LoRA
 
     @classmethod
     def model_load_kwargs(cls, options: dict[str, Any]) -> dict[str, Any]:

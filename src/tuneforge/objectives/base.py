@@ -106,6 +106,9 @@ class Objective:
     """The max-length policy's counts (a ``data.batching.LengthReport``) of the last ``prepare``; None where nothing
     is ever dropped or cut (pretraining packs). A streaming run adds them up over its chunks."""
 
+    sequences_per_example: ClassVar[int] = 1
+    """Token rows one training example becomes in a forward pass (a preference pair: its chosen and its rejected
+    completion, 2): activation memory scales with it (``choose/recommend.py``)."""
     packable: ClassVar[bool] = False
     """``collate`` can put several examples in one padding-free row (``data.packing``) with the losses and gradients
     of padded rows; the trainer turns it on through ``pack_capacity``."""
@@ -213,6 +216,7 @@ class PairObjective(Objective):
     kinds: ClassVar[tuple[str, ...]] = ("preference",)
     purpose: ClassVar[str] = "preference training"
     packable = True
+    sequences_per_example = 2
 
     def prepare(self, examples: list[Example], max_length: int, split: str = "train") -> list[Any]:
         from ..data.formats import examples_of_kind
