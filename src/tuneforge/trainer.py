@@ -275,6 +275,10 @@ class Trainer:
             model, tokenizer = load_model(config.model, device=device, dtype=dtype,
                                           trust_remote_code=config.trust_remote_code, **load_kwargs)
         self.model, self.tokenizer = model, tokenizer
+        if config.rope_scaling:  # before the reference copy and the adapter: both read the stretched positions
+            from .rope_scaling import apply_rope_scaling
+
+            apply_rope_scaling(model, config.rope_scaling, config.rope_factor)
         device = next(model.parameters()).device
         # Optional GPU kernels (tuneforge[gpu]) the run uses: flash-attn came in with the load, liger patches here.
         self.kernels = {name: version for name, version in kernels.usable(device).items()
@@ -292,6 +296,10 @@ class Trainer:
         self.handle = self.method.attach(model, method_config)
         self.objective.pack_capacity = config.max_length if self._packs(model) else None
         self._upcast_trainable()
+        if config.tiled_mlp:
+            from .tiled_mlp import tile_mlps
+
+            tile_mlps(model, config.tiled_mlp)
         if config.gradient_checkpointing:
             checkpoint_blocks(model, config.checkpoint_every)
         if config.compile:
@@ -857,7 +865,8 @@ RESUMABLE_CHANGES = {"output", "resume", "overwrite", "progress", "device", "tru
                      "eval_before", "eval_generate", "eval_max_new_tokens", "eval_limit", "log_every", "save_every",
                      "keep_checkpoints", "report_to", "distributed", "fsdp_cpu_offload",
                      # memory for time: the same arithmetic
-                     "gradient_checkpointing", "checkpoint_every", "offload_activations", "compile"}
+                     "gradient_checkpointing", "checkpoint_every", "offload_activations", "compile",
+                     "tiled_mlp"}
 
 
 def check_finite(tensors: dict[str, torch.Tensor], what: str, kept: str) -> None:
