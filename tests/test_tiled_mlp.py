@@ -69,8 +69,9 @@ def test_dropout_draws_the_same_masks_in_the_recompute(tokenizer):
     tuneforge.attach(kept, tuneforge.LoRAConfig(r=4, lora_dropout=0.3, init_lora_weights=False))
     recomputed = copy.deepcopy(kept)
     tile_mlps(recomputed, 3)
+    forward = type(kept.model.layers[0].mlp).forward
     for layer in kept.model.layers:  # the same tiles, autograd keeping every activation: no recompute
-        def tiles_kept(x, mlp=layer.mlp, forward=type(layer.mlp).forward):
+        def tiles_kept(x, mlp=layer.mlp):
             return torch.cat([forward(mlp, x[:, a:b]) for a, b in tile_bounds(x.shape[1], 3)], dim=1)
 
         layer.mlp.forward = tiles_kept
