@@ -348,7 +348,7 @@ class Trainer:
         # round small steps away). Full fine-tuning keeps the model's dtype.
         if self.method.trains_base_weights:
             return
-        for _, p in self.handle.trainable_parameters():
+        for _, p in self.handle.float32_parameters():
             if p.dtype in (torch.float16, torch.bfloat16):
                 p.data = p.data.float()
 
