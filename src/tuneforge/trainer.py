@@ -33,6 +33,7 @@ from . import checkpoint as ckpt
 from . import kernels
 from .benchmarks import Benchmarks, flat_metrics, forgetting, local_task_paths, primary_keys, table
 from .config import RunConfig, save_config
+from .context_parallel import setup as context_parallel
 from .data.batching import to_device
 from .data.formats import Example, load_examples
 from .data.mixing import LoadedData, general_eval_file, general_eval_tasks, load_mixed, parse_sources
@@ -304,6 +305,8 @@ class Trainer:
             checkpoint_blocks(model, config.checkpoint_every)
         if config.compile:
             compile_blocks(model)
+        # --context-parallel: this rank's share of every sequence (None: whole sequences)
+        self.context = context_parallel(config.context_parallel, self.dist, model, self.objective, self.method)
         self.train_model = self._wrap(model)  # the training forward's module: DDP / FSDP2 under torchrun, else model
         self.ctx = TrainContext(handle=self.handle, reference_model=self.reference_model,
                                 sum_across_ranks=self.dist.sum_tensor if self.dist.enabled else None,
@@ -413,8 +416,12 @@ class Trainer:
         for k in range(self.accumulation):
             items = mine[k * self.micro:(k + 1) * self.micro]
             batch = self.objective.collate(items)
-            units = self.objective.units(batch)  # counted on the CPU copy: no device sync in the step
-            tokens = real_tokens(batch)
+            if self.context is not None:  # this rank's tokens of every row; its own targets and tokens counted
+                batch = self.context.shard(batch)
+                units, tokens = self.context.units(batch), self.context.tokens(batch)
+            else:
+                units = self.objective.units(batch)  # counted on the CPU copy: no device sync in the step
+                tokens = real_tokens(batch)
             batch = to_device(batch, device, non_blocking=True)
             batch[UNITS_KEY], batch[TOKENS_KEY] = units, tokens
             out.append(batch)
@@ -441,7 +448,7 @@ class Trainer:
         total_loss = 0.0
         for i, batch in enumerate(batches):
             with self.saved_activations():
-                loss_sum, metrics = self.objective.loss(self.train_model, batch, self.ctx)
+                loss_sum, metrics = (self.context or self.objective).loss(self.train_model, batch, self.ctx)
             loss = loss_sum * self.dist.world_size / total_units
             extra = self.handle.extra_loss()
             if extra is not None:
