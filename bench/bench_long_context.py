@@ -45,9 +45,9 @@ def one_point(length: int, tiles: str | None, checkpointing: bool) -> dict:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import tuneforge
-    from tuneforge.objectives.logprobs import token_cross_entropy_sum
-    from tuneforge.tiled_mlp import tile_mlps
-    from tuneforge.trainer import checkpoint_blocks
+    from tuneforge.models.logprobs import token_cross_entropy_sum
+    from tuneforge.models.tiled_mlp import tile_mlps
+    from tuneforge.run.model_setup import checkpoint_blocks
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPE, max_position_embeddings=length,

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 import tuneforge
-from tuneforge.context_parallel import ContextParallel, use_context_parallel
-from tuneforge.objectives.logprobs import token_cross_entropy_sum
+from tuneforge.run.context_parallel import ContextParallel, use_context_parallel
+from tuneforge.models.logprobs import token_cross_entropy_sum
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from conftest import make_tiny_model  # noqa: E402

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import tuneforge
-from tuneforge.context_parallel import ContextParallel, check_context_parallel, zigzag_chunks
+from tuneforge.run.context_parallel import ContextParallel, check_context_parallel, zigzag_chunks
 from tuneforge.errors import ConfigError
 from tuneforge.objectives import get_objective
 
@@ -97,7 +97,7 @@ def test_bad_settings_are_one_line_errors(tokenizer):
     (["--nproc-per-node", "2", "--context-parallel", "2", "--objective", "dpo"], "dpo objective"),
 ])
 def test_cli_refuses_before_any_worker_starts(extra, message, tiny_model_dir, sft_file, tmp_path, capsys):
-    from tuneforge.cli import main
+    from tuneforge.commands.main import main
 
     code = main(["train", "--model", str(tiny_model_dir), "--data", str(sft_file), "--output", str(tmp_path / "r"),
                  "--device", "cpu", *extra])
@@ -113,7 +113,7 @@ def test_cli_run_on_two_ranks_reaches_the_single_process_weights(tiny_model_dir,
             "--learning-rate", "1e-2", "--max-length", "64", "--progress", "false", "--warmup-steps", "0",
             "--eval-generate", "false", "--eval-before", "false", "--general-eval", "none", "--device", "cpu",
             "--lora-r", "4"]
-    from tuneforge.cli import main
+    from tuneforge.commands.main import main
 
     assert main(["train", *args, "--output", str(tmp_path / "one")]) == 0
     done = torchrun(["-m", "tuneforge", "train", *args, "--output", str(tmp_path / "two"), "--context-parallel", "2"],

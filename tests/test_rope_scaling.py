@@ -11,8 +11,8 @@ import torch
 
 import tuneforge
 from tuneforge.errors import ConfigError
-from tuneforge.inference import load_for_inference
-from tuneforge.rope_scaling import apply_rope_scaling
+from tuneforge.inference.loading import load_for_inference
+from tuneforge.models.rope_scaling import apply_rope_scaling
 
 from conftest import make_tiny_model
 
@@ -54,7 +54,7 @@ def train_args(model_dir, data, output, *extra) -> list[str]:
 
 
 def test_scaling_travels_with_adapter_and_full_runs(tiny_model_dir, sft_file, tmp_path):
-    from tuneforge.cli import main
+    from tuneforge.commands.main import main
 
     assert main(train_args(tiny_model_dir, sft_file, tmp_path / "lora", "--rope-scaling", "yarn",
                            "--rope-factor", "2")) == 0
@@ -70,7 +70,7 @@ def test_scaling_travels_with_adapter_and_full_runs(tiny_model_dir, sft_file, tm
 
 
 def test_scaling_survives_merge(tiny_model_dir, sft_file, tmp_path):
-    from tuneforge.cli import main
+    from tuneforge.commands.main import main
 
     assert main(train_args(tiny_model_dir, sft_file, tmp_path / "lora", "--rope-scaling", "linear",
                            "--rope-factor", "2")) == 0

@@ -12,9 +12,9 @@ import torch
 
 import tuneforge
 from tuneforge.errors import ConfigError
-from tuneforge.objectives.logprobs import token_cross_entropy_sum
-from tuneforge.tiled_mlp import TiledForward, tile_bounds, tile_count, tile_mlps, untile_mlps
-from tuneforge.trainer import checkpoint_blocks
+from tuneforge.models.logprobs import token_cross_entropy_sum
+from tuneforge.models.tiled_mlp import TiledForward, tile_bounds, tile_count, tile_mlps, untile_mlps
+from tuneforge.run.model_setup import checkpoint_blocks
 
 from conftest import make_tiny_model
 
@@ -63,7 +63,7 @@ def test_tiled_mlp_matches_untiled(arch, method, tiles, tokenizer):
 def test_dropout_draws_the_same_masks_in_the_recompute(tokenizer):
     """With LoRA dropout the tiles draw other masks than one untiled call would (a different shape of draws), but
     the backward recompute must draw the forward's: the gradients equal those of the same tiles kept whole."""
-    from tuneforge.tiled_mlp import tile_bounds
+    from tuneforge.models.tiled_mlp import tile_bounds
 
     kept = make_tiny_model("llama", len(tokenizer)).train()
     tuneforge.attach(kept, tuneforge.LoRAConfig(r=4, lora_dropout=0.3, init_lora_weights=False))
@@ -130,7 +130,7 @@ def test_bad_tiled_mlp_setting_is_a_config_error(value):
 def test_tiled_mlp_from_the_cli(tiny_model_dir, tmp_path, sft_file):
     """End to end: `train --tiled-mlp auto` trains, records the setting, and resumes with it changed (memory for
     time: the same arithmetic)."""
-    from tuneforge.cli import main
+    from tuneforge.commands.main import main
 
     args = ["train", "--model", str(tiny_model_dir), "--data", str(sft_file), "--output", str(tmp_path / "run"),
             "--max-steps", "2", "--batch-size", "4", "--max-length", "64", "--progress", "false",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tuneforge
-from tuneforge.inference import load_for_inference
+from tuneforge.inference.loading import load_for_inference
 from tuneforge.methods.longlora import LongLoRAConfig, group_spans, set_attention, shifted_sparse_attention
 
 from conftest import make_tiny_model
@@ -108,7 +108,7 @@ def test_peft_loads_longlora_files(tokenizer, tmp_path):
 
 
 def test_trained_from_the_cli_loads_back_and_merges(tiny_model_dir, tmp_path, sft_file):
-    from tuneforge.cli import main
+    from tuneforge.commands.main import main
 
     run = tmp_path / "run"
     assert main(["train", "--model", str(tiny_model_dir), "--data", str(sft_file), "--output", str(run),
