@@ -333,6 +333,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     from ..models.loading import DEFAULT_MODEL
 
     gpu_name = args.gpu.lower() if args.gpu else None  # H100 or h100
+    if args.max_length == "auto":  # the longest context that fits, per method and setup (choose/long_context.py)
+        return cmd_longest_context(args)
     check_request(args.goal, args.batch_size, args.max_length, gpu_name)
     gpu_memory = None if args.cpu or args.gpu_memory is None else parse_memory(args.gpu_memory)
     if gpu_name and gpu_memory is None:
@@ -344,6 +346,36 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     hardware = "CPU" if gpu_memory is None else f"GPU with {gpu_memory / 1024:g} GB"
     print(format_report(result, shape, hardware))
     return 0
+
+
+def cmd_longest_context(args: argparse.Namespace) -> int:
+    from ..models.loading import DEFAULT_MODEL
+    from .long_context import format_longest, longest_contexts
+
+    if args.cpu or args.gpu_memory is None:
+        raise ValueError("--max-length auto projects GPU memory: give the GPU's memory (--gpu-memory 80GB)")
+    if args.gpus < 1:
+        raise ValueError(f"--gpus must be a positive integer, got {args.gpus}")
+    gpu_memory = parse_memory(args.gpu_memory)
+    shape = model_shape(args.model or DEFAULT_MODEL, ("full", "lora", "qlora"))
+    rows = longest_contexts(shape, ["qlora", "lora", "full"], gpu_memory, args.gpus, model_heads(args.model))
+    print(format_longest(rows, shape, f"{args.gpus} x GPU with {gpu_memory / 1024:g} GB"))
+    return 0
+
+
+def model_heads(model: str | None) -> int | None:
+    """The attention heads of ``model``'s config (context parallelism splits them), None when unknown."""
+    from transformers import AutoConfig
+
+    from ..models.loading import DEFAULT_MODEL, resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(model or DEFAULT_MODEL))
+    return getattr(getattr(config, "text_config", config), "num_attention_heads", None)
+
+
+def max_length_arg(text: str) -> int | str:
+    """``--max-length``: tokens, or ``auto`` (the longest context that fits)."""
+    return "auto" if text == "auto" else int(text) if text.lstrip("-").isdigit() else text
 
 
 def add_subcommands(sub) -> None:
@@ -358,7 +390,10 @@ def add_subcommands(sub) -> None:
     p.add_argument("--goal", default="task", choices=sorted(SITUATIONS),
                    help="task: SFT; domain: continued pretraining + SFT; alignment: SFT + DPO")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-length", type=max_length_arg, default=512,
+                   help="tokens per example; auto: the longest context that fits, per method and setup (one row per "
+                   "step, checkpointing, tiled MLP, offload, context parallel over --gpus)")
+    p.add_argument("--gpus", type=int, default=1, help="--max-length auto: GPUs the run may use")
     p.set_defaults(func=cmd_recommend)
 
 
