@@ -1,9 +1,10 @@
 """Run under torchrun (2 gloo ranks) by tests/test_context_parallel.py; not a test module itself.
 
 For each case (Llama with grouped-query attention and Qwen2; packed rows whose examples cross the ranks' chunk
-boundaries, and right-padded rows; full fine-tuning and LoRA), both ranks build the same tiny model and batch, compute
-the single-process loss, gradients and logits on a copy, then the same through Ulysses over the 2 ranks, and rank 0
-writes the largest differences to the JSON file named on the command line."""
+boundaries, and right-padded rows; full fine-tuning and LoRA; LoRA with gradient checkpointing and a tiled MLP), both
+ranks build the same tiny model and batch, compute the single-process loss, gradients and logits on a copy, then the
+same through Ulysses over the 2 ranks, and rank 0 writes the largest differences to the JSON file named on the command
+line."""
 
 import copy
 import json
@@ -15,6 +16,8 @@ import torch.distributed as dist
 import tuneforge
 from tuneforge.run.context_parallel import ContextParallel, use_context_parallel
 from tuneforge.models.logprobs import token_cross_entropy_sum
+from tuneforge.models.tiled_mlp import tile_mlps
+from tuneforge.run.model_setup import checkpoint_blocks
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from conftest import make_tiny_model  # noqa: E402
@@ -76,7 +79,7 @@ def context_parallel(model, context, batch):
     return total, int(units), grads, logits
 
 
-def run_case(arch: str, packed: bool, method: str, context: ContextParallel) -> dict:
+def run_case(arch: str, packed: bool, method: str, context: ContextParallel, savers: bool = False) -> dict:
     model = make_tiny_model(arch, VOCAB).train()
     if method == "lora":
         tuneforge.attach(model, tuneforge.LoRAConfig(r=4, init_lora_weights=False))
@@ -84,6 +87,9 @@ def run_case(arch: str, packed: bool, method: str, context: ContextParallel) -> 
         model.requires_grad_(True)
     plain = copy.deepcopy(model)
     use_context_parallel(model, context)
+    if savers:  # long-context runs use all three: the block recompute runs Ulysses' attention again in backward
+        tile_mlps(model, 2)
+        checkpoint_blocks(model)
     batch = packed_batch() if packed else padded_batch()
     loss_a, units_a, grads_a, logits_a = reference(plain, batch)
     loss_b, units_b, grads_b, logits_b = context_parallel(model, context, batch)
@@ -106,6 +112,7 @@ if __name__ == "__main__":
             for method in ("full", "lora"):
                 results[f"{arch}-{'packed' if packed else 'padded'}-{method}"] = run_case(arch, packed, method,
                                                                                            context)
+    results["llama-packed-lora-checkpointed-tiled"] = run_case("llama", True, "lora", context, savers=True)
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(results, f, indent=1)

@@ -36,7 +36,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     done = torchrun([str(HERE / "context_parallel_worker.py"), str(tmp_path / "out.json")], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "out.json").read_text())
-    assert len(results) == 8  # llama / qwen2 x packed / padded x full / lora
+    assert len(results) == 9  # llama / qwen2 x packed / padded x full / lora, and checkpointed + tiled
     for case, r in results.items():
         assert r["loss"][1] == pytest.approx(r["loss"][0], rel=1e-5), case
         assert r["units"][0] == r["units"][1], case

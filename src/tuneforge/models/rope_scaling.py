@@ -3,8 +3,8 @@
 The model's ``config.rope_parameters`` gets transformers' own fields (``rope_type``, ``factor``, and for YaRN the
 ``original_max_position_embeddings`` it stretches), and every rotary-embedding module is rebuilt from the changed
 config, so the frequencies are the ones transformers computes for a model created with that config (checked by
-tests/test_long_context.py). The config travels with the run: a full fine-tune's ``config.json`` holds it, and an
-adapter's run folder records it in ``tuneforge.yaml``, which ``inference.load_for_inference`` re-applies.
+tests/test_rope_scaling.py). The config travels with the run: a full fine-tune's ``config.json`` holds it, and an
+adapter's run folder records it in ``tuneforge.yaml``, which ``inference.loading.load_for_inference`` re-applies.
 
 * linear: positions divided by F (Chen et al. 2023, position interpolation); the model reads F x its length.
 * dynamic: NTK-aware base scaling that grows only once a sequence passes the trained length (no change below it).
