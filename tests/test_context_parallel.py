@@ -109,7 +109,9 @@ def test_cli_refuses_before_any_worker_starts(extra, message, tiny_model_dir, sf
 def test_cli_run_on_two_ranks_reaches_the_single_process_weights(tiny_model_dir, tmp_path):
     """2 ranks, one context-parallel group (data-parallel world 1): the same global batches, the same updates."""
     data = write_jsonl(tmp_path / "sft.jsonl", qa_rows(8))
-    args = ["--model", str(tiny_model_dir), "--data", str(data), "--max-steps", "2", "--batch-size", "4",
+    evals = write_jsonl(tmp_path / "eval.jsonl", qa_rows(5))  # evaluation runs whole rows, each rank alone
+    args = ["--model", str(tiny_model_dir), "--data", str(data), "--eval-data", str(evals), "--max-steps", "2",
+            "--batch-size", "4",
             "--learning-rate", "1e-2", "--max-length", "64", "--progress", "false", "--warmup-steps", "0",
             "--eval-generate", "false", "--eval-before", "false", "--general-eval", "none", "--device", "cpu",
             "--lora-r", "4"]
@@ -128,3 +130,5 @@ def test_cli_run_on_two_ranks_reaches_the_single_process_weights(tiny_model_dir,
             for run in ("one", "two")]
     assert [r["tokens"] for r in logs[0] if "tokens" in r] == [r["tokens"] for r in logs[1] if "tokens" in r]
     assert [r["units"] for r in logs[0] if "units" in r] == [r["units"] for r in logs[1] if "units" in r]
+    evals = [[r["eval_loss"] for r in log if "eval_loss" in r] for log in logs]
+    assert len(evals[0]) == 1 and evals[1] == pytest.approx(evals[0], rel=1e-4)
