@@ -41,10 +41,8 @@ def zigzag_chunks(size: int, index: int) -> tuple[int, int]:
     return index, 2 * size - 1 - index
 
 
-def check_context_parallel(size: int, world_size: int, model_config: Any, model_class: type | None = None,
-                           objective: Any = None, method: Any = None) -> None:
-    """Bad settings for ``--context-parallel``, each one line (ConfigError: exit 2). ``objective`` and ``method`` are
-    the classes of the run's; ``model_config`` the model's (its heads and attention implementation)."""
+def check_world(size: int, world_size: int) -> None:
+    """The settings that need no model: run before anything loads."""
     if size == 1:
         return
     if world_size == 1:
@@ -53,6 +51,15 @@ def check_context_parallel(size: int, world_size: int, model_config: Any, model_
     if world_size % size:
         raise ConfigError(f"--context-parallel {size} does not divide the {world_size} ranks (the data-parallel "
                           "world is ranks / context-parallel)")
+
+
+def check_context_parallel(size: int, world_size: int, model_config: Any, model_class: type | None = None,
+                           objective: Any = None, method: Any = None) -> None:
+    """Bad settings for ``--context-parallel``, each one line (ConfigError: exit 2). ``objective`` and ``method`` are
+    the classes of the run's; ``model_config`` the model's (its heads and attention implementation)."""
+    check_world(size, world_size)
+    if size == 1:
+        return
     config = getattr(model_config, "text_config", model_config)
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
     if model_class is not None and not getattr(model_class, "_supports_attention_backend", False) or not heads:

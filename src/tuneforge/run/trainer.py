@@ -37,6 +37,7 @@ from ..models.loading import default_device, default_dtype, load_model, resolve_
 from ..models.rope_scaling import apply_rope_scaling
 from ..models.tiled_mlp import tile_mlps
 from ..objectives import TrainContext
+from .context_parallel import check_world
 from .context_parallel import setup as context_parallel
 from .distributed import Distributed
 from .evaluators import evaluators_for
@@ -85,6 +86,7 @@ class Trainer:
         self.method = config.method_class
         # Under torchrun: join the process group; this rank's device (cuda:LOCAL_RANK, or the CPU with gloo).
         self.dist = Distributed.from_env(config.distributed_strategy, config.device)
+        check_world(config.context_parallel, self.dist.world_size)  # before the model loads
         self.run_dir = RunDirectory(config, self.dist, self.tracking, self.model_reference)
         if model is None:
             device = str(self.dist.device) if self.dist.enabled else (config.device or str(default_device()))
