@@ -1,7 +1,7 @@
 """``--context-parallel N`` (Ulysses all-to-all over heads, zig-zag chunks) on 2 gloo ranks: logits, loss, target
 counts and gradients equal the single-process run on Llama (grouped-query attention) and Qwen2, packed rows whose
-examples straddle the ranks' chunks and padded rows, full fine-tuning and LoRA; a CLI run on 2 ranks reaches the
-weights one process reaches; bad settings are one line and exit 2 before any worker starts."""
+examples straddle the ranks' chunks and padded rows, full fine-tuning and LoRA; CLI runs on 2 ranks (LoRA under DDP,
+full fine-tuning under FSDP2) reach the weights one process reaches; bad settings are one line and exit 2 before any worker starts."""
 
 from __future__ import annotations
 
@@ -106,23 +106,26 @@ def test_cli_refuses_before_any_worker_starts(extra, message, tiny_model_dir, sf
 
 
 @pytest.mark.slow
-def test_cli_run_on_two_ranks_reaches_the_single_process_weights(tiny_model_dir, tmp_path):
-    """2 ranks, one context-parallel group (data-parallel world 1): the same global batches, the same updates."""
+@pytest.mark.parametrize("method", [["--lora-r", "4"], ["--method", "full", "--distributed", "fsdp",
+                                                       "--learning-rate", "1e-3"]], ids=["lora-ddp", "full-fsdp"])
+def test_cli_run_on_two_ranks_reaches_the_single_process_weights(method, tiny_model_dir, tmp_path):
+    """2 ranks, one context-parallel group (data-parallel world 1): the same global batches, the same updates; LoRA
+    under DDP and full fine-tuning under FSDP2."""
     data = write_jsonl(tmp_path / "sft.jsonl", qa_rows(8))
     evals = write_jsonl(tmp_path / "eval.jsonl", qa_rows(5))  # evaluation runs whole rows, each rank alone
     args = ["--model", str(tiny_model_dir), "--data", str(data), "--eval-data", str(evals), "--max-steps", "2",
             "--batch-size", "4",
             "--learning-rate", "1e-2", "--max-length", "64", "--progress", "false", "--warmup-steps", "0",
             "--eval-generate", "false", "--eval-before", "false", "--general-eval", "none", "--device", "cpu",
-            "--lora-r", "4"]
+            *method]
     from tuneforge.commands.main import main
 
     assert main(["train", *args, "--output", str(tmp_path / "one")]) == 0
     done = torchrun(["-m", "tuneforge", "train", *args, "--output", str(tmp_path / "two"), "--context-parallel", "2"],
                     tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    one = load_file(tmp_path / "one" / "adapter_model.safetensors")
-    two = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    weights = "adapter_model.safetensors" if "full" not in method else "model.safetensors"
+    one, two = load_file(tmp_path / "one" / weights), load_file(tmp_path / "two" / weights)
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
