@@ -1,7 +1,8 @@
 """``--context-parallel N`` (Ulysses all-to-all over heads, zig-zag chunks) on 2 gloo ranks: logits, loss, target
 counts and gradients equal the single-process run on Llama (grouped-query attention) and Qwen2, packed rows whose
 examples straddle the ranks' chunks and padded rows, full fine-tuning and LoRA; CLI runs on 2 ranks (LoRA under DDP,
-full fine-tuning under FSDP2) reach the weights one process reaches; bad settings are one line and exit 2 before any worker starts."""
+full fine-tuning under FSDP2) reach the weights one process reaches; bad settings are one line and exit 2 before any
+worker starts."""
 
 from __future__ import annotations
 
