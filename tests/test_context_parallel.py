@@ -136,3 +136,26 @@ def test_cli_run_on_two_ranks_reaches_the_single_process_weights(method, tiny_mo
     assert [r["units"] for r in logs[0] if "units" in r] == [r["units"] for r in logs[1] if "units" in r]
     evals = [[r["eval_loss"] for r in log if "eval_loss" in r] for log in logs]
     assert len(evals[0]) == 1 and evals[1] == pytest.approx(evals[0], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_stopped_context_parallel_run_resumes_to_the_uninterrupted_weights(tiny_model_dir, tmp_path):
+    """A 2-rank context-parallel run killed as step 3 begins (after its step-2 checkpoint) and resumed in fresh
+    processes ends at the weights of the run that was never stopped (tests/distributed_worker.py does the kill)."""
+    data = write_jsonl(tmp_path / "sft.jsonl", qa_rows(8))
+    run = {"model": str(tiny_model_dir), "data": str(data), "max_steps": 4, "batch_size": 4, "learning_rate": 1e-2,
+           "max_length": 64, "progress": False, "warmup_steps": 0, "eval_generate": False, "eval_before": False,
+           "general_eval": "none", "device": "cpu", "context_parallel": 2, "method_options": {"r": 4}}
+    whole = {**run, "output": str(tmp_path / "whole")}
+    stopped = {**run, "output": str(tmp_path / "stopped"), "save_every": 2, "_stop_before_step": 2}
+    worker = str(HERE / "distributed_worker.py")
+    done = torchrun([worker, json.dumps([whole, stopped])], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (tmp_path / "stopped" / "adapter_model.safetensors").exists()
+    resumed = {**run, "output": str(tmp_path / "stopped"), "save_every": 2, "resume": True}
+    done = torchrun([worker, json.dumps([resumed])], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    two = load_file(tmp_path / "stopped" / "adapter_model.safetensors")
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
