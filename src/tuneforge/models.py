@@ -410,11 +410,13 @@ def load_model(
     quantization_config=None,
     trust_remote_code: bool = False,
 ):
-    """Load ``(model, tokenizer)``.
+    """Load ``(model, tokenizer)``; for a vision-language model, ``(model, tuneforge.vision.VisionProcessor)``.
 
     ``quantization_config`` is passed to transformers (QLoRA uses a bitsandbytes 4-bit config).
     """
     from transformers import AutoModelForCausalLM
+
+    from .vision.loading import load_vision_model, vision_model_type
 
     path = resolve_model_path(name)
     device = torch.device(device) if device is not None else default_device()
@@ -429,6 +431,13 @@ def load_model(
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device}
+    vision_type = vision_model_type(path) if isinstance(path, Path) else None
+    if vision_type is not None:  # a vision tower in the config: the model with its processor (tuneforge.vision)
+        with model_construction(path):
+            model, processor = load_vision_model(path, vision_type, kwargs, device, trust_remote_code)
+        model.config.use_cache = False
+        model.name_or_path = str(name)
+        return model, processor
     with model_construction(path):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quantization_config is None:
