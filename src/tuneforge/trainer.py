@@ -47,6 +47,8 @@ from .models import default_device, default_dtype, load_model, resolve_model_ref
 from .objectives import Objective, TrainContext
 from .outputs import OutputConflict, check_not_input
 from .tracking import Tracking
+from .vision import scope as vision_scope
+from .vision.loading import is_vision_model
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +168,8 @@ def packing_refusal(method: type[Method], objective: Objective, model: nn.Module
         return f"the {objective.name} objective builds its own batches"
     if method.packing_refusal:
         return f"{method.name} cannot pack: {method.packing_refusal}"
+    if is_vision_model(model):
+        return vision_scope.packing_refusal(model)
     return model_packing_refusal(model)
 
 
@@ -285,11 +289,18 @@ class Trainer:
         self.objective = config.objective_class(tokenizer, config.objective_config())
         method_config = config.method_config()
         method_config.bind_tokenizer(tokenizer)  # e.g. prompt tuning initialised from a hard prompt's text
+        # A vision-language model: its image limit, the method checked, LoRA narrowed to the language model unless
+        # --tune-vision / --tune-projector (vision/scope.py).
+        method_config = vision_scope.prepare_run(model, tokenizer, self.method, method_config,
+                                                 tune_vision=config.tune_vision, tune_projector=config.tune_projector,
+                                                 max_image_pixels=config.max_image_pixels)
         # A method that changes the base weights has no adapter to switch off: DPO / PPO need a frozen copy,
         # taken before training starts.
         needs_copy = self.objective.needs_reference and self.method.trains_base_weights
         self.reference_model = self._frozen_copy(model) if needs_copy else None
         self.handle = self.method.attach(model, method_config)
+        if self.method.trains_base_weights and is_vision_model(model):
+            vision_scope.freeze_untrained_parts(model, config.tune_vision, config.tune_projector)
         self.objective.pack_capacity = config.max_length if self._packs(model) else None
         self._upcast_trainable()
         if config.gradient_checkpointing:

@@ -295,8 +295,8 @@ def _part(part: Any, where: str) -> dict[str, str]:
         if len(given) == 1 and isinstance(part[given[0]], str):
             return {"type": "image", given[0]: part[given[0]]}
         raise DataError(f"{where}: an image part needs exactly one of {', '.join(IMAGE_SOURCES)} (a string)")
-    raise DataError(f"{where}: expected {{\"type\": \"text\", \"text\": ...}} or {{\"type\": \"image\", \"path\": ...}}, "
-                    f"got {json.dumps(part)[:80]}")
+    raise DataError(f"{where}: expected a text part {{\"type\": \"text\", \"text\": ...}} or an image part "
+                    f"{{\"type\": \"image\", \"path\": ...}}, got {json.dumps(part)[:80]}")
 
 
 def with_image_paths(example: Example, data_file: str | Path) -> Example:

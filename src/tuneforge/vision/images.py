@@ -60,7 +60,8 @@ def open_image(data: bytes, max_pixels: int | None = None) -> Any:
         image = Image.open(io.BytesIO(data))
         pixels = image.width * image.height
         if max_pixels is not None and pixels > max_pixels:
-            raise ImageError(f"{image.width}x{image.height} = {pixels:,} pixels, over --max-image-pixels {max_pixels:,}")
+            raise ImageError(f"{image.width}x{image.height} = {pixels:,} pixels, over --max-image-pixels "
+                             f"{max_pixels:,}")
         image.load()
     except ImageError:
         raise

@@ -72,7 +72,8 @@ def template_messages(messages: list[Message]) -> list[dict[str, Any]]:
         if isinstance(content, str):
             parts = [{"type": "text", "text": content}]
         else:
-            parts = [{"type": "image"} if p["type"] == "image" else {"type": "text", "text": p["text"]} for p in content]
+            parts = [{"type": "image"} if p["type"] == "image" else {"type": "text", "text": p["text"]}
+                     for p in content]
         out.append({"role": m["role"], "content": parts})
     return out
 
@@ -234,3 +235,14 @@ class VisionProcessor(ChatEncoder):
             images.append(load_images(example, messages, self.max_image_pixels))
             texts.append(self.apply_chat_template(messages, add_generation_prompt=True))
         return self.inputs(texts, images, padding_side="left")
+
+
+def with_image_options(tokenizer, images: list[str] | None, max_image_pixels: int | None, prompt: str | None) -> None:
+    """``generate --image`` / ``--max-image-pixels``: refused in one line for a text-only model or without a prompt."""
+    from ..errors import ConfigError
+
+    if not isinstance(tokenizer, VisionProcessor):
+        raise ConfigError("--image needs a vision-language model; this model is text-only (it has no vision tower)")
+    if images and prompt is None:
+        raise ConfigError("--image goes with --prompt (records in --data carry their own image parts)")
+    tokenizer.max_image_pixels = max_image_pixels
