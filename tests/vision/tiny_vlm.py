@@ -126,3 +126,29 @@ def solid(colour: str, size: tuple[int, int] = (40, 36)):
     from PIL import Image
 
     return Image.new("RGB", size, RGB[colour])
+
+
+def colour_task(folder: Path, n: int, seed: int, blank: bool = False) -> Path:
+    """``n`` records "what colour is this image?" -> the colour's name, balanced over ``COLOURS``, each image a
+    solid colour with its own shade and size. ``blank``: every image the same grey (the control that shows the
+    answers come from the pixels, not from the text)."""
+    import json
+    import random
+
+    from PIL import Image
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        colour = COLOURS[i % len(COLOURS)]
+        shade = (128, 128, 128) if blank else tuple(min(255, max(0, c + rng.randint(-40, 40))) for c in RGB[colour])
+        name = f"{seed}-{i}.png"
+        Image.new("RGB", (rng.randint(24, 64), rng.randint(24, 64)), shade).save(folder / name)
+        rows.append({"messages": [
+            {"role": "user", "content": [{"type": "image", "path": name},
+                                         {"type": "text", "text": "What colour is the image?"}]},
+            {"role": "assistant", "content": colour}]})
+    path = folder / f"colours-{seed}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
