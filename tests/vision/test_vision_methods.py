@@ -132,3 +132,16 @@ def test_dpo_with_images(vlm_dir, tmp_path):
     steps = [r for r in log if "rewards/margins" in r]
     assert steps[0]["loss"] == pytest.approx(0.693147, abs=1e-4)  # policy = reference at the first step
     assert steps[-1]["rewards/margins"] > steps[0]["rewards/margins"]
+
+
+def test_eval_scores_records_with_their_images(lora_run, colour_data, capsys):
+    base, run = lora_run
+    assert main(["eval", "--adapter", str(run), "--data", str(colour_data), "--json", "--dtype", "float32"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model, processor, _ = load_for_inference(str(base), run, "cpu", "float32")
+    objective = SFT(processor, {})
+    batch = objective.collate(objective.prepare(load_examples(colour_data), 512))
+    with torch.no_grad():
+        loss, _ = objective.loss(model, batch, None)
+    assert result["loss"] == pytest.approx(float(loss) / objective.units(batch), rel=1e-5)
+    assert 0.0 <= result["exact_match"] <= 1.0 and result["n"] == len(load_examples(colour_data))
