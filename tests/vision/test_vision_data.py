@@ -103,3 +103,12 @@ def test_the_image_reaches_the_model(family_model, records, tmp_path):
         batch = objective.collate(objective.prepare([example], 512))
         losses.append(float(objective.loss(model, batch, None)[0].detach()))
     assert losses[0] != losses[1]
+
+
+def test_preview_shows_image_tokens_as_a_count(vlm_dir, records, capsys):
+    from tuneforge.commands.main import main
+
+    assert main(["data", "preview", str(records), "--model", str(vlm_dir("qwen2_vl"))]) == 0
+    out = capsys.readouterr().out
+    assert "<|vision_start|><|image_pad|>x4<|vision_end|>What colour?" in out  # 56 x 56 pixels: 4 merged patches
+    assert "[[red<|im_end|>]]" in out

@@ -107,6 +107,9 @@ class ChatEncoder:
     (``tuneforge.vision``) encodes a record's text and images together and makes the batch, pixel tensors included.
     Objectives keep calling ``tokenize_chat`` / ``tokenize_pair`` and ``collate_tokens``; those hand over to it."""
 
+    image_token_ids: set[int] = set()
+    """Token ids that stand for images (never labels; ``tuneforge data preview`` shows a run of them as a count)."""
+
     def encode_chat(self, example: Example, train_on_prompt: bool = False, supervise_from: int = 0) -> Tokenized:
         """As ``tokenize_chat``; only assistant turns at index >= ``supervise_from`` carry labels."""
         raise NotImplementedError

@@ -395,7 +395,13 @@ def default_device() -> torch.device:
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    from ..vision.loading import vision_model_type
+    from ..vision.processor import VisionProcessor, load_processor
+
     path = resolve_model_path(name)
+    vision_type = vision_model_type(path) if isinstance(path, Path) else None
+    if vision_type is not None:  # a vision-language model: its processor stands in for the tokenizer
+        return VisionProcessor(load_processor(path, vision_type, trust_remote_code), vision_type)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         # Padding positions never carry loss or attention, so reusing EOS as pad is safe.
