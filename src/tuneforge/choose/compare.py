@@ -185,7 +185,7 @@ def run_config(args: list[str]) -> RunConfig:
     overrides = parse_overrides(tokens)
     overrides.pop("nproc_per_node", None)  # a launcher flag, not a config key
     if path is None and overrides.get("data") is None:
-        from ..run.trainer import DEMO_DIR
+        from ..run.training_data import DEMO_DIR
 
         path = str(DEMO_DIR / "demo.yaml")
     return load_config(path, overrides)

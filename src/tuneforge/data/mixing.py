@@ -61,6 +61,14 @@ class LoadedData:
     sources: list[dict[str, Any]] = field(default_factory=list)  # per source: records, weight, examples drawn
     stream: RecordStream | None = None  # --streaming: the training records, read as training goes (train is empty)
 
+    def mix(self) -> list[dict[str, Any]] | None:
+        """What each source of a mix gave (a stream's known once it was read); None for one source."""
+        if len(self.sources) > 1:
+            return self.sources
+        if self.stream is not None and len(self.stream.sources) > 1:
+            return self.stream.summary()
+        return None
+
 
 def parse_source(entry: Any) -> DataSource:
     """``"path"``, ``"path:0.8"`` or ``{path: ..., weight: 0.8}``. A hub id's ``:split`` is not a weight: only a
