@@ -113,3 +113,11 @@ def test_preview_shows_image_tokens_as_a_count(vlm_dir, records, capsys):
     out = capsys.readouterr().out
     assert re.search(r"<\|vision_start\|><\|image_pad\|>x\d+<\|vision_end\|>What colour\?", out)
     assert "[[red<|im_end|>]]" in out
+
+
+def test_train_on_prompt_never_labels_image_tokens(family_model, records):
+    _, _, processor = family_model
+    item = SFT(processor, {"train_on_prompt": True}).prepare(load_examples(records), 512)[0]
+    images = [i for i, t in enumerate(item.input_ids) if t in processor.image_token_ids]
+    assert images and all(item.labels[i] == IGNORE_INDEX for i in images)
+    assert sum(label != IGNORE_INDEX for label in item.labels) > len(item.input_ids) // 3  # the prompt's text is

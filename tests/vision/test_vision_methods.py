@@ -145,3 +145,10 @@ def test_eval_scores_records_with_their_images(lora_run, colour_data, capsys):
         loss, _ = objective.loss(model, batch, None)
     assert result["loss"] == pytest.approx(float(loss) / objective.units(batch), rel=1e-5)
     assert 0.0 <= result["exact_match"] <= 1.0 and result["n"] == len(load_examples(colour_data))
+
+
+@pytest.mark.parametrize("extra", [("--lora-use-dora", "true"), ("--method", "adalora")])
+def test_dora_and_adalora_train_the_language_model(vlm_dir, colour_data, tmp_path, extra):
+    train(vlm_dir("llava"), colour_data, tmp_path / "run", "--max-steps", "2", *extra)
+    keys = adapter_keys(tmp_path / "run")
+    assert keys and all(".language_model." in k for k in keys)

@@ -81,7 +81,7 @@ def method_refusal(method, config) -> str | None:
     if method.trains_base_weights or any(f.name == "target_modules" for f in dataclasses.fields(config)):
         return None
     return (f"{method.name} is not supported on vision-language models (its virtual tokens would shift the image "
-            "tokens the processor placed); use lora, qlora, dora or full")
+            "tokens the processor placed); use lora (DoRA: --lora-use-dora true), qlora, adalora or full")
 
 
 def packing_refusal(model: nn.Module) -> str:
