@@ -2,7 +2,8 @@
 
 One tiny byte-level BPE tokenizer (trained in milliseconds on a few sentences) with each family's image tokens, a
 ChatML chat template that places each family's image placeholder, and a few-thousand-parameter model per family:
-Qwen2-VL (patch merger, multimodal rotary ids), Idefics3 (pixel-shuffle connector), LLaVA (projector).
+Qwen2-VL (patch merger, multimodal rotary ids), Idefics3 (pixel-shuffle connector), LLaVA (projector), Mllama
+(cross-attention layers).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("qwen2_vl", "idefics3", "llava")
+FAMILIES = ("qwen2_vl", "idefics3", "llava", "mllama")
 COLOURS = ("red", "green", "blue", "yellow")
 RGB = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220), "yellow": (240, 230, 30)}
 
@@ -19,12 +20,14 @@ SPECIALS = {
     "qwen2_vl": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
     "idefics3": ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"],
     "llava": ["<image>"],
+    "mllama": ["<|image|>", "<|begin_of_text|>", "<|python_tag|>"],
 }
-PLACEHOLDER = {"qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>", "idefics3": "<image>", "llava": "<image>"}
+PLACEHOLDER = {"qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>", "idefics3": "<image>", "llava": "<image>",
+               "mllama": "<|image|>"}
 
 
-def chat_template(placeholder: str) -> str:
-    return ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+def chat_template(placeholder: str, bos: str = "") -> str:
+    return (bos + "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
             "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
             "{% for part in message['content'] %}{% if part['type'] == 'image' %}" + placeholder +
             "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
@@ -43,7 +46,8 @@ def tiny_tokenizer(family: str):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     corpus = ["What colour is the image? It is " + " ".join(COLOURS) + ". Describe the picture. user assistant"]
     tok.train_from_iterator(corpus * 20, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    bos = {"bos_token": "<|begin_of_text|>"} if family == "mllama" else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", **bos)
 
 
 def text_config(vocab: int, **extra) -> dict:
@@ -57,7 +61,7 @@ def build(family: str, directory: Path, seed: int = 0) -> Path:
 
     tokenizer = tiny_tokenizer(family)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS[family]}
-    template = chat_template(PLACEHOLDER[family])
+    template = chat_template(PLACEHOLDER[family], "<|begin_of_text|>" if family == "mllama" else "")
     vocab = len(tokenizer)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if family == "qwen2_vl":
@@ -104,10 +108,28 @@ def build(family: str, directory: Path, seed: int = 0) -> Path:
                                       vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                       chat_template=template)
         model_class = tr.LlavaForConditionalGeneration
+    elif family == "mllama":
+        from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+        config = tr.MllamaConfig(
+            text_config=text_config(vocab, cross_attention_layers=[1], eos_token_id=eos, pad_token_id=pad,
+                                    bos_token_id=tokenizer.bos_token_id),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
+                               attention_heads=2, image_size=28, patch_size=14, max_num_tiles=1,
+                               intermediate_layers_indices=[0], vision_output_dim=64,
+                               supported_aspect_ratios=[[1, 1]]),
+            image_token_index=ids["<|image|>"])
+        images = MllamaImageProcessorPil(size={"height": 28, "width": 28}, max_image_tiles=1)
+        processor = tr.MllamaProcessor(image_processor=images, tokenizer=tokenizer, chat_template=template)
+        model_class = tr.MllamaForConditionalGeneration
     else:
         raise ValueError(family)
     torch.manual_seed(seed)
     model = model_class(config).eval()
+    with torch.no_grad():  # Mllama's cross-attention gates start closed (tanh(0)): open them, or images do nothing
+        for name, param in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                param.fill_(1.0)
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = pad
     model.save_pretrained(directory)
