@@ -89,3 +89,10 @@ def test_generate_image_on_a_text_only_model(capsys, tiny_model_dir, data):
                  str(tiny_model_dir / "config.json")])
     assert code == 2
     assert "--image needs a vision-language model" in capsys.readouterr().err
+
+
+def test_streaming_reads_images_relative_to_the_file(capsys, vlm_dir, data, tmp_path):
+    path = data({"type": "image", "path": "red.png"}, {"type": "image", "path": "red.png"})
+    code = main(["train", "--model", str(vlm_dir("qwen2_vl")), "--data", str(path), "--streaming", "--output",
+                 str(tmp_path / "run"), *QUIET])
+    assert code == 0, capsys.readouterr().err

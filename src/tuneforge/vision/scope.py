@@ -52,10 +52,15 @@ def trained_pattern(model: nn.Module, tune_vision: bool, tune_projector: bool) -
     return r"(?:" + "|".join(keep) + r")\..*"
 
 
+def has_target_modules(config) -> bool:
+    """Whether a method config chooses linear layers to wrap (the LoRA family's ``target_modules``)."""
+    return any(f.name == "target_modules" for f in dataclasses.fields(config))
+
+
 def scoped_method_config(model: nn.Module, config, tune_vision: bool, tune_projector: bool):
     """``config`` with ``target_modules: all-linear`` narrowed to the parts the run trains. An explicit list or
     pattern is the user's choice and stays as given."""
-    if getattr(config, "target_modules", None) != "all-linear":
+    if not has_target_modules(config) or config.target_modules != "all-linear":
         return config
     return dataclasses.replace(config, target_modules=trained_pattern(model, tune_vision, tune_projector))
 
@@ -78,7 +83,7 @@ def method_refusal(method, config) -> str | None:
     """Why ``method`` cannot train a VLM here, or None: methods that wrap linear layers (the LoRA family, adapters)
     and full fine-tuning can; virtual-token methods would put their tokens before the image tokens, which the
     processors place by position, so they are refused."""
-    if method.trains_base_weights or any(f.name == "target_modules" for f in dataclasses.fields(config)):
+    if method.trains_base_weights or has_target_modules(config):
         return None
     return (f"{method.name} is not supported on vision-language models (its virtual tokens would shift the image "
             "tokens the processor placed); use lora (DoRA: --lora-use-dora true), qlora, adalora or full")
