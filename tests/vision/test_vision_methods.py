@@ -152,3 +152,18 @@ def test_dora_and_adalora_train_the_language_model(vlm_dir, colour_data, tmp_pat
     train(vlm_dir("llava"), colour_data, tmp_path / "run", "--max-steps", "2", *extra)
     keys = adapter_keys(tmp_path / "run")
     assert keys and all(".language_model." in k for k in keys)
+
+
+@pytest.mark.parametrize("objective", ["orpo", "simpo"])
+def test_other_pair_objectives_with_images(vlm_dir, tmp_path, objective):
+    rows = []
+    for colour, wrong in zip(COLOURS, COLOURS[1:] + COLOURS[:1]):
+        solid(colour).save(tmp_path / f"{colour}.png")
+        rows.append({"prompt": [{"role": "user", "content": [{"type": "image", "path": f"{colour}.png"},
+                                                             {"type": "text", "text": "Colour?"}]}],
+                     "chosen": colour, "rejected": wrong})
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train(vlm_dir("llava"), data, tmp_path / "run", "--objective", objective, "--max-steps", "2")
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == r["loss"] for r in log if "loss" in r)  # finite: both sides scored with their images
