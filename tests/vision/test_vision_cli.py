@@ -96,3 +96,10 @@ def test_streaming_reads_images_relative_to_the_file(capsys, vlm_dir, data, tmp_
     code = main(["train", "--model", str(vlm_dir("qwen2_vl")), "--data", str(path), "--streaming", "--output",
                  str(tmp_path / "run"), *QUIET])
     assert code == 0, capsys.readouterr().err
+
+
+def test_a_text_chat_template_is_refused(capsys, vlm_dir, data):
+    path = data({"type": "image", "path": "red.png"})
+    code, line = train(capsys, vlm_dir("llava"), path, "--chat-template", "chatml")
+    assert code == 2
+    assert "renders its images with its own chat template" in line

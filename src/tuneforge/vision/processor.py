@@ -138,7 +138,11 @@ class VisionProcessor(ChatEncoder):
 
     @chat_template.setter
     def chat_template(self, value: str) -> None:
-        self.processor.chat_template = value
+        # The text fallbacks (chatml, alpaca, plain) know no image parts: a VLM keeps the template that places them.
+        from ..errors import ConfigError
+
+        raise ConfigError("a vision-language model renders its images with its own chat template; --chat-template "
+                          "cannot replace it" + ("" if self.processor.chat_template else " (and this model has none)"))
 
     def apply_chat_template(self, messages: list[Message], tokenize: bool = False,
                             add_generation_prompt: bool = False, **kwargs) -> str:
