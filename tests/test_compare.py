@@ -23,6 +23,7 @@ from tuneforge.run.reuse import SettingsChanged
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+@pytest.mark.slow  # a training child process per method (~5 min on 2 busy cores)
 def test_two_methods_two_steps_each_in_its_own_process(tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "sft.jsonl", qa_rows(8))
     out = tmp_path / "cmp"
@@ -47,6 +48,7 @@ def test_two_methods_two_steps_each_in_its_own_process(tmp_path, tiny_model_dir)
     assert proc.stderr.count("general-text perplexity: 1 example(s) in") == 4  # before and after, per method
 
 
+@pytest.mark.slow  # compare killed and resumed: training children (~30 s)
 def test_a_killed_compare_skips_finished_methods_and_resumes_the_rest(tmp_path):
     """The runner is faked: what matters is which methods are trained again and with which flags."""
     calls = []

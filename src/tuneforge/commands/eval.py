@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 
 from ..errors import ConfigError
 from .common import inference_args, inference_dtype
@@ -26,7 +27,7 @@ def add_subcommands(sub) -> None:
     ev.set_defaults(func=cmd_eval, max_new_tokens=32)
 
 
-def cmd_eval(args: argparse.Namespace, extra: list[str] = ()) -> int:
+def cmd_eval(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     if (args.data is None) == (args.tasks is None):
         raise ConfigError("tuneforge eval: give --data FILE (exact match, perplexity, preference accuracy) or --tasks "
                           "NAME[,NAME] (lm-evaluation-harness benchmarks), not both")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..outputs import check_output, staged_file
@@ -34,7 +35,7 @@ def add_subcommands(sub) -> None:
     gen.set_defaults(func=cmd_generate, max_new_tokens=128)
 
 
-def cmd_generate(args: argparse.Namespace, extra: list[str] = ()) -> int:
+def cmd_generate(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     from ..data.bundled import held_out_name
     from ..data.formats import load_prompts
     from ..inference.generate import generate

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 
 def add_subcommands(sub) -> None:
@@ -17,7 +18,7 @@ def add_subcommands(sub) -> None:
     merge.set_defaults(func=cmd_merge)
 
 
-def cmd_merge(args: argparse.Namespace, extra: list[str] = ()) -> int:
+def cmd_merge(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     from ..artifacts.merge import merge_adapter
 
     report = merge_adapter(args.adapter, args.output, model_name=args.model, device=args.device,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 from ..flags import parse_overrides
 
@@ -14,7 +15,7 @@ def add_subcommands(sub) -> None:
     methods.set_defaults(func=cmd_methods, passthrough=True)
 
 
-def cmd_methods(args: argparse.Namespace, extra: list[str] = ()) -> int:
+def cmd_methods(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     from ..methods.report import methods_table
 
     print(methods_table(args.model, parse_overrides(list(extra))))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
@@ -53,7 +54,7 @@ def config_from_args(config_path: str | None, extra: list[str]) -> RunConfig:
 # -- commands ------------------------------------------------------------------------------------------
 
 
-def cmd_train(args: argparse.Namespace, extra: list[str] = ()) -> int:
+def cmd_train(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     from ..run.distributed import is_main_process
     from ..run.trainer import train
 

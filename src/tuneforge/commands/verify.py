@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Sequence
 
 
 def add_subcommands(sub) -> None:
@@ -29,7 +30,7 @@ def add_subcommands(sub) -> None:
     ver.set_defaults(func=cmd_verify)
 
 
-def cmd_verify(args: argparse.Namespace, extra: list[str] = ()) -> int:
+def cmd_verify(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     from ..artifacts.verify import format_summary, verify
 
     summary = verify(args.run, args.against, model=args.model, device=args.device, n_prompts=args.prompts,

@@ -35,7 +35,7 @@ class MethodConfig(Options):
     """Base class of every method's config. Subclasses are dataclasses with one documented field per option."""
 
     kind: ClassVar[str] = "method"
-    method: ClassVar[str] = ""
+    method: ClassVar[str] = ""  # the registered method's name, set when it registers (registry.py)
 
     @classmethod
     def owner_name(cls) -> str:

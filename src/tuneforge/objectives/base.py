@@ -21,13 +21,17 @@ from ..options import Options
 from ..registry import Registry
 
 
+# What ``loss`` returns beside the loss: metric sums, as floats or detached 0-d tensors (the trainer adds tensors up on
+# the device and reads them once per optimiser step).
+Metrics = dict[str, float | torch.Tensor]
+
 
 @dataclasses.dataclass
 class ObjectiveConfig(Options):
     """Base class of an objective's options: a dataclass with one documented field per option."""
 
     kind: ClassVar[str] = "objective"
-    objective: ClassVar[str] = ""
+    objective: ClassVar[str] = ""  # the registered objective's name, set when it registers (registry.py)
 
     max_length_policy: str = "drop"
     """What to do with records longer than max_length: drop, truncate or error (always counted and reported)."""
@@ -121,13 +125,23 @@ class Objective:
         raise NotImplementedError
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: TrainContext
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+             ) -> tuple[torch.Tensor, Metrics]:
         """The loss summed over the batch's units, and metric sums. Metrics may be detached 0-d tensors: the
         trainer adds them up on the device and reads them once per optimiser step, so no metric forces a sync."""
         raise NotImplementedError
 
     def setup(self, model: nn.Module, ctx: TrainContext) -> None:
         """Called once before training (e.g. DPO precomputes reference log-probs here)."""
+
+    # -- evaluation on held-out batches: the training loss, unless an objective scores them otherwise ----------
+    def evaluation_loss(self, model: nn.Module, batch: dict[str, Any], ctx: TrainContext
+                        ) -> tuple[torch.Tensor, Metrics]:
+        """The loss sum and metric sums of a held-out batch (an online objective scores greedy completions)."""
+        return self.loss(model, batch, ctx)
+
+    def evaluation_units(self, batch: dict[str, Any]) -> int:
+        """What ``evaluation_loss`` sums over (the trainer divides by it)."""
+        return self.units(batch)
 
     # -- online objectives (PPO): a rollout phase that feeds several optimiser steps ---------------------------
     def optimizer_steps_per_batch(self) -> int:
@@ -185,7 +199,7 @@ class NextTokenObjective(Objective):
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: TrainContext
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+             ) -> tuple[torch.Tensor, Metrics]:
         from ..models.logprobs import token_cross_entropy_sum
 
         loss_sum, _ = token_cross_entropy_sum(model, batch)
