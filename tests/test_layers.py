@@ -42,7 +42,7 @@ PACKAGE = SRC / "tuneforge"
 LAYERS = [
     ["tuneforge.errors", "tuneforge.options", "tuneforge.registry", "tuneforge.flags", "tuneforge.outputs",
      "tuneforge.progress"],
-    ["tuneforge.models", "tuneforge.data"],
+    ["tuneforge.models", "tuneforge.data", "tuneforge.vision"],
     ["tuneforge.methods"],
     ["tuneforge.inference"],
     ["tuneforge.objectives"],

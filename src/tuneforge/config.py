@@ -75,6 +75,12 @@ class RunConfig(BaseModel):
     shuffle_buffer: int = Field(1000, ge=1, description="Streaming: records in the shuffle buffer (a buffer shuffle, "
                                 "not a global permutation: larger mixes more, holds more); 1 keeps the file order.")
     max_length: int = Field(512, ge=2, description="Tokens per example (per block for pretraining).")
+    max_image_pixels: int | None = Field(None, ge=1, description="Vision-language models: refuse (before training) "
+                                         "any image of more than this many pixels (width x height), to bound memory.")
+    tune_vision: bool = Field(False, description="Vision-language models: also train the vision tower (LoRA on its "
+                              "linear layers, or its weights under full); default: the language model only.")
+    tune_projector: bool = Field(False, description="Vision-language models: also train the connector / projector "
+                                 "that maps image features into the language model.")
     max_length_policy: Literal["drop", "truncate", "error"] = Field(
         "drop", description="What to do with longer examples; always counted and reported.")
 

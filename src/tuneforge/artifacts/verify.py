@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from ..data.bundled import bundled_file
-from ..data.formats import load_prompts
+from ..data.formats import has_images, load_prompts
 from ..data.template import prompt_ids
 from ..inference.generate import generate_ids, stop_token_ids
 from .gguf_pretokenizer import pretokenizer_name
@@ -149,7 +149,8 @@ def held_out_prompts(run: str | Path, limit: int = N_PROMPTS) -> tuple[list[list
             source = str(bundled_file("demo:eval"))
     if source and Path(source).is_file():
         try:  # the same reading of "the prompt of a record" as `tuneforge generate --data`
-            prompts = [example.messages for example in load_prompts(source)][:limit]
+            # Prompts with images are left out: the comparison feeds token ids alone (a VLM's merged language model).
+            prompts = [ex.messages for ex in load_prompts(source) if not has_images(ex.messages)][:limit]
         except ValueError as e:
             log.warning("verify: could not read the run's eval data %s (%s); using the built-in prompts", source, e)
             prompts = []

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..outputs import check_output, staged_file
 from .common import inference_args, inference_dtype
@@ -18,6 +19,9 @@ def add_subcommands(sub) -> None:
     inference_args(gen)
     gen.add_argument("--prompt", help="one prompt; the answer alone goes to stdout")
     gen.add_argument("--system", help="an optional system message for --prompt")
+    gen.add_argument("--image", action="append", metavar="PATH", help="an image shown before --prompt (a "
+                     "vision-language model; repeat for several)")
+    gen.add_argument("--max-image-pixels", type=int, help="refuse images of more than this many pixels")
     gen.add_argument("--data", help="prompts: a .txt file (one per line), or JSONL/JSON/CSV/Parquet records with "
                      "instruction (output optional), question, prompt or messages; `demo`: the bundled held-out set")
     gen.add_argument("--output", help="JSONL: every input record plus 'prediction'")
@@ -41,9 +45,15 @@ def cmd_generate(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
                                              inference_dtype(args))
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, batch_size=args.batch_size)
+    if args.image or args.max_image_pixels:
+        from ..vision.processor import with_image_options
+
+        with_image_options(tokenizer, args.image, args.max_image_pixels, args.prompt)
     if args.prompt is not None:
+        content = [*({"type": "image", "path": str(Path(i).resolve())} for i in args.image or []),
+                   {"type": "text", "text": args.prompt}] if args.image else args.prompt
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": args.prompt}]
+            {"role": "user", "content": content}]
         print(generate(model, tokenizer, [messages], **options)[0])
         return 0
     if not (args.data and args.output):

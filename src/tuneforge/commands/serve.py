@@ -80,6 +80,9 @@ def _add_serve(sub) -> None:
                    f"leaves (default {DEFAULT_MAX_TOKENS})")
     p.add_argument("--max-body-bytes", type=_positive(int), default=MAX_BODY_BYTES,
                    help=f"larger request bodies get 413 (default {MAX_BODY_BYTES})")
+    p.add_argument("--max-image-pixels", type=_positive(int), metavar="PIXELS",
+                   help="vision-language models: image_url parts larger than this (width x height) get 400 (default "
+                   "4096 x 4096); images also count against --max-body-bytes")
     p.add_argument("--body-timeout", type=_positive(float), default=BODY_TIMEOUT_S, metavar="SECONDS",
                    help=f"a request body must arrive within this, else 408 (default {BODY_TIMEOUT_S:g})")
     p.add_argument("--shutdown-timeout", type=_positive(float), default=SHUTDOWN_TIMEOUT_S, metavar="SECONDS",
@@ -120,6 +123,10 @@ def run_serve(args) -> int:
         describe_adapter(Path(path))
     model_name = default_model(next(iter(adapters.values()), None), args.model)
     model, tokenizer, _ = load_for_inference(model_name, None, device=args.device, dtype=args.dtype)
+    if args.max_image_pixels:
+        from ..vision.processor import with_image_options
+
+        with_image_options(tokenizer, None, args.max_image_pixels, None)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without an API key: anyone who reaches this port can use the model", args.host)
     app = create_app(model, tokenizer, args.base_name or model_name, adapters, api_key=api_key,

@@ -94,6 +94,9 @@ def enforce_max_length(items: list[T], max_length: int, policy: str, *, length: 
 
 def truncated(example: Tokenized, max_length: int) -> Tokenized | None:
     """The first ``max_length`` tokens, or ``None`` when they hold no supervised token (nothing to learn)."""
+    if example.encoder is not None:
+        raise DataError(f"{example.source}: max_length_policy truncate cannot cut a record with images (its image "
+                        f"tokens must stay whole); use drop, or a max_length above {len(example.input_ids)}")
     cut = Tokenized(example.input_ids[:max_length], example.labels[:max_length], example.source)
     return cut if cut.num_supervised > 0 else None
 

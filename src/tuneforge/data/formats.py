@@ -33,7 +33,7 @@ ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 
-Message = dict[str, str]
+Message = dict[str, Any]  # content: a string, or a list of text and image parts
 
 
 class DataError(ValueError):
@@ -260,10 +260,64 @@ def _messages(row: dict[str, Any], key: str, location: str, role_key: str, conte
         role = SHAREGPT_ROLES.get(str(m[role_key]).lower()) if role_key == "from" else m[role_key]
         if role not in ROLES:
             raise DataError(f"{where}.{role_key}: unknown role {m[role_key]!r}; expected one of {ROLES}")
-        if not isinstance(m[content_key], str):
-            raise DataError(f"{where}.{content_key} must be a string")
-        out.append({"role": role, "content": m[content_key]})
+        out.append({"role": role, "content": _content(m[content_key], f"{where}.{content_key}")})
     return out
+
+
+IMAGE_SOURCES = ("path", "url", "base64")
+
+
+def _content(content: Any, where: str) -> Any:
+    """A message's content: a string, or OpenAI-style parts. Text-only parts are joined into one string (every
+    model reads that); parts with images stay a list of ``{"type": "text", "text"}`` and ``{"type": "image",
+    <one of path | url | base64>}`` for a vision-language model's processor (``tuneforge.vision``)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        raise DataError(f"{where} must be a string or a non-empty list of content parts")
+    parts = [_part(part, f"{where}[{j}]") for j, part in enumerate(content)]
+    if all(part["type"] == "text" for part in parts):
+        return "".join(part["text"] for part in parts)
+    return parts
+
+
+def _part(part: Any, where: str) -> dict[str, str]:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        return {"type": "text", "text": part["text"]}
+    if kind == "image_url":  # OpenAI's spelling: {"type": "image_url", "image_url": {"url": ...}}
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        if isinstance(url, str):
+            return {"type": "image", "url": url}
+    if kind == "image":
+        given = [key for key in IMAGE_SOURCES if key in part]
+        if len(given) == 1 and isinstance(part[given[0]], str):
+            return {"type": "image", given[0]: part[given[0]]}
+        raise DataError(f"{where}: an image part needs exactly one of {', '.join(IMAGE_SOURCES)} (a string)")
+    raise DataError(f"{where}: expected a text part {{\"type\": \"text\", \"text\": ...}} or an image part "
+                    f"{{\"type\": \"image\", \"path\": ...}}, got {json.dumps(part)[:80]}")
+
+
+def with_image_paths(example: Example, data_file: str | Path) -> Example:
+    """``example`` with its image paths made absolute: a relative path means relative to the data file's folder
+    (the record travels with its images), wherever the command runs."""
+    folder = Path(data_file).parent
+    for part in example_images(example):
+        if "path" in part and not Path(part["path"]).is_absolute():
+            part["path"] = str(folder / part["path"])
+    return example
+
+
+def has_images(messages: list[Message]) -> bool:
+    """Whether any message carries an image part (only a vision-language model can read it)."""
+    return any(isinstance(m["content"], list) for m in messages)
+
+
+def example_images(example: Example) -> list[dict[str, str]]:
+    """The example's image parts in reading order: its prompt, then chosen / rejected / completion turns."""
+    turns = example.messages + example.chosen + example.rejected + example.completion
+    return [p for m in turns if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image"]
 
 
 def _prompt_messages(row: dict[str, Any], location: str) -> list[Message]:
@@ -333,7 +387,7 @@ def load_examples(path: str | Path, fmt: str | None = None, limit: int | None = 
     for location, row in read_rows(path):
         if fmt in (None, "auto"):
             fmt = detect_format(row, location)
-        examples.append(normalise(row, fmt, location))
+        examples.append(with_image_paths(normalise(row, fmt, location), path))
         if limit is not None and len(examples) >= limit:
             break
     if not examples:
@@ -357,7 +411,8 @@ def load_prompts(path: str | Path, fmt: str | None = None) -> list[Example]:
         raise DataError(f"unknown data format {fmt!r}; known: {', '.join(FORMATS)}")
     file = bundled_file(str(path)) or Path(path)
     rows = _read_lines(file) if file.suffix.lower() == ".txt" else read_rows(path)
-    prompts = [Example(location, "prompt", _prompt_of(row, fmt, location), fields=row) for location, row in rows]
+    prompts = [with_image_paths(Example(location, "prompt", _prompt_of(row, fmt, location), fields=row), path)
+               for location, row in rows]
     if not prompts:
         raise DataError(f"{path}: no records")
     return prompts

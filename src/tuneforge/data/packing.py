@@ -23,6 +23,9 @@ import torch
 from .template import IGNORE_INDEX, Tokenized
 
 PACKED_KEY = "example_ids"  # present exactly in packed batches
+# What a vision-language model's forward reads besides the tokens (``tuneforge.vision`` puts them in the batch).
+IMAGE_INPUTS = ("pixel_values", "pixel_attention_mask", "image_grid_thw", "image_sizes", "mm_token_type_ids",
+                "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -90,6 +93,8 @@ def collate_tokens(examples: list[Tokenized], pad_token_id: int, pack_capacity: 
     """The examples as one batch: packed into rows of ``pack_capacity`` tokens, or right-padded when it is None."""
     from .batching import pad_batch
 
+    if examples[0].encoder is not None:  # text with images: the model's processor makes the batch (never packed)
+        return examples[0].encoder.collate(examples)
     return pack_batch(examples, pad_token_id, pack_capacity) if pack_capacity else pad_batch(examples, pad_token_id)
 
 
@@ -113,6 +118,7 @@ def model_inputs(batch: dict, prefix: str = "") -> dict[str, torch.Tensor]:
     """The keyword arguments a causal LM's forward takes for this batch: the attention mask of a padded batch, or
     the restarting position ids (and no mask) of a packed one."""
     inputs = {"input_ids": batch[f"{prefix}input_ids"]}
+    inputs.update({key: batch[f"{prefix}{key}"] for key in IMAGE_INPUTS if f"{prefix}{key}" in batch})
     if f"{prefix}{PACKED_KEY}" in batch:
         inputs["position_ids"] = batch[f"{prefix}position_ids"]
     else:

@@ -17,7 +17,7 @@ import torch
 from .batching import LengthReport, enforce_max_length, truncated
 from .packing import collate_tokens
 from .formats import DataError, Example, Message
-from .template import IGNORE_INDEX, Tokenized, prompt_ids, render_text
+from .template import IGNORE_INDEX, ChatEncoder, Tokenized, prompt_ids, refuse_images, render_text
 
 
 @dataclass
@@ -83,11 +83,21 @@ def _margin(example: Example) -> float | None:
 
 
 def tokenize_pair(tokenizer, example: Example) -> PairItem:
+    if isinstance(tokenizer, ChatEncoder):  # text and images: each side encoded whole, labels on its answer only
+        return PairItem(*(encoded_response(tokenizer, example, side) for side in ("chosen", "rejected")),
+                        example.source, _margin(example))
+    refuse_images(example, example.messages + example.chosen + example.rejected)
     p_ids = prompt_ids(tokenizer, example.messages)
     chosen = tokenize_response(tokenizer, example.messages, example.chosen, f"{example.source}: field 'chosen'", p_ids)
     rejected = tokenize_response(tokenizer, example.messages, example.rejected,
                                  f"{example.source}: field 'rejected'", p_ids)
     return PairItem(chosen, rejected, example.source, _margin(example))
+
+
+def encoded_response(encoder: ChatEncoder, example: Example, side: str) -> Tokenized:
+    """The prompt followed by the ``side`` ("chosen" / "rejected") answer, labelled on that answer alone."""
+    conversation = Example(f"{example.source}: field {side!r}", "chat", example.messages + getattr(example, side))
+    return encoder.encode_chat(conversation, supervise_from=len(example.messages))
 
 
 def tokenize_prompt(tokenizer, example: Example) -> PromptItem:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .formats import load_examples
-from .template import IGNORE_INDEX, ensure_chat_template, tokenize_chat, tokenize_text
+from .template import IGNORE_INDEX, ChatEncoder, ensure_chat_template, tokenize_chat, tokenize_text
 
 START, END = "\x1b[42m\x1b[30m", "\x1b[0m"
 
@@ -30,11 +30,20 @@ def preview(path: str, model_name: str | None = None, index: int = 0, data_forma
         ids, labels = tokenized.input_ids, tokenized.labels
     open_mark, close_mark = (START, END) if color else ("[[", "]]")
     pieces, inside = [], False
-    for tok, label in zip(ids, labels):
+    images = tokenizer.image_token_ids if isinstance(tokenizer, ChatEncoder) else set()
+    run = 0  # image tokens come in runs of tens or hundreds: shown as one piece with their count
+    for i, (tok, label) in enumerate(zip(ids, labels)):
         supervised = label != IGNORE_INDEX
         if supervised != inside:
             pieces.append(open_mark if supervised else close_mark)
             inside = supervised
+        if tok in images:
+            run += 1
+            if i + 1 < len(ids) and ids[i + 1] == tok:
+                continue
+            pieces.append(f"{tokenizer.decode([tok])}x{run}" if run > 1 else tokenizer.decode([tok]))
+            run = 0
+            continue
         pieces.append(tokenizer.decode([tok]))
     if inside:
         pieces.append(close_mark)

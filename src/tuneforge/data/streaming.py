@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .formats import (FORMATS, DataError, Example, _looks_like_hub_id, detect_format, normalise, parse_jsonl_line,
-                      read_rows)
+                      read_rows, with_image_paths)
 from .batching import LengthReport
 from .mixing import DataSource, relative_weights, source_weights
 
@@ -183,7 +183,8 @@ class RecordStream:
     def _example(self, row: dict[str, Any]) -> Example:
         i = row[SOURCE]
         try:
-            return normalise(self._fields(row), self.formats[i], self._location(row))
+            return with_image_paths(normalise(self._fields(row), self.formats[i], self._location(row)),
+                                    self.sources[i].file)
         except DataError:
             if not self.lines[i]:  # a JSONL line number is exact: the error is the in-memory reader's already
                 self._raise_as_in_memory(i, row[RECORD])

@@ -11,8 +11,9 @@ template puts after it is not.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from .formats import DataError, Example, Message
+from .formats import DataError, Example, Message, has_images
 
 IGNORE_INDEX = -100
 
@@ -70,6 +71,9 @@ class Tokenized:
     segments: tuple[int, ...] = ()
     """Where further documents start inside ``input_ids`` (a pretraining block): a packed batch gives each document
     its own positions and attention; a padded one lets a block attend across them."""
+    encoder: "ChatEncoder | None" = None
+    """The encoder that made the example when it must also make the batch (a vision-language processor: the pixel
+    tensors come with the tokens); None for text, which ``data.packing`` pads or packs itself."""
 
     @property
     def num_supervised(self) -> int:
@@ -98,9 +102,36 @@ def supervised_spans(tokenizer, messages: list[Message], text: str) -> list[tupl
     return spans
 
 
+class ChatEncoder:
+    """What stands in for the tokenizer when records are more than text: a vision-language model's processor
+    (``tuneforge.vision``) encodes a record's text and images together and makes the batch, pixel tensors included.
+    Objectives keep calling ``tokenize_chat`` / ``tokenize_pair`` and ``collate_tokens``; those hand over to it."""
+
+    image_token_ids: set[int] = set()
+    """Token ids that stand for images (never labels; ``tuneforge data preview`` shows a run of them as a count)."""
+
+    def encode_chat(self, example: Example, train_on_prompt: bool = False, supervise_from: int = 0) -> Tokenized:
+        """As ``tokenize_chat``; only assistant turns at index >= ``supervise_from`` carry labels."""
+        raise NotImplementedError
+
+    def collate(self, examples: list[Tokenized]) -> dict[str, Any]:
+        """Right-padded rows of the examples it encoded, with whatever else the model's forward reads."""
+        raise NotImplementedError
+
+
+def refuse_images(example: Example, messages: list[Message]) -> None:
+    """A record with image parts reaching a text-only model's tokenizer: one line naming it."""
+    if has_images(messages):
+        raise DataError(f"{example.source}: the record has images, but the model is text-only (it has no vision "
+                        "tower); train a vision-language model (docs/vision.md) or remove the image parts")
+
+
 def tokenize_chat(tokenizer, example: Example, train_on_prompt: bool = False) -> Tokenized:
     """Token ids and labels of a chat example; labels are IGNORE_INDEX outside assistant turns."""
+    if isinstance(tokenizer, ChatEncoder):
+        return tokenizer.encode_chat(example, train_on_prompt)
     messages = example.messages
+    refuse_images(example, messages)
     text = render_text(tokenizer, messages)
     eos = tokenizer.eos_token or ""
     ends_with_answer = messages[-1]["role"] == "assistant" and bool(eos)

@@ -13,8 +13,9 @@ from typing import Any
 
 from torch import nn
 
-from ..data.batching import apply_max_length, pad_batch, to_device
+from ..data.batching import apply_max_length, to_device
 from ..data.formats import Example, examples_of_kind
+from ..data.packing import collate_tokens
 from ..data.template import Tokenized, ensure_chat_template, tokenize_chat, tokenize_text
 from .generate import eval_mode, generate
 from ..models.logprobs import token_cross_entropy_sum
@@ -62,7 +63,8 @@ def perplexity(model: nn.Module, tokenizer, examples: list[Example], *, max_leng
     device = next(model.parameters()).device
     with eval_mode(model), progress(progress_desc, len(items), "example") as bar:
         for start in range(0, len(items), batch_size):
-            batch = to_device(pad_batch(items[start:start + batch_size], tokenizer.pad_token_id), device)
+            # collate_tokens: right-padded rows, or a vision-language processor's batch with its pixel tensors
+            batch = to_device(collate_tokens(items[start:start + batch_size], tokenizer.pad_token_id, None), device)
             loss_sum, n = token_cross_entropy_sum(model, batch)
             total, count = total + float(loss_sum), count + n
             bar.update(len(batch["input_ids"]))

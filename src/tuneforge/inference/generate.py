@@ -18,6 +18,8 @@ from ..data.formats import Message
 from ..data.template import ensure_chat_template, prompt_ids
 from ..methods.kv_cache import cache_kwarg, output_cache
 from ..progress import progress
+from ..vision.generate import generate_chat
+from ..vision.processor import VisionProcessor
 
 
 AnyRunning = Callable[[bool], bool]  # this process still generates -> some process of the run still does
@@ -158,7 +160,13 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[list[Message] | str]
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              batch_size: int = 8, seed: int | None = 0, max_batch_tokens: int | None = None,
              progress_desc: str | None = None) -> list[str]:
-    """Chat-templated generation: each prompt is a message list, or a string taken as one user message."""
+    """Chat-templated generation: each prompt is a message list, or a string taken as one user message. A
+    vision-language model's processor answers prompts with images through the model's own generate (``vision``)."""
+    if isinstance(tokenizer, VisionProcessor):
+        return generate_chat(model, tokenizer, [[{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+                                                for p in prompts],
+                             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                             top_k=top_k, batch_size=batch_size, seed=seed)
     ensure_chat_template(tokenizer)
     id_lists = []
     for p in prompts:

@@ -395,7 +395,13 @@ def default_device() -> torch.device:
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    from ..vision.loading import vision_model_type
+    from ..vision.processor import VisionProcessor, load_processor
+
     path = resolve_model_path(name)
+    vision_type = vision_model_type(path) if isinstance(path, Path) else None
+    if vision_type is not None:  # a vision-language model: its processor stands in for the tokenizer
+        return VisionProcessor(load_processor(path, vision_type, trust_remote_code), vision_type)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         # Padding positions never carry loss or attention, so reusing EOS as pad is safe.
@@ -411,11 +417,13 @@ def load_model(
     quantization_config=None,
     trust_remote_code: bool = False,
 ):
-    """Load ``(model, tokenizer)``.
+    """Load ``(model, tokenizer)``; for a vision-language model, ``(model, tuneforge.vision.VisionProcessor)``.
 
     ``quantization_config`` is passed to transformers (QLoRA uses a bitsandbytes 4-bit config).
     """
     from transformers import AutoModelForCausalLM
+
+    from ..vision.loading import load_vision_model, vision_model_type
 
     path = resolve_model_path(name)
     device = torch.device(device) if device is not None else default_device()
@@ -430,6 +438,13 @@ def load_model(
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device}
+    vision_type = vision_model_type(path) if isinstance(path, Path) else None
+    if vision_type is not None:  # a vision tower in the config: the model with its processor (tuneforge.vision)
+        with model_construction(path):
+            model, processor = load_vision_model(path, vision_type, kwargs, device, trust_remote_code)
+        model.config.use_cache = False
+        model.name_or_path = str(name)
+        return model, processor
     with model_construction(path):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quantization_config is None:

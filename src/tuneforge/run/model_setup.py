@@ -13,6 +13,8 @@ from torch import nn
 from ..data.packing import model_packing_refusal
 from ..methods.base import Method, MethodHandle
 from ..objectives import Objective
+from ..vision import scope as vision_scope
+from ..vision.loading import is_vision_model
 from .distributed import Distributed, shard_model
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,8 @@ def packing_refusal(method: type[Method], objective: Objective, model: nn.Module
         return f"the {objective.name} objective builds its own batches"
     if method.packing_refusal:
         return f"{method.name} cannot pack: {method.packing_refusal}"
+    if is_vision_model(model):
+        return vision_scope.packing_refusal(model)
     return model_packing_refusal(model)
 
 

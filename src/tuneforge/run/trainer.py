@@ -45,6 +45,8 @@ from .model_setup import (checkpoint_blocks, compile_blocks, frozen_copy, memory
                           upcast_trainable, wrap_for_ranks)
 from .optim import build_optimizer, lr_lambda
 from .run_directory import RunDirectory, TrainingState, check_run_output
+from ..vision import scope as vision_scope
+from ..vision.loading import is_vision_model
 from .tracking import Tracking
 from .training_data import DEMO_DIR, EpochSampler, Sampler, training_data, training_examples
 
@@ -104,11 +106,18 @@ class Trainer:
         self.objective = config.objective_class(tokenizer, config.objective_config())
         method_config = config.method_config()
         method_config.bind_tokenizer(tokenizer)  # e.g. prompt tuning initialised from a hard prompt's text
+        # A vision-language model: its image limit, the method checked, LoRA narrowed to the language model unless
+        # --tune-vision / --tune-projector (vision/scope.py).
+        method_config = vision_scope.prepare_run(model, tokenizer, self.method, method_config,
+                                                 tune_vision=config.tune_vision, tune_projector=config.tune_projector,
+                                                 max_image_pixels=config.max_image_pixels)
         # A method that changes the base weights has no adapter to switch off: DPO / PPO need a frozen copy,
         # taken before training starts.
         needs_copy = self.objective.needs_reference and self.method.trains_base_weights
         self.reference_model = frozen_copy(model) if needs_copy else None
         self.handle = self.method.attach(model, method_config)
+        if self.method.trains_base_weights and is_vision_model(model):
+            vision_scope.freeze_untrained_parts(model, config.tune_vision, config.tune_projector)
         self.objective.pack_capacity = config.max_length if self._packs(model) else None
         upcast_trainable(self.method, self.handle)
         if config.tiled_mlp:

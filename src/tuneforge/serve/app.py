@@ -49,6 +49,7 @@ from .defaults import BODY_TIMEOUT_S, DEFAULT_MAX_TOKENS, MAX_BODY_BYTES
 from .engine import Row, TokenLogprob
 from .registry import SHARED, AdapterRegistry
 from .scheduler import QueueFull, Request, Scheduler
+from . import vision
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +139,31 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    url: str
+    detail: Literal["auto", "low", "high"] = "auto"
+
+
+class ImagePart(BaseModel):
+    """OpenAI's image content part; a vision-language model answers it (``serve/vision.py``)."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | list[TextPart | ImagePart]
 
-    def as_message(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+    def as_message(self) -> dict[str, Any]:
+        """The message for the chat template: text parts joined; with images, tuneforge's parts (``data.formats``)."""
+        role = "system" if self.role == "developer" else self.role
+        if isinstance(self.content, str):
+            return {"role": role, "content": self.content}
+        if all(isinstance(p, TextPart) for p in self.content):
+            return {"role": role, "content": "".join(p.text for p in self.content)}
+        return {"role": role, "content": [{"type": "text", "text": p.text} if isinstance(p, TextPart)
+                                          else {"type": "image", "url": p.image_url.url} for p in self.content]}
 
 
 class ChatRequest(Sampling):
@@ -484,8 +503,11 @@ class _API:
         if body.stream and body.logprobs:
             raise APIError(400, "stream: streaming with logprobs is not supported; ask without stream",
                            param="stream")
+        messages = [m.as_message() for m in body.messages]
+        if vision.has_images(messages):
+            return await self._chat_with_images(body, adapter, messages)
         try:
-            ids = await self._encode(prompt_ids, self.tokenizer, [m.as_message() for m in body.messages])
+            ids = await self._encode(prompt_ids, self.tokenizer, messages)
         except Exception as e:  # the chat template rejects the conversation (e.g. roles out of order)
             raise APIError(400, f"messages: the chat template rejects them: {e}", param="messages") from None
         limit = body.max_completion_tokens or body.max_tokens
@@ -495,6 +517,20 @@ class _API:
         if body.stream:
             return _sse(self._stream(call, shape, body.include_usage()))
         return await self._collect(call, shape, http)
+
+    async def _chat_with_images(self, body: ChatRequest, adapter, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        """One conversation with images, answered whole (no streaming, log-probs or n > 1 yet)."""
+        if body.stream or body.logprobs or body.n > 1 or body.stop:
+            raise APIError(400, "messages: with image_url parts, stream, logprobs, n > 1 and stop are not supported",
+                           param="messages")
+        try:
+            messages = await run_in_threadpool(vision.checked_messages, messages, self.tokenizer)
+        except vision.ImageRequestError as e:
+            raise APIError(400, str(e), param="messages") from None
+        limit = body.max_completion_tokens or body.max_tokens or self.default_max_tokens
+        return await run_in_threadpool(vision.answer, self.registry, adapter, messages, max_tokens=limit,
+                                       temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k or 0, 0),
+                                       seed=body.seed, model_name=body.model)
 
     async def completions(self, body: CompletionRequest, http: HTTPRequest):
         adapter = self._resolve(body.model)
