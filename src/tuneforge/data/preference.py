@@ -84,8 +84,8 @@ def _margin(example: Example) -> float | None:
 
 def tokenize_pair(tokenizer, example: Example) -> PairItem:
     if isinstance(tokenizer, ChatEncoder):  # text and images: each side encoded whole, labels on its answer only
-        return PairItem(*(encoded_response(tokenizer, example, side) for side in ("chosen", "rejected")),
-                        example.source, _margin(example))
+        chosen, rejected = (encoded_response(tokenizer, example, side) for side in ("chosen", "rejected"))
+        return PairItem(chosen, rejected, example.source, _margin(example))
     refuse_images(example, example.messages + example.chosen + example.rejected)
     p_ids = prompt_ids(tokenizer, example.messages)
     chosen = tokenize_response(tokenizer, example.messages, example.chosen, f"{example.source}: field 'chosen'", p_ids)
