@@ -211,3 +211,19 @@ def train_and_reload(tmp_path: Path, tokenizer, data: Path, method: str, options
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids).logits, result.model(input_ids=ids).logits)
     return result
+
+
+@pytest.fixture(scope="session")
+def vlm_dir(tmp_path_factory):
+    """A function: family -> the folder of that family's tiny random vision-language model (built once per session;
+    tests/tiny_vlm.py)."""
+    from tiny_vlm import build
+
+    built = {}
+
+    def get(family: str = "qwen2_vl"):
+        if family not in built:
+            built[family] = build(family, tmp_path_factory.mktemp(f"tiny-{family}"))
+        return built[family]
+
+    return get

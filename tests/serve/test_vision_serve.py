@@ -4,19 +4,14 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
-from pathlib import Path
 
 import openai
 import pytest
+import tiny_vlm  # tests/tiny_vlm.py
 
 from tuneforge.commands.main import main
-
-_spec = importlib.util.spec_from_file_location("tiny_vlm", Path(__file__).parents[1] / "vision" / "tiny_vlm.py")
-tiny_vlm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny_vlm)
 
 QUESTION = "What colour is the image?"
 
