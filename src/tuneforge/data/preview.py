@@ -19,23 +19,29 @@ def preview(path: str, model_name: str | None = None, index: int = 0, data_forma
     if index >= len(examples):
         raise ValueError(f"{path}: has only {len(examples)} records; --index {index} is out of range")
     example = examples[index]
+    tokens = marked_tokens(tokenizer, example, objective)
+    open_mark, close_mark = (START, END) if color else ("[[", "]]")
+    pieces, inside = [], False
+    for text, supervised in tokens:
+        if supervised != inside:
+            pieces.append(open_mark if supervised else close_mark)
+            inside = supervised
+        pieces.append(text)
+    if inside:
+        pieces.append(close_mark)
+    n_sup = sum(supervised for _, supervised in tokens)
+    header = (f"{example.source}  ({len(tokens)} tokens, {n_sup} supervised; supervised text is "
+              f"{'highlighted' if color else 'between [[ and ]]'})")
+    return header + "\n" + "".join(pieces)
+
+
+def marked_tokens(tokenizer, example, objective: str | None = None) -> list[tuple[str, bool]]:
+    """Each token of the rendered example as (its text, whether the loss supervises it): what ``preview`` marks and
+    the studio highlights."""
     if example.kind == "text" or objective == "pretrain":
         ids = tokenize_text(tokenizer, example)
         labels = list(ids)
     else:
         tokenized = tokenize_chat(tokenizer, example)
         ids, labels = tokenized.input_ids, tokenized.labels
-    open_mark, close_mark = (START, END) if color else ("[[", "]]")
-    pieces, inside = [], False
-    for tok, label in zip(ids, labels):
-        supervised = label != IGNORE_INDEX
-        if supervised != inside:
-            pieces.append(open_mark if supervised else close_mark)
-            inside = supervised
-        pieces.append(tokenizer.decode([tok]))
-    if inside:
-        pieces.append(close_mark)
-    n_sup = sum(1 for x in labels if x != IGNORE_INDEX)
-    header = (f"{example.source}  ({len(ids)} tokens, {n_sup} supervised; supervised text is "
-              f"{'highlighted' if color else 'between [[ and ]]'})")
-    return header + "\n" + "".join(pieces)
+    return [(tokenizer.decode([tok]), label != IGNORE_INDEX) for tok, label in zip(ids, labels)]
