@@ -77,7 +77,9 @@ class ChatEngine:
                     raise RuntimeError(event[1])
                 if event[0] == "text":
                     texts[event[1]] += event[2]
-                done += event[0] == "done"
+                if event[0] == "done":  # the row's whole decode: pieces streamed before a split character settled
+                    texts[event[1]] = requests[event[1]].rows[0].text  # may differ from it in their sum
+                    done += 1
                 yield list(texts)
         finally:
             for request in requests:

@@ -32,7 +32,7 @@ def plan(model: str, gpu_memory_gb: float | None, goal: str, gpu_name: str | Non
     memory_mb = None if gpu_memory_gb is None else gpu_memory_gb * GIB_MB
     result = rec.recommend(shape, goal, memory_mb, batch_size=batch_size, max_length=max_length, gpu_name=gpu_name)
     budget = None if memory_mb is None else memory_mb * 0.9  # recommend's headroom
-    result["rows"] = [[r["method"], r["objective"], r["trainable"], r["memory_mb"], r["step_s"],
+    result["rows"] = [[r["method"], r["objective"], f"{r['trainable']:,}", f"{r['memory_mb']:,}", r["step_s"],
                        "—" if budget is None else ("yes" if r["memory_mb"] <= budget else "no")]
                       for r in result["estimates"]]
     result["situation"] = rec.SITUATIONS[goal]

@@ -271,7 +271,8 @@ def _compare_tab(studio: Studio) -> None:
     status = gr.Markdown(elem_id="compare-status")
     gain = gr.Markdown(elem_id="compare-gain")
     finals = gr.Dataframe(label="final values (report)", interactive=False, elem_id="compare-finals")
-    charts = gr.Gallery(label="charts (report)", columns=2, elem_id="compare-charts")
+    charts = gr.Gallery(label="charts (report)", columns=2, object_fit="contain", height="auto",
+                        elem_id="compare-charts")
     config = gr.Dataframe(label="config differences", interactive=False, elem_id="compare-config")
 
     def run(runs):
@@ -301,6 +302,9 @@ def _chat_tab(studio: Studio) -> None:
     with gr.Row():
         base_chat = gr.Chatbot(label="base", elem_id="chat-base")
         tuned_chat = gr.Chatbot(label="trained", elem_id="chat-tuned")
+    with gr.Row():  # the answers as plain text (the bubbles render markdown)
+        base_text = gr.Textbox(label="base's last answer, as text", buttons=["copy"], elem_id="chat-base-text")
+        tuned_text = gr.Textbox(label="trained's last answer, as text", buttons=["copy"], elem_id="chat-tuned-text")
     prompt = gr.Textbox(label="prompt", elem_id="chat-prompt")
     send = gr.Button("Send", variant="primary", elem_id="chat-send")
     status = gr.Markdown(elem_id="chat-status")
@@ -311,7 +315,7 @@ def _chat_tab(studio: Studio) -> None:
             registry = studio.chat.use(model)
             adapter = studio.chat.adapter(studio.workspace.resolve(folder), run_name) if folder else None
         except USER_ERRORS as e:
-            yield base_history, tuned_history, f"**error:** {e}"
+            yield base_history, tuned_history, "", "", f"**error:** {e}"
             return
         user = {"role": "user", "content": text}
         sides = [list(base_history or []) + [user], list(tuned_history or []) + [user]]
@@ -319,10 +323,13 @@ def _chat_tab(studio: Studio) -> None:
         adapters = [None, adapter] if adapter else [None]
         async for texts in studio.chat.side_by_side(conversations[:len(adapters)], adapters, int(max_tokens),
                                                     float(temp)):
-            shown = [side + [{"role": "assistant", "content": t.strip()}] for side, t in zip(sides, texts)]
-            yield shown[0], shown[1] if adapter else tuned_history, f"base: `{registry.base_name}`"
+            texts = [t.strip() for t in texts] + [""]  # as `tuneforge generate` prints an answer
+            shown = [side + [{"role": "assistant", "content": t}] for side, t in zip(sides, texts)]
+            yield (shown[0], shown[1] if adapter else tuned_history, texts[0], texts[1],
+                   f"base `{registry.base_name}`" + (f", adapter `{adapter}`" if adapter else ""))
 
-    send.click(answer, [run, base, tokens, temperature, prompt, base_chat, tuned_chat], [base_chat, tuned_chat, status])
+    send.click(answer, [run, base, tokens, temperature, prompt, base_chat, tuned_chat],
+               [base_chat, tuned_chat, base_text, tuned_text, status])
     reload.click(lambda: gr.update(choices=_run_choices(studio)), None, run)
 
 
