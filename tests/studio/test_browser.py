@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -162,10 +163,12 @@ def test_launch_watch_compare_and_chat(page, studio, workspace, tmp_path):
     fill(page, "field-run-general_eval", "none")
     fill(page, "field-run-max_length", "64")
     page.click("#train-launch")
-    first = wait_text(page, "train-error", "queued").split("`")[1]
+    first = re.search(r"queued (\S+)", wait_text(page, "train-error", "queued")).group(1)
     fill(page, "field-method-lora-r", "8")  # a second run queues behind the first
     page.click("#train-launch")
-    second = wait_text(page, "train-error", f"queued `{first[:-1]}").split("`")[1]
+    page.wait_for_function("(first) => { const e = document.getElementById('train-error'); "
+                           "return e.innerText.includes('queued') && !e.innerText.includes(first); }", arg=first)
+    second = re.search(r"queued (\S+)", page.inner_text("#train-error")).group(1)
     assert first != second
     assert [job.args for job in studio[0].jobs.all()][0][:1] == ["train"]
     choose(page, "runs-select", first)

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 GENERAL_DIR = Path(__file__).parents[1] / "assets" / "general"
 GENERAL_SOURCE = "general"  # a data source name: the built-in general-text replay set
 GENERAL_EVAL = "builtin"  # a --general-eval value: the built-in set's held-out split
-GENERAL_EVAL_TASKS = "tasks:"  # a --general-eval prefix: lm-evaluation-harness tasks (tuneforge/benchmarks.py)
+GENERAL_EVAL_TASKS = "tasks:"  # --general-eval prefix: lm-eval tasks (inference/benchmarks.py)
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,14 @@ class LoadedData:
     eval: list[Example]
     sources: list[dict[str, Any]] = field(default_factory=list)  # per source: records, weight, examples drawn
     stream: RecordStream | None = None  # --streaming: the training records, read as training goes (train is empty)
+
+    def mix(self) -> list[dict[str, Any]] | None:
+        """What each source of a mix gave (a stream's known once it was read); None for one source."""
+        if len(self.sources) > 1:
+            return self.sources
+        if self.stream is not None and len(self.stream.sources) > 1:
+            return self.stream.summary()
+        return None
 
 
 def parse_source(entry: Any) -> DataSource:

@@ -141,7 +141,7 @@ class Studio:
     def read_data(self, path: str, data_format: str, model: str, objective: str | None, index: int,
                   max_length: int) -> dict[str, Any]:
         from ..data.template import ensure_chat_template
-        from ..models import DEFAULT_MODEL, load_tokenizer
+        from ..models.loading import DEFAULT_MODEL, load_tokenizer
         from .data_view import highlighted, measure, read_data
 
         source = self.workspace.data_path(path)
@@ -171,8 +171,8 @@ class Studio:
     # -- compare -------------------------------------------------------------------------------------
     def compare(self, runs: list[str]) -> dict[str, Any]:
         """The report's charts and tables for the chosen runs, and compare's gain / cost table for the finished."""
-        from .. import compare as compare_module
-        from .. import report
+        from ..choose import compare as compare_module
+        from ..run import report
 
         if not runs:
             raise ConfigError("pick at least one run")
@@ -191,7 +191,7 @@ class Studio:
     # -- chat ----------------------------------------------------------------------------------------
     def chat_base(self, run: str, model: str) -> tuple[str, str | None]:
         """(the base to load, the run folder whose adapter to add): the run's recorded base unless one is given."""
-        from ..inference import default_model, is_full_model_dir
+        from ..inference.loading import default_model, is_full_model_dir
 
         folder = self.workspace.resolve(run, "run") if run else None
         if folder is not None and is_full_model_dir(folder):  # full fine-tuning: the run is the model

@@ -26,8 +26,8 @@ class ChatEngine:
 
     def use(self, base: str) -> AdapterRegistry:
         """The registry over ``base``, loading it (and dropping the previous base) when it is another model."""
-        from ..inference import load_for_inference
-        from ..models import model_fingerprint
+        from ..inference.loading import load_for_inference
+        from ..models.loading import model_fingerprint
 
         with self._lock:
             if self.registry is not None and self.registry.base_name == base:

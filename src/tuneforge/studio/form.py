@@ -250,7 +250,7 @@ def config_from_tokens(tokens: list[str]):
     """What ``tuneforge train TOKENS`` builds: with no data, the bundled demonstration's config underneath (the
     command's rule, as in compare.run_config)."""
     from ..config import load_config
-    from ..trainer import DEMO_DIR
+    from ..run.training_data import DEMO_DIR
 
     overrides = parse_overrides(list(tokens))
     return load_config(None if overrides.get("data") is not None else DEMO_DIR / "demo.yaml", overrides)

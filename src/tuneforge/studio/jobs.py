@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from ..checkpoint import write_text_atomic
+from ..run.checkpoint import write_text_atomic
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def alive(pid: int | None) -> bool:
 
 
 def finished_run(folder: Path) -> bool:
-    from ..checkpoint import read_run_record
+    from ..run.checkpoint import read_run_record
 
     record = read_run_record(folder)
     return bool(record and record.get("finished"))

@@ -15,7 +15,7 @@ def detected_gpu() -> tuple[str | None, float | None]:
     if not torch.cuda.is_available():
         return None, None
     properties = torch.cuda.get_device_properties(0)
-    from .. import recommend as rec
+    from ..choose import recommend as rec
 
     known = rec.GPU_BF16_FLOPS
     name = next((n for n in known if n in properties.name.lower()), None)
@@ -25,7 +25,7 @@ def detected_gpu() -> tuple[str | None, float | None]:
 def plan(model: str, gpu_memory_gb: float | None, goal: str, gpu_name: str | None = None, batch_size: int = 4,
          max_length: int = 512) -> dict[str, Any]:
     """``recommend``'s result, plus the rows of its table and the hardware line as its report prints them."""
-    from .. import recommend as rec
+    from ..choose import recommend as rec
 
     rec.check_request(goal, batch_size, max_length, gpu_name)
     shape = rec.model_shape(model)

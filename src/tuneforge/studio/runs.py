@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from ..checkpoint import LOCK_FILE, RUN_RECORD, read_run_record
+from ..run.checkpoint import LOCK_FILE, RUN_RECORD, read_run_record
 from .jobs import alive
 from .workspace import SKIPPED_DIRS, Workspace
 

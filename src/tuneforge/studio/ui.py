@@ -46,7 +46,7 @@ def build(studio: Studio) -> gr.Blocks:
 
 
 def _plan_tab(studio: Studio):
-    from .. import recommend as rec
+    from ..choose import recommend as rec
     from .plan import detected_gpu, plan
 
     gpu_name, gpu_gb = detected_gpu()
@@ -89,7 +89,7 @@ def _plan_tab(studio: Studio):
 
 
 def _default_model() -> str:
-    from ..models import DEFAULT_MODEL
+    from ..models.loading import DEFAULT_MODEL
 
     return DEFAULT_MODEL
 
