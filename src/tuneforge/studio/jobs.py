@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from ..run.checkpoint import write_text_atomic
+from ..run.checkpoint import read_run_record, write_text_atomic
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,10 @@ class Job:
 class Jobs:
     """The queue: ``submit`` records a job, a worker thread starts queued jobs while fewer than ``parallel`` run."""
 
-    def __init__(self, workspace: Workspace, parallel: int = 1, poll_s: float = 0.5):
+    def __init__(self, workspace: Workspace, parallel: int = 1, poll_s: float = 0.5,
+                 program: list[str] | None = None):
         self.workspace = workspace
+        self.program = program or [sys.executable, "-m", "tuneforge"]  # what a job's arguments follow
         self.parallel = parallel
         self.poll_s = poll_s
         self.folder = workspace.studio_dir() / "jobs"
@@ -137,15 +139,15 @@ class Jobs:
             return
         job.ended = time.time()
         if job.state != STOPPED:
-            job.state = FINISHED if job.returncode == 0 or (job.returncode is None and finished_run(
-                self.workspace.root / job.output)) else FAILED
+            done = job.returncode == 0 if job.returncode is not None else wrote(self.workspace.root / job.output)
+            job.state = FINISHED if done else FAILED
         self._save(job)
 
     def _start(self, job: Job) -> None:
         log_file = open(self.log_path(job.id), "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         try:
-            child = subprocess.Popen([sys.executable, "-m", "tuneforge", *job.args], cwd=self.workspace.root,
+            child = subprocess.Popen([*self.program, *job.args], cwd=self.workspace.root,
                                      stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                      start_new_session=True)
         finally:
@@ -198,8 +200,8 @@ def alive(pid: int | None) -> bool:
     return b"tuneforge" in cmdline
 
 
-def finished_run(folder: Path) -> bool:
-    from ..run.checkpoint import read_run_record
-
-    record = read_run_record(folder)
-    return bool(record and record.get("finished"))
+def wrote(output: Path) -> bool:
+    """Whether a job that an earlier studio started (its exit status unknown here) did its work: a run folder that
+    finished, or the file / folder an export writes."""
+    record = read_run_record(output)
+    return bool(record.get("finished")) if record is not None else output.exists()
