@@ -159,6 +159,7 @@ def test_launch_watch_compare_and_chat(page, studio, workspace, tmp_path):
     fill(page, "field-run-max_steps", "3")
     fill(page, "field-run-batch_size", "4")
     fill(page, "field-method-lora-r", "4")
+    fill(page, "field-run-learning_rate", "0.05")  # three steps that change the greedy answer
     page.click("#train-settings")  # the accordion with every other run key
     fill(page, "field-run-general_eval", "none")
     fill(page, "field-run-max_length", "64")
@@ -175,8 +176,10 @@ def test_launch_watch_compare_and_chat(page, studio, workspace, tmp_path):
     wait_text(page, "run-status", f"{first}: finished", timeout=300_000)
     page.wait_for_selector("#run-loss canvas, #run-loss svg")
     page.screenshot(path=tmp_path / "train.png", full_page=True)
-    if os.environ.get("TUNEFORGE_DOCS_SCREENSHOT") == "1":
-        page.screenshot(path=DOCS_SCREENSHOT, full_page=True)
+    if os.environ.get("TUNEFORGE_DOCS_SCREENSHOT") == "1":  # the runs list, the watched run and its charts
+        top, bottom = page.locator("#runs-table").bounding_box(), page.locator("#run-loss").bounding_box()
+        page.screenshot(path=DOCS_SCREENSHOT, full_page=True, clip={
+            "x": 0, "y": top["y"] - 70, "width": 1400, "height": bottom["y"] + bottom["height"] - top["y"] + 90})
     table = page.inner_text("#runs-table")
     assert first in table and second in table
     choose(page, "runs-select", second)
@@ -205,3 +208,4 @@ def test_launch_watch_compare_and_chat(page, studio, workspace, tmp_path):
     base = page.locator("#chat-base-text textarea").input_value()
     assert tuned == generate_cli(workspace, "--adapter", first, "--prompt", prompt, "--max-new-tokens", "12")
     assert base == generate_cli(workspace, "--model", "model", "--prompt", prompt, "--max-new-tokens", "12")
+    assert tuned != base  # the adapter is applied (same engine, same prompt, the trained weights)

@@ -129,6 +129,18 @@ class Studio:
         job = self.jobs.stop(job.id)
         return f"{run}: stop requested ({job.state})"
 
+    def resume(self, run: str) -> str:
+        """Queue ``tuneforge train RUN/tuneforge.yaml --resume``: an unfinished run (stopped, killed, or started from
+        the command line) goes on from its newest checkpoint with the settings it was started with."""
+        folder = self.workspace.resolve(run, "run")
+        info = run_info(self.workspace, folder)
+        if info.state != "stopped":
+            return f"{run}: {info.state}; only a stopped run resumes"
+        if any(job.output == info.path and job.state in ACTIVE for job in self.jobs.all()):
+            return f"{run}: already queued"
+        job = self.jobs.submit(["train", f"{info.path}/tuneforge.yaml", "--resume", "--progress", "false"], info.path)
+        return f"{run}: resume queued (`{job.command}`)"
+
     # -- data ----------------------------------------------------------------------------------------
     def upload(self, temporary: str) -> str:
         """Copy an uploaded file into the workspace's ``uploads/``; its path there."""

@@ -193,7 +193,8 @@ def _train_tab(studio: Studio) -> dict[str, Any]:
         launch = gr.Button("Launch", variant="primary", elem_id="train-launch")
     error = gr.Markdown(elem_id="train-error")
     command = gr.Code(label="command (runs in the workspace)", language="shell", elem_id="train-command")
-    config_yaml = gr.Code(label="YAML (tuneforge train THIS.yaml)", language="yaml", elem_id="train-yaml")
+    with gr.Accordion("YAML: the resolved config (tuneforge train THIS.yaml)", open=False):
+        config_yaml = gr.Code(language="yaml", elem_id="train-yaml")
     runs = _runs_panel(studio)
 
     def feedback(filled):
@@ -236,6 +237,8 @@ def _runs_panel(studio: Studio) -> dict[str, Any]:
         select = gr.Dropdown(_run_choices(studio), value=None, allow_custom_value=True, label="watch run",
                              elem_id="runs-select")
         stop = gr.Button("Stop", variant="stop", elem_id="runs-stop")
+        resume = gr.Button("Resume", elem_id="runs-resume")
+    action = gr.Markdown(elem_id="run-action")
     status = gr.Markdown(elem_id="run-status")
     with gr.Row():
         loss = gr.LinePlot(x="step", y="value", color="series", title="loss (train, eval)", elem_id="run-loss")
@@ -252,7 +255,8 @@ def _runs_panel(studio: Studio) -> dict[str, Any]:
 
     select.change(lambda run: (run, *view(run)), select, [selected, status, loss, lr, log])
     timer.tick(refresh, selected, [table, select, status, loss, lr, log])
-    stop.click(lambda run: studio.stop(run) if run else "pick a run", selected, status)
+    stop.click(lambda run: studio.stop(run) if run else "pick a run", selected, action)
+    resume.click(lambda run: studio.resume(run) if run else "pick a run", selected, action)
     return {"table": table, "select": select, "selected": selected}
 
 
