@@ -41,7 +41,8 @@ def test_the_studio_form_starts_with_a_fresh_output_and_no_progress_bar(studio):
 
 @pytest.mark.parametrize("key,value", [("data", "../x.jsonl"), ("eval_data", "/etc/hosts"), ("output", "../out"),
                                        ("model", "/usr"), ("data", "a.jsonl:0.5,../b.jsonl:0.5"),
-                                       ("general_eval", "../general.jsonl")])
+                                       ("general_eval", "../general.jsonl"),
+                                       ("general_eval", "tasks:../tasks/my.yaml")])
 def test_every_path_of_the_form_is_confined_to_the_workspace(studio, key, value):
     filled = studio.check_form(values(studio, **{key: value}))
     assert "outside the workspace" in filled.error and filled.config is None

@@ -61,8 +61,10 @@ class Studio:
         return filled
 
     def check_paths(self, overrides: dict[str, Any]) -> None:
-        """Every path the run would read or write lies in the workspace (ConfigError naming the key otherwise)."""
-        from ..data.mixing import parse_sources
+        """Every path the run would read or write lies in the workspace (ConfigError naming the key otherwise); the
+        library's own readings of each key say which of its values are paths."""
+        from ..data.mixing import GENERAL_EVAL, general_eval_file, general_eval_tasks, parse_sources
+        from ..inference.benchmarks import local_task_paths
 
         ws = self.workspace
         if overrides.get("model") is not None:
@@ -72,8 +74,12 @@ class Studio:
         if overrides.get("eval_data") is not None:
             ws.data_path(str(overrides["eval_data"]), "eval_data")
         general = overrides.get("general_eval")
-        if isinstance(general, str) and general not in ("builtin", "none") and not general.startswith("tasks:"):
-            ws.data_path(general, "general_eval")
+        if isinstance(general, str):
+            file = general_eval_file(general)
+            if file is not None and general != GENERAL_EVAL:
+                ws.data_path(file, "general_eval")
+            for task in local_task_paths(general_eval_tasks(general)):
+                ws.resolve(task, "general_eval")
         ws.resolve(str(overrides.get("output", "runs/demo")), "output")
 
     def launch(self, values: list[Any]) -> tuple[Filled, Job | None]:
