@@ -142,6 +142,35 @@ def test_the_data_tab_shows_format_supervised_tokens_and_errors(page, workspace)
         "zero" in page.inner_text("#data-preview")
 
 
+def test_the_plan_tab_shows_recommends_table_and_choice(page, workspace):
+    from tuneforge.choose.recommend import model_shape, recommend
+
+    open_tab(page, "Plan")
+    fill(page, "plan-model", "model")
+    page.locator("#plan-hardware").get_by_text("GPU", exact=True).click()
+    fill(page, "plan-memory", "24")
+    page.click("#plan-estimate")
+    verdict = wait_text(page, "plan-recommendation", "recommended")
+    expected = recommend(model_shape(str(workspace / "model")), "task", 24 * 1024.0)
+    assert expected["combination"] in verdict and expected["why"] in verdict
+    table = page.inner_text("#plan-table")
+    for row in expected["estimates"]:
+        assert row["method"] in table and f"{row['memory_mb']:,}" in table
+    page.click("#plan-use")
+    open_tab(page, "Train")
+    page.wait_for_function("(m) => document.querySelector('#field-run-method input').value === m",
+                           arg=expected["method"])
+
+
+def docs_screenshot(page) -> None:
+    """The runs list, the watched run and its charts: the manual's picture."""
+    page.locator("#runs-table").scroll_into_view_if_needed()
+    scrolled = page.evaluate("window.scrollY")  # bounding boxes are in the viewport, a full-page clip in the page
+    top, bottom = page.locator("#runs-table").bounding_box(), page.locator("#run-loss").bounding_box()
+    page.screenshot(path=DOCS_SCREENSHOT, full_page=True, clip={
+        "x": 0, "y": scrolled + top["y"] - 70, "width": 1400, "height": bottom["y"] + bottom["height"] - top["y"] + 90})
+
+
 def generate_cli(workspace: Path, *args: str) -> str:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2] / "src"),
                                                                    os.environ.get("PYTHONPATH")]))}
@@ -176,14 +205,16 @@ def test_launch_watch_compare_and_chat(page, studio, workspace, tmp_path):
     wait_text(page, "run-status", f"{first}: finished", timeout=300_000)
     page.wait_for_selector("#run-loss canvas, #run-loss svg")
     page.screenshot(path=tmp_path / "train.png", full_page=True)
-    if os.environ.get("TUNEFORGE_DOCS_SCREENSHOT") == "1":  # the runs list, the watched run and its charts
-        top, bottom = page.locator("#runs-table").bounding_box(), page.locator("#run-loss").bounding_box()
-        page.screenshot(path=DOCS_SCREENSHOT, full_page=True, clip={
-            "x": 0, "y": top["y"] - 70, "width": 1400, "height": bottom["y"] + bottom["height"] - top["y"] + 90})
+    if os.environ.get("TUNEFORGE_DOCS_SCREENSHOT") == "1":
+        docs_screenshot(page)
     table = page.inner_text("#runs-table")
     assert first in table and second in table
     choose(page, "runs-select", second)
     wait_text(page, "run-status", f"{second}: finished", timeout=300_000)
+    page.reload()  # the list is the run folders: a new page (or a restarted studio) shows the same runs
+    open_tab(page, "Train")
+    table = wait_text(page, "runs-table", second)
+    assert first in table and table.count("finished") == 2
 
     open_tab(page, "Compare")
     page.click("#compare-reload")
@@ -209,3 +240,12 @@ def test_launch_watch_compare_and_chat(page, studio, workspace, tmp_path):
     assert tuned == generate_cli(workspace, "--adapter", first, "--prompt", prompt, "--max-new-tokens", "12")
     assert base == generate_cli(workspace, "--model", "model", "--prompt", prompt, "--max-new-tokens", "12")
     assert tuned != base  # the adapter is applied (same engine, same prompt, the trained weights)
+
+    open_tab(page, "Export")
+    choose(page, "export-run", first)
+    page.click("#export-show")
+    assert wait_text(page, "export-command", "merge").strip().endswith(f"merge {first} --output {first}-merged")
+    page.click("#export-go")
+    wait_text(page, "export-jobs", f"{first}-merged")
+    wait_text(page, "export-jobs", "finished", timeout=300_000)  # the table follows the job
+    assert (workspace / f"{first}-merged" / "config.json").is_file()

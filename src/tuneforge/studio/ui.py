@@ -374,6 +374,7 @@ def _export_tab(studio: Studio) -> None:
             return f"# error: {e}", studio.export_jobs()
         return job.command, studio.export_jobs()
 
+    gr.Timer(REFRESH_S).tick(studio.export_jobs, None, jobs)
     show.click(shown, [run, fmt, output, dtype], command)
     go.click(queue, [run, fmt, output, dtype], [command, jobs])
     reload.click(lambda: (gr.update(choices=_run_choices(studio)), studio.export_jobs()), None, [run, jobs])
