@@ -195,7 +195,8 @@ class Studio:
         if not runs:
             raise ConfigError("pick at least one run")
         folders = [self.workspace.resolve(run, "run") for run in runs]
-        loaded = report.load_runs(folders)
+        paths: list[str | Path] = list(folders)
+        loaded = report.load_runs(paths)
         charts = [report.draw_chart(loaded, key) for key in report.chart_keys(loaded)]
         finals = report.final_rows(loaded, report.single_values(loaded))
         differences = report.config_differences(loaded)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from ..data.template import ensure_chat_template, prompt_ids
 from ..serve.engine import Row
@@ -60,13 +60,13 @@ class ChatEngine:
         every piece any of them decodes."""
         registry, scheduler = self.registry, self.scheduler
         assert registry is not None and scheduler is not None, "use() a base first"
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        loop, events = asyncio.get_running_loop(), asyncio.Queue[tuple]()
         requests = []
         for choice, (messages, name) in enumerate(zip(conversations, adapters)):
             group = SHARED if name is None else registry.adapters[name].group
             request = Request(name, group, [], loop, events, first=choice)
             request.rows.append(Row(prompt_ids(registry.tokenizer, messages), max_new_tokens, temperature,
-                                    seed=seed, emit=lambda piece, c=choice, r=request: r.send("text", c, piece)))
+                                    seed=seed, emit=_sender(request, choice)))
             requests.append(request)
         scheduler.submit(*requests)
         texts, done = ["" for _ in requests], 0
@@ -89,6 +89,11 @@ class ChatEngine:
         if self.scheduler is not None:
             self.scheduler.stop()
         self.registry = self.scheduler = None
+
+
+def _sender(request: Request, choice: int) -> Callable[[str], None]:
+    """A row's ``emit``: its pieces of text go to the request's events under its choice index."""
+    return lambda piece: request.send("text", choice, piece)
 
 
 def _mtime(run: Path) -> float:

@@ -37,7 +37,9 @@ def read_data(path: str, data_format: str = "auto", limit: int = 2000) -> DataRe
     """Up to ``limit`` records of ``path``: the good ones normalised, the bad ones as error lines (the trainer stops
     at the first; the studio lists them all, up to MAX_ERRORS)."""
     fmt = None if data_format in ("", "auto") else data_format
-    examples, errors, count = [], [], 0
+    examples: list[Example] = []
+    errors: list[str] = []
+    count = 0
     rows = read_rows(path)
     while count < limit and len(errors) < MAX_ERRORS:
         try:

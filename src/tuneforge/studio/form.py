@@ -34,7 +34,7 @@ class FormField:
     section: str  # "run", or "method:lora" / "objective:dpo"
     option: str  # the name in the config (``r``; for run fields the RunConfig key)
     key: str  # the flag key (``lora_r``): ``--lora-r``
-    kind: Literal["bool", "int", "float", "choice", "text"]
+    kind: str  # bool | int | float | choice | text: the widget
     default: Any
     help: str
     type_name: str  # the annotation as written (``int``, ``float | None``)
@@ -103,7 +103,7 @@ def type_name(annotation: Any) -> str:
     return text.replace("typing.", "").replace("NoneType", "None")
 
 
-def widget(annotation: Any) -> tuple[str, tuple[str, ...]]:
+def widget(annotation: Any) -> tuple[str, tuple[str, ...]]:  # (kind, choices)
     """(kind, choices) for an annotation: booleans tick, numbers are numbers, closed sets are drop-downs, and
     everything else (lists, unions with lists, free text) is text the flag parser reads."""
     args = typing.get_args(annotation)
@@ -111,8 +111,8 @@ def widget(annotation: Any) -> tuple[str, tuple[str, ...]]:
     if origin in (typing.Union, types.UnionType):
         rest = [a for a in args if a is not type(None)]
         optional = len(rest) < len(args)
-        closed = [choices_of(a) for a in rest]
-        if all(c is not None for c in closed):  # bool | Literal[...], Literal | None, bool | None
+        closed = [c for c in (choices_of(a) for a in rest) if c is not None]
+        if len(closed) == len(rest):  # bool | Literal[...], Literal | None, bool | None
             return "choice", (*([NULL] if optional else []), *[c for group in closed for c in group])
         return "text", ()  # an optional number too: an empty box is "unset", which a number box cannot say
     if annotation is bool:

@@ -145,7 +145,7 @@ def _data_tab(studio: Studio) -> None:
 
 def _field_widget(field: FormField, value: Any, visible: bool = True):
     info = f"{field.help} [{field.flag}, default: {field.initial() if field.default is not None else 'unset'}]"
-    common = dict(label=field.label, info=info, elem_id=field.elem_id, visible=visible)
+    common: dict[str, Any] = dict(label=field.label, info=info, elem_id=field.elem_id, visible=visible)
     if field.kind == "bool":
         return gr.Checkbox(value=bool(value), **common)
     if field.kind in ("int", "float"):
@@ -183,10 +183,10 @@ def _train_tab(studio: Studio) -> dict[str, Any]:
             groups[section] = group
     by_option = {f.option: widgets[i] for i, f in run_fields}
     for kind in ("method", "objective"):
-        sections = [s for s in groups if s.startswith(kind + ":")]
-        by_option[kind].change(lambda name, sections=sections: [gr.update(visible=s.endswith(":" + str(name)))
-                                                                for s in sections],
-                               by_option[kind], [groups[s] for s in sections])
+        owned = [s for s in groups if s.startswith(kind + ":")]
+        by_option[kind].change(lambda name, owned=owned: [gr.update(visible=s.endswith(":" + str(name)))
+                                                          for s in owned],
+                               by_option[kind], [groups[s] for s in owned])
     with gr.Row():
         check_button = gr.Button("Check", elem_id="train-check")
         command_button = gr.Button("Copy as command / YAML", elem_id="train-command-button")
