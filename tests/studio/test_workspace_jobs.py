@@ -18,10 +18,13 @@ from tuneforge.studio.runs import find_runs, run_info, series
 from tuneforge.studio.server import KEY_ENV, key_checker, read_key
 from tuneforge.studio.workspace import Workspace
 
-# A stand-in for `python -m tuneforge ARGS`: sleeps ARGS[-1] seconds, then writes the file ARGS[-2]. The "tuneforge"
-# argument marks it as ours (jobs.alive checks the command line, so a reused pid is not taken for a job).
+# Stand-ins for `python -m tuneforge ARGS`. The "tuneforge" argument marks them as ours (jobs.alive checks the command
+# line, so a reused pid is not taken for a job). SLEEPER sleeps ARGS[-1] seconds, then writes the file ARGS[-2];
+# WAITER waits for the file ARGS[-1] to appear (the test says when), then writes ARGS[-2].
 SLEEPER = [sys.executable, "-c", "import sys, time; time.sleep(float(sys.argv[-1])); open(sys.argv[-2], 'w')",
            "tuneforge"]
+WAITER = [sys.executable, "-c", "import os, sys, time\nwhile not os.path.exists(sys.argv[-1]): time.sleep(0.05)\n"
+          "open(sys.argv[-2], 'w')", "tuneforge"]
 
 
 @pytest.fixture
@@ -65,15 +68,15 @@ def states(jobs: Jobs) -> list[str]:
 
 
 def test_jobs_run_one_at_a_time_in_order(workspace):
-    jobs = Jobs(workspace, program=SLEEPER)
-    first = jobs.submit(["a.done", "1.5"], "a.done")
-    second = jobs.submit(["b.done", "0"], "b.done")
+    jobs = Jobs(workspace, program=WAITER)
+    first = jobs.submit(["a.done", "go"], "a.done")
+    second = jobs.submit(["b.done", "a.done"], "b.done")  # would end at once if it started before the first ends
     assert states(jobs) == [RUNNING, QUEUED]
-    assert not (workspace.root / "b.done").exists()
+    (workspace.root / "go").touch()
     wait_until(lambda: states(jobs) == [FINISHED, FINISHED])
     a, b = jobs.get(first.id), jobs.get(second.id)
     assert a.ended <= b.started and a.returncode == b.returncode == 0
-    assert a.command == "tuneforge a.done 1.5"
+    assert a.command == "tuneforge a.done go"
 
 
 def test_stop_a_queued_job_and_a_running_one(workspace):
@@ -94,12 +97,13 @@ def test_stop_a_queued_job_and_a_running_one(workspace):
 
 
 def test_a_restarted_studio_finds_its_running_job_and_starts_the_queue_after_it(workspace):
-    before = Jobs(workspace, program=SLEEPER)
-    running = before.submit(["a.done", "2"], "a.done")
-    queued = before.submit(["b.done", "0"], "b.done")
+    before = Jobs(workspace, program=WAITER)
+    running = before.submit(["a.done", "go"], "a.done")
+    queued = before.submit(["b.done", "a.done"], "b.done")
     child = before._children[running.id]
-    after = Jobs(workspace, program=SLEEPER)  # a new studio: the first job is not its child
+    after = Jobs(workspace, program=WAITER)  # a new studio: the first job is not its child
     assert states(after) == [RUNNING, QUEUED]
+    (workspace.root / "go").touch()
     child.wait()  # (its parent, the old studio, reaps it; the new one sees the pid gone)
     wait_until(lambda: states(after) == [FINISHED, FINISHED])
     assert after.get(queued.id).started >= after.get(running.id).ended - 1

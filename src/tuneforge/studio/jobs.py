@@ -189,15 +189,19 @@ def alive(pid: int | None) -> bool:
     """Whether ``pid`` is a live tuneforge process (a reused pid running something else is not)."""
     if not pid:
         return False
+    proc = Path(f"/proc/{pid}")
     try:
         os.kill(pid, 0)
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if Path("/proc").is_dir() else b"tuneforge"
-    except (ProcessLookupError, PermissionError, FileNotFoundError):
+        if not proc.is_dir():  # no /proc (not Linux): the pid exists, take it for ours
+            return True
+        cmdline = (proc / "cmdline").read_bytes()
+        state = (proc / "stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except (ProcessLookupError, PermissionError, FileNotFoundError, IndexError):
         return False
-    stat = Path(f"/proc/{pid}/stat")
-    if stat.is_file() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z":  # exited, not yet waited for
+    if state == "Z":  # exited, not yet waited for
         return False
-    return b"tuneforge" in cmdline
+    # Empty while the process is inside exec (its new arguments are not set up yet): a job just started.
+    return not cmdline or b"tuneforge" in cmdline
 
 
 def wrote(output: Path) -> bool:
