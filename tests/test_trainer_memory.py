@@ -48,6 +48,7 @@ print(json.dumps({{**measured, **{{k: v for k, v in result.metrics.items() if is
 """
 
 
+@pytest.mark.slow  # a training run in a fresh process (~50 s)
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmRSS from /proc (Linux)")
 def test_peak_memory_covers_the_evaluation_after_training(tmp_path, tiny_model_dir, sft_file):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),

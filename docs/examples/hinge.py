@@ -9,7 +9,6 @@ In the package this file would be ``src/tuneforge/objectives/hinge.py`` plus one
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import torch
 from torch import nn
@@ -21,8 +20,6 @@ from tuneforge.models.logprobs import sequence_logps
 @dataclasses.dataclass
 class HingeConfig(ObjectiveConfig):
     """Options of the hinge objective."""
-
-    objective: ClassVar[str] = "hinge"
 
     margin: float = 1.0
     """How many nats (summed over the answer's tokens) the chosen answer must out-score the rejected one by."""

@@ -11,7 +11,7 @@ It saves PEFT's IA³ files for the layers PEFT calls non-feed-forward (the outpu
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,8 +23,6 @@ from tuneforge.methods.base import (Method, MethodConfig, MethodHandle, Switchab
 @dataclasses.dataclass
 class IA3Config(MethodConfig):
     """Options of IA³ (PEFT's IA3Config names)."""
-
-    method: ClassVar[str] = "ia3"
 
     target_modules: str | list[str] = dataclasses.field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
     """The linear layers to rescale: a list of names (PEFT's rule: a name or a ``.name`` suffix), a regular

@@ -105,6 +105,11 @@ def _weight(value: Any, entry: Any) -> float | None:
     return weight
 
 
+def source_weights(sources: list[DataSource]) -> list[float]:
+    """The weights of a weighted mix (``parse_sources`` lets every source have one, or none)."""
+    return [s.weight for s in sources if s.weight is not None]
+
+
 def relative_weights(weights: list[float]) -> list[float]:
     """The weights as shares summing to 1. Weights whose sum overflows (1e308 each) are divided by the largest
     first, so that they mean what equal weights mean instead of all becoming 0 / infinity = 0."""
@@ -171,7 +176,7 @@ def load_mixed(data: str | list[Any], data_format: str, seed: int, eval_split: f
         parts.append(train)
         held += eval_
     weighted = len(sources) > 1 and sources[0].weight is not None
-    counts = mix_counts([len(p) for p in parts], [s.weight for s in sources] if weighted else None)
+    counts = mix_counts([len(p) for p in parts], source_weights(sources) if weighted else None)
     mixed: list[Example] = []
     summary = []
     for i, (source, part, count) in enumerate(zip(sources, parts, counts)):

@@ -270,10 +270,10 @@ class Trainer:
             start = starts[min(j, len(starts) - 1)]
             batch = self.objective.collate(self.eval_items[start:start + self.micro])
             batch = to_device(batch, device)
-            _, metrics = self.objective.loss(self.model, batch, self.ctx)
+            _, metrics = self.objective.evaluation_loss(self.model, batch, self.ctx)
             if j >= len(starts):
                 continue
-            units += self.objective.units(batch)
+            units += self.objective.evaluation_units(batch)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         self.model.train(was_training)

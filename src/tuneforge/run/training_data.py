@@ -63,7 +63,7 @@ class EpochSampler:
         return np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist()
 
     def take(self, k: int) -> list[int]:
-        out = []
+        out: list[int] = []
         while len(out) < k:
             if self.index >= self.n:
                 self.epoch, self.index = self.epoch + 1, 0

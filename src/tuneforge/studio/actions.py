@@ -160,6 +160,7 @@ class Studio:
                   max_length: int) -> dict[str, Any]:
         from ..data.template import ensure_chat_template
         from ..models.loading import DEFAULT_MODEL, load_tokenizer
+        from ..objectives.base import get_objective
         from .data_view import highlighted, measure, read_data
 
         source = self.workspace.data_path(path)
@@ -167,12 +168,13 @@ class Studio:
                            else source, data_format)
         tokenizer = load_tokenizer(self.local_model(model) if model else DEFAULT_MODEL)
         ensure_chat_template(tokenizer)
-        objective = objective or None
-        measure(report, tokenizer, objective)
+        # As `tuneforge data preview --objective`: one that trains on text records supervises every token.
+        as_text = bool(objective) and "text" in get_objective(str(objective)).kinds
+        measure(report, tokenizer, as_text)
         shown = report.examples[index] if 0 <= index < len(report.examples) else None
         return {"format": report.format, "records": report.records, "stats": report.stats(max_length),
                 "errors": [self._shown_path(e) for e in report.errors],
-                "rows": highlighted(tokenizer, shown, objective) if shown else [],
+                "rows": highlighted(tokenizer, shown, as_text) if shown else [],
                 "source": self._shown_path(shown.source) if shown else ""}
 
     def local_model(self, text: str) -> str:

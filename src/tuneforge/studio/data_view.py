@@ -58,10 +58,10 @@ def read_data(path: str, data_format: str = "auto", limit: int = 2000) -> DataRe
     return DataReport(fmt or "unknown", count, examples, errors, [])
 
 
-def measure(report: DataReport, tokenizer, objective: str | None = None) -> None:
+def measure(report: DataReport, tokenizer, as_text: bool = False) -> None:
     """Token lengths of the report's examples as the trainer renders them (both answers of a pair count)."""
     report.lengths = [len(tokens) for example in report.examples for tokens in
-                      (marked_tokens(tokenizer, view, objective) for view in rendered_views(example))]
+                      (marked_tokens(tokenizer, view, as_text) for view in rendered_views(example))]
 
 
 def rendered_views(example: Example) -> list[Example]:
@@ -75,7 +75,7 @@ def rendered_views(example: Example) -> list[Example]:
     return [example]
 
 
-def highlighted(tokenizer, example: Example, objective: str | None = None) -> list[tuple[str, str | None]]:
+def highlighted(tokenizer, example: Example, as_text: bool = False) -> list[tuple[str, str | None]]:
     """(text, label) runs for a highlighted-text view: "supervised" marks what the loss trains on; a pair shows
     its chosen answer, then its rejected one."""
     runs: list[tuple[str, str | None]] = []
@@ -83,7 +83,7 @@ def highlighted(tokenizer, example: Example, objective: str | None = None) -> li
     for number, view in enumerate(views):
         if len(views) > 1:
             runs.append((f"\n— {'chosen' if number == 0 else 'rejected'} —\n", "answer"))
-        for text, supervised in marked_tokens(tokenizer, view, objective):
+        for text, supervised in marked_tokens(tokenizer, view, as_text):
             label = "supervised" if supervised else None
             if runs and runs[-1][1] == label:
                 runs[-1] = (runs[-1][0] + text, label)

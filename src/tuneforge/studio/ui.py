@@ -88,6 +88,12 @@ def _plan_tab(studio: Studio):
     return use, method, objective
 
 
+def _objective_names() -> list[str]:
+    from ..objectives.base import OBJECTIVES
+
+    return OBJECTIVES.names()
+
+
 def _default_model() -> str:
     from ..models.loading import DEFAULT_MODEL
 
@@ -108,7 +114,8 @@ def _data_tab(studio: Studio) -> None:
         fmt = gr.Dropdown(["auto", *FORMATS], value="auto", label="format", elem_id="data-format")
     with gr.Row():
         model = gr.Textbox(value=_default_model(), label="tokenizer of model", elem_id="data-model")
-        objective = gr.Dropdown(["", "sft", "pretrain"], value="", label="objective (pretrain: every token)",
+        objective = gr.Dropdown(["", *_objective_names()], value="",
+                                label="objective (one that trains on text, pretrain: every token)",
                                 elem_id="data-objective")
         index = gr.Number(value=0, precision=0, label="record", elem_id="data-index")
         length = gr.Number(value=512, precision=0, label="max length", elem_id="data-max-length")
