@@ -143,7 +143,7 @@ def test_the_data_tab_shows_format_supervised_tokens_and_errors(page, workspace)
 
 
 def test_the_plan_tab_shows_recommends_table_and_choice(page, workspace):
-    from tuneforge.choose.recommend import model_shape, recommend
+    from tuneforge.studio.plan import plan
 
     open_tab(page, "Plan")
     fill(page, "plan-model", "model")
@@ -151,7 +151,7 @@ def test_the_plan_tab_shows_recommends_table_and_choice(page, workspace):
     fill(page, "plan-memory", "24")
     page.click("#plan-estimate")
     verdict = wait_text(page, "plan-recommendation", "recommended")
-    expected = recommend(model_shape(str(workspace / "model")), "task", 24 * 1024.0)
+    expected = plan(str(workspace / "model"), 24.0, "task", runs=workspace / "runs")  # recommend's, as the command
     assert expected["combination"] in verdict and expected["why"] in verdict
     table = page.inner_text("#plan-table")
     for row in expected["estimates"]:

@@ -63,11 +63,12 @@ def _plan_tab(studio: Studio):
         memory = gr.Number(value=gpu_gb or 24, label="GPU memory, GB", elem_id="plan-memory")
         name = gr.Dropdown(["", *rec.GPU_BF16_FLOPS], value=gpu_name or "", label="GPU (for the time estimate)",
                            elem_id="plan-gpu")
-        batch = gr.Number(value=4, precision=0, label="batch size (micro-batch)", elem_id="plan-batch")
-        length = gr.Number(value=512, precision=0, label="max length", elem_id="plan-length")
+        default_batch, default_length = rec.train_defaults()
+        batch = gr.Number(value=default_batch, precision=0, label="batch size", elem_id="plan-batch")
+        length = gr.Number(value=default_length, precision=0, label="max length", elem_id="plan-length")
     estimate = gr.Button("Estimate", variant="primary", elem_id="plan-estimate")
-    table = gr.Dataframe(headers=PLAN_COLUMNS, label="memory and time per method (recommend's model)",
-                         interactive=False, elem_id="plan-table")
+    table = gr.Dataframe(headers=PLAN_COLUMNS, label="memory and time per method (recommend's model, calibrated by "
+                         "the workspace's finished runs)", interactive=False, elem_id="plan-table")
     verdict = gr.Markdown(elem_id="plan-recommendation")
     command = gr.Code(label="run", language="shell", elem_id="plan-command")
     method, objective = gr.State(), gr.State()
@@ -76,12 +77,16 @@ def _plan_tab(studio: Studio):
     def run(model_name, goal_name, where, gb, gpu, batch_size, max_length):
         try:
             result = plan(studio.local_model(model_name), None if where == "no GPU" else float(gb), goal_name,
-                          gpu or None, int(batch_size), int(max_length))
+                          gpu or None, int(batch_size), int(max_length), runs=studio.workspace.root / "runs")
         except USER_ERRORS as e:
             return [], f"**error:** {e}", "", None, None
-        text = (f"**situation:** {result['situation']}\n\n**recommended:** {result['combination']} — "
-                f"{result['why']}")
-        return result["rows"], text, result["run"], result["method"], result["objectives"][0]
+        setup = f", {result['setup'].describe()}" if result["setup"] else ""
+        lines = [f"**situation:** {result['situation']}",
+                 f"**recommended:** {result['combination']}{setup} — {result['why']}",
+                 *[f"**warning:** {result['impractical']}" for _ in [1] if result.get("impractical")],
+                 *[f"note: {note}" for note in result["notes"]]]
+        return (result["rows"], "\n\n".join(lines), result["run"] or "# nothing fits on this device",
+                result["method"], result["objectives"][0])
 
     estimate.click(run, [model, goal, hardware, memory, name, batch, length],
                    [table, verdict, command, method, objective])
