@@ -54,10 +54,12 @@ class Studio:
         filled = check(self.fields, values)
         try:
             self.check_paths(parse_overrides(list(filled.tokens)))
-        except ConfigError as e:
+        except ConfigError as e:  # outside the workspace: "KEY PATH: outside ..."
             key = str(e).split(" ", 1)[0]
             named = next((f for f in self.fields if f.section == "run" and f.option == key), None)
             filled.config, filled.error, filled.field = None, str(e), named
+        except ValueError as e:  # a malformed value (a data mix's weights): the config check above names it too
+            filled.config, filled.error = None, filled.error or str(e)
         return filled
 
     def check_paths(self, overrides: dict[str, Any]) -> None:

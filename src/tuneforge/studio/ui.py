@@ -4,6 +4,8 @@ browser tests and a user's own scripts can address."""
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -326,10 +328,10 @@ def _chat_tab(studio: Studio) -> None:
     status = gr.Markdown(elem_id="chat-status")
 
     async def answer(run_name, base_name, max_tokens, temp, text, base_history, tuned_history):
-        try:
+        try:  # loading takes seconds: off the event loop, which keeps serving the other tabs
             model, folder = studio.chat_base(run_name, base_name)
-            registry = studio.chat.use(model)
-            adapter = studio.chat.adapter(studio.workspace.resolve(folder), run_name) if folder else None
+            registry = await asyncio.to_thread(studio.chat.use, model)
+            adapter = await asyncio.to_thread(studio.chat.adapter, Path(folder), run_name) if folder else None
         except USER_ERRORS as e:
             yield base_history, tuned_history, "", "", f"**error:** {e}"
             return
