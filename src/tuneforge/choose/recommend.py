@@ -604,5 +604,15 @@ def measured_calibrations(shape: ModelShape, model: str, runs_root: str | Path, 
                         lambda r: est.model_step_s(r.method, setup_of(r)))
 
 
+def model_heads(model: str | None) -> int | None:
+    """The attention heads of ``model``'s config (context parallelism splits them), None when unknown."""
+    from transformers import AutoConfig
+
+    from ..models.loading import DEFAULT_MODEL, resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(model or DEFAULT_MODEL))
+    return getattr(getattr(config, "text_config", config), "num_attention_heads", None)
+
+
 __all__ = ["model_shape", "shape_from_config", "memory_breakdown", "estimate_memory_mb", "estimate_step_seconds",
            "recommend", "ModelShape", "Setup", "command"]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..choose.recommend import (SITUATIONS, check_request, format_report, measured_calibrations, model_shape,
-                                parse_memory, recommend, system_ram_mb)
+from ..choose.recommend import (SITUATIONS, check_request, format_report, measured_calibrations, model_heads,
+                                model_shape, parse_memory, recommend, system_ram_mb)
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +16,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     from ..models.loading import DEFAULT_MODEL
 
     gpu_name = args.gpu.lower() if args.gpu else None  # H100 or h100
+    if args.max_length == "auto":  # the longest context that fits, per method and setup (choose/long_context.py)
+        return cmd_longest_context(args)
     check_request(args.goal, args.batch_size, args.max_length, gpu_name, args.micro_batch_size)
     gpu_memory = None if args.cpu or args.gpu_memory is None else parse_memory(args.gpu_memory)
     ram = parse_memory(args.ram, "--ram") if args.ram else system_ram_mb()
@@ -30,6 +32,26 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     hardware = "CPU" if gpu_memory is None else f"GPU with {gpu_memory / 1024:g} GB"
     print(format_report(result, shape, hardware))
     return 0
+
+
+def cmd_longest_context(args: argparse.Namespace) -> int:
+    from ..models.loading import DEFAULT_MODEL
+    from ..choose.long_context import format_longest, longest_contexts
+
+    if args.cpu or args.gpu_memory is None:
+        raise ValueError("--max-length auto projects GPU memory: give the GPU's memory (--gpu-memory 80GB)")
+    if args.gpus < 1:
+        raise ValueError(f"--gpus must be a positive integer, got {args.gpus}")
+    gpu_memory = parse_memory(args.gpu_memory)
+    shape = model_shape(args.model or DEFAULT_MODEL, ("full", "lora", "qlora"))
+    rows = longest_contexts(shape, ["qlora", "lora", "full"], gpu_memory, args.gpus, model_heads(args.model))
+    print(format_longest(rows, shape, f"{args.gpus} x GPU with {gpu_memory / 1024:g} GB"))
+    return 0
+
+
+def max_length_arg(text: str) -> int | str:
+    """``--max-length``: tokens, or ``auto`` (the longest context that fits)."""
+    return "auto" if text == "auto" else int(text) if text.lstrip("-").isdigit() else text
 
 
 def add_subcommands(sub) -> None:
@@ -47,7 +69,10 @@ def add_subcommands(sub) -> None:
                    help="task: SFT; domain: continued pretraining + SFT; alignment: SFT + DPO")
     p.add_argument("--batch-size", type=int, help="examples per optimiser step (default: train's, 8)")
     p.add_argument("--micro-batch-size", type=int, help="examples per forward pass (default: the batch size)")
-    p.add_argument("--max-length", type=int, help="tokens per example (default: train's, 512)")
+    p.add_argument("--max-length", type=max_length_arg, help="tokens per example (default: train's, 512); auto: the "
+                   "longest context that fits, per method and setup (one row per step, checkpointing, tiled MLP, "
+                   "offload, context parallel over --gpus)")
+    p.add_argument("--gpus", type=int, default=1, help="--max-length auto: GPUs the run may use")
     p.add_argument("--runs", default="runs", help="where finished runs of this model (compare, sweep, train) are "
                    "read for measured peaks and step times on this machine (default runs/; '' for none)")
     p.set_defaults(func=cmd_recommend)
