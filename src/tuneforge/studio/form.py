@@ -24,7 +24,6 @@ from ..flags import parse_overrides
 NULL = "null"  # the choice that leaves an optional value unset (what the flag parser reads as None)
 # Per-option sections are routed by the method's / objective's flag prefix; these keys hold them in YAML instead.
 ROUTED = ("method_options", "objective_options")
-SECTIONS = ("run", "method", "objective")
 
 
 @dataclasses.dataclass
