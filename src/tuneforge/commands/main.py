@@ -14,11 +14,11 @@ import sys
 
 from ..errors import TuneforgeError
 from . import (alignment, compare, convert, data, eval, export, generate, merge, methods, prompting, recommend, report,
-               serve, train, verify)
+               serve, studio, train, verify)
 
 # In --help order: train, use, inspect, then the tools around them.
 COMMANDS = [train, generate, eval, merge, verify, data, methods, prompting, alignment, serve, export, convert, report,
-            compare, recommend]
+            compare, recommend, studio]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,32 +22,47 @@ def preview(path: str, model_name: str | None = None, index: int = 0, data_forma
     if index >= len(examples):
         raise ValueError(f"{path}: has only {len(examples)} records; --index {index} is out of range")
     example = examples[index]
+    tokens = marked_tokens(tokenizer, example, as_text)
+    open_mark, close_mark = (START, END) if color else ("[[", "]]")
+    pieces, inside = [], False
+    for text, supervised, run in image_runs(tokens, image_texts(tokenizer)):
+        if supervised != inside:
+            pieces.append(open_mark if supervised else close_mark)
+            inside = supervised
+        pieces.append(f"{text}x{run}" if run > 1 else text)
+    if inside:
+        pieces.append(close_mark)
+    n_sup = sum(supervised for _, supervised in tokens)
+    header = (f"{example.source}  ({len(tokens)} tokens, {n_sup} supervised; supervised text is "
+              f"{'highlighted' if color else 'between [[ and ]]'})")
+    return header + "\n" + "".join(pieces)
+
+
+def marked_tokens(tokenizer, example, as_text: bool = False) -> list[tuple[str, bool]]:
+    """Each token of the rendered example as (its text, whether the loss supervises it): what ``preview`` marks and
+    the studio highlights. ``as_text``: as ``preview``'s."""
     if example.kind == "text" or as_text:
         ids = tokenize_text(tokenizer, example)
         labels = list(ids)
     else:
         tokenized = tokenize_chat(tokenizer, example)
         ids, labels = tokenized.input_ids, tokenized.labels
-    open_mark, close_mark = (START, END) if color else ("[[", "]]")
-    pieces, inside = [], False
-    images = tokenizer.image_token_ids if isinstance(tokenizer, ChatEncoder) else set()
-    run = 0  # image tokens come in runs of tens or hundreds: shown as one piece with their count
-    for i, (tok, label) in enumerate(zip(ids, labels)):
-        supervised = label != IGNORE_INDEX
-        if supervised != inside:
-            pieces.append(open_mark if supervised else close_mark)
-            inside = supervised
-        if tok in images:
-            run += 1
-            if i + 1 < len(ids) and ids[i + 1] == tok:
-                continue
-            pieces.append(f"{tokenizer.decode([tok])}x{run}" if run > 1 else tokenizer.decode([tok]))
-            run = 0
-            continue
-        pieces.append(tokenizer.decode([tok]))
-    if inside:
-        pieces.append(close_mark)
-    n_sup = sum(1 for x in labels if x != IGNORE_INDEX)
-    header = (f"{example.source}  ({len(ids)} tokens, {n_sup} supervised; supervised text is "
-              f"{'highlighted' if color else 'between [[ and ]]'})")
-    return header + "\n" + "".join(pieces)
+    return [(tokenizer.decode([tok]), label != IGNORE_INDEX) for tok, label in zip(ids, labels)]
+
+
+def image_texts(tokenizer) -> set[str]:
+    """The text of a vision-language model's image tokens (none for a text model)."""
+    if not isinstance(tokenizer, ChatEncoder):
+        return set()
+    return {tokenizer.decode([tok]) for tok in tokenizer.image_token_ids}
+
+
+def image_runs(tokens: list[tuple[str, bool]], images: set[str]) -> list[tuple[str, bool, int]]:
+    """``tokens`` with each run of one image token (tens or hundreds per image) as one piece and its count."""
+    out: list[tuple[str, bool, int]] = []
+    for text, supervised in tokens:
+        if out and text in images and out[-1][0] == text and out[-1][1] == supervised:
+            out[-1] = (text, supervised, out[-1][2] + 1)
+        else:
+            out.append((text, supervised, 1))
+    return out
