@@ -45,6 +45,7 @@ from .methods.adapter_files import nonfinite_tensors
 from .methods.base import Method, MethodHandle
 from .models import default_device, default_dtype, load_model, resolve_model_reference
 from .objectives import Objective, TrainContext
+from .objectives.moe_router import RouterMonitor
 from .outputs import OutputConflict, check_not_input
 from .tracking import Tracking
 
@@ -290,6 +291,7 @@ class Trainer:
         needs_copy = self.objective.needs_reference and self.method.trains_base_weights
         self.reference_model = self._frozen_copy(model) if needs_copy else None
         self.handle = self.method.attach(model, method_config)
+        self.router = RouterMonitor(model)  # MoE: the model's load-balancing loss and per-expert token counts
         self.objective.pack_capacity = config.max_length if self._packs(model) else None
         self._upcast_trainable()
         if config.gradient_checkpointing:
@@ -438,6 +440,9 @@ class Trainer:
             extra = self.handle.extra_loss()
             if extra is not None:
                 loss = loss + extra / len(batches)
+            router_loss = self.router.take_loss()
+            if router_loss is not None:
+                loss = loss + router_loss / len(batches)
             with self.dist.accumulating(self.train_model, sync=i == len(batches) - 1):
                 loss.backward()
             total_loss = total_loss + loss.detach()
@@ -462,6 +467,7 @@ class Trainer:
         out = {k: v / total_units for k, v in zip(keys, reduced[1:])}
         out["units"] = total_units
         out["tokens"] = total_tokens
+        out.update(self.router.take_metrics())
         if grad_norm is not None:
             out["grad_norm"] = grad_norm
         return out
