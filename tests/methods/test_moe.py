@@ -25,8 +25,8 @@ from tuneforge.methods.grouped_mm import Groups, grouped_mm, padded_bmm
 from tuneforge.methods.lora import LoRAConfig
 from tuneforge.methods.lora_experts import LoRAExperts
 from tuneforge.objectives import get_objective
-from tuneforge.objectives.logprobs import sequence_logps
-from tuneforge.trainer import Trainer, training_examples
+from tuneforge.models.logprobs import sequence_logps
+from tuneforge.run.trainer import Trainer, training_examples
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

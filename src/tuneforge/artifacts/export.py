@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .inference import default_model, load_for_inference
-from .methods.adapter_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_adapter_config
+from ..inference.loading import default_model, load_for_inference
+from ..methods.adapter_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_adapter_config
 from .gguf_pretokenizer import pretokenizer_name
-from .models import source_gguf
-from .outputs import check_output, staged_dir, staged_file
-from .serve.multi_lora import batchable_lora
+from ..models.loading import source_gguf
+from ..outputs import check_output, staged_dir, staged_file
+from ..inference.multi_lora import batchable_lora
 
 GGUF_ARCHITECTURES = ("llama", "qwen2")
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")

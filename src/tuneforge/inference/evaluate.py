@@ -13,12 +13,12 @@ from typing import Any
 
 from torch import nn
 
-from .data.batching import apply_max_length, pad_batch, to_device
-from .data.formats import Example, examples_of_kind
-from .data.template import Tokenized, ensure_chat_template, tokenize_chat, tokenize_text
+from ..data.batching import apply_max_length, pad_batch, to_device
+from ..data.formats import Example, examples_of_kind
+from ..data.template import Tokenized, ensure_chat_template, tokenize_chat, tokenize_text
 from .generate import eval_mode, generate
-from .objectives.logprobs import token_cross_entropy_sum
-from .progress import progress
+from ..models.logprobs import token_cross_entropy_sum
+from ..progress import progress
 
 
 def normalise_answer(text: str) -> str:

@@ -10,14 +10,14 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 
-from .errors import ConfigError, TuneforgeError
-from .flags import parse_overrides
-from .outputs import check_output, staged_file
+from ..errors import ConfigError, TuneforgeError
+from ..flags import parse_overrides
+from ..outputs import check_output, staged_file
 
 # Only light modules above: torch, transformers, datasets and matplotlib are imported by the commands that use them,
 # so `tuneforge --help` and a mistyped flag answer at once (bench/bench_startup.py; tests/test_cli.py checks it).
 if TYPE_CHECKING:
-    from .config import RunConfig
+    from ..config import RunConfig
 
 log = logging.getLogger("tuneforge")
 
@@ -39,11 +39,11 @@ def pop_nproc_per_node(tokens: list[str]) -> tuple[int | None, list[str]]:
 
 
 def config_from_args(config_path: str | None, extra: list[str]) -> RunConfig:
-    from .config import load_config
+    from ..config import load_config
 
     overrides = parse_overrides(extra)
     if config_path is None and overrides.get("data") is None:
-        from .trainer import DEMO_DIR
+        from ..run.trainer import DEMO_DIR
 
         config_path = str(DEMO_DIR / "demo.yaml")  # no config and no data: the bundled demonstration run
     return load_config(config_path, overrides)
@@ -53,22 +53,22 @@ def config_from_args(config_path: str | None, extra: list[str]) -> RunConfig:
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str] = ()) -> int:
-    from .distributed import is_main_process
-    from .trainer import train
+    from ..run.distributed import is_main_process
+    from ..run.trainer import train
 
     # The YAML file is the first pass-through argument (see build_parser for why it is not a positional).
     extra = list(extra)
     nproc, extra = pop_nproc_per_node(extra)
     if nproc is not None:
-        from .distributed import launch_torchrun
+        from ..run.distributed import launch_torchrun
 
         check_before_launch(nproc, extra)
         return launch_torchrun(nproc, ["train", *extra])  # this same command, one process per device
     config_path = extra.pop(0) if extra and not extra[0].startswith("-") else None
-    from .pipeline import is_pipeline
+    from ..run.pipeline import is_pipeline
 
     if config_path and is_pipeline(config_path):  # `stages:`: several runs, each feeding the next
-        from .pipeline import run_pipeline
+        from ..run.pipeline import run_pipeline
 
         state = run_pipeline(config_path, parse_overrides(extra))
         print("\n".join(f"stage {name}: {path}" for name, path in state["done"].items()))
@@ -106,7 +106,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str] = ()) -> int:
         print(describe_source(source))
     for key, value in (result.handle.summary() if result.handle else {}).items():
         print(f"{key}: {summarise(value)}")
-    from .report import write_report
+    from ..run.report import write_report
 
     print(f"report: {write_report([result.output])}")  # charts of metrics.jsonl and an HTML page (tuneforge report)
     return 0
@@ -137,9 +137,9 @@ def describe_source(source: dict[str, Any]) -> str:
 def check_before_launch(nproc: int, extra: list[str]) -> None:
     """Build the run's config here, once, before torchrun starts workers: bad input is then one error line, not
     one per rank under torchrun's traceback. The per-rank batch split is checked as the workers would."""
-    from .distributed import Distributed
-    from .pipeline import is_pipeline
-    from .trainer import STREAMING_IN_ONE_PROCESS
+    from ..run.distributed import Distributed
+    from ..run.pipeline import is_pipeline
+    from ..run.trainer import STREAMING_IN_ONE_PROCESS
 
     config_path = extra[0] if extra and not extra[0].startswith("-") else None
     if config_path and is_pipeline(config_path):  # each stage is its own run, checked as it starts
@@ -153,7 +153,7 @@ def check_before_launch(nproc: int, extra: list[str]) -> None:
 
 def summarise(value: Any) -> str:
     """One line for a summary value; per-module tables (AdaLoRA's ranks) become totals, the file has the rest."""
-    from .methods.adapter_files import TUNEFORGE_ADAPTER_META
+    from ..methods.adapter_files import TUNEFORGE_ADAPTER_META
 
     if isinstance(value, dict) and len(value) > 8:
         numbers = [v for v in value.values() if isinstance(v, (int, float))]
@@ -165,10 +165,10 @@ def summarise(value: Any) -> str:
 
 
 def cmd_generate(args: argparse.Namespace, extra: list[str] = ()) -> int:
-    from .data.bundled import held_out_name
-    from .data.formats import load_prompts
-    from .generate import generate
-    from .inference import default_model, load_for_inference
+    from ..data.bundled import held_out_name
+    from ..data.formats import load_prompts
+    from ..inference.generate import generate
+    from ..inference.loading import default_model, load_for_inference
 
     model, tokenizer, _ = load_for_inference(default_model(args.adapter, args.model), args.adapter, args.device,
                                              inference_dtype(args))
@@ -197,14 +197,14 @@ def cmd_eval(args: argparse.Namespace, extra: list[str] = ()) -> int:
                           "NAME[,NAME] (lm-evaluation-harness benchmarks), not both")
     if args.tasks is not None:
         return eval_tasks(args)
-    from .data.bundled import held_out_name
-    from .data.formats import load_examples
-    from .evaluate import evaluate
-    from .inference import default_model, load_for_inference
+    from ..data.bundled import held_out_name
+    from ..data.formats import load_examples
+    from ..inference.evaluate import evaluate
+    from ..inference.loading import default_model, load_for_inference
 
     examples = load_examples(held_out_name(args.data), args.data_format)[:args.limit]
     if examples[0].kind == "preference":  # reward-model accuracy, or DPO's implicit-reward accuracy and margin
-        from .evaluate_preferences import evaluate_preferences
+        from ..run.evaluate_preferences import evaluate_preferences
 
         result = evaluate_preferences(default_model(args.adapter, args.model), args.adapter, examples,
                                       device=args.device, beta=args.beta)
@@ -223,8 +223,8 @@ def cmd_eval(args: argparse.Namespace, extra: list[str] = ()) -> int:
 
 def eval_tasks(args: argparse.Namespace) -> int:
     """``eval --tasks``: lm-eval tasks on the base + adapter in memory; the names are checked before the model loads."""
-    from .benchmarks import Benchmarks, table
-    from .inference import default_model, load_for_inference
+    from ..inference.benchmarks import Benchmarks, table
+    from ..inference.loading import default_model, load_for_inference
 
     benchmarks = Benchmarks(args.tasks, limit=args.limit, batch_size=args.batch_size)
     model, tokenizer, _ = load_for_inference(default_model(args.adapter, args.model), args.adapter, args.device,
@@ -237,7 +237,7 @@ def eval_tasks(args: argparse.Namespace) -> int:
 def inference_dtype(args: argparse.Namespace) -> str | None:
     """--dtype, else the precision the run trained in (on the same kind of device), said on stderr: the exact match
     `eval` reports is then the one training reported (a bf16 and a float32 base can differ by a few answers)."""
-    from .inference import training_dtype
+    from ..inference.loading import training_dtype
 
     if args.dtype or not args.adapter:
         return args.dtype
@@ -248,7 +248,7 @@ def inference_dtype(args: argparse.Namespace) -> str | None:
 
 
 def cmd_merge(args: argparse.Namespace, extra: list[str] = ()) -> int:
-    from .merge import merge_adapter
+    from ..artifacts.merge import merge_adapter
 
     report = merge_adapter(args.adapter, args.output, model_name=args.model, device=args.device,
                            overwrite=args.overwrite, verify=not args.no_verify)
@@ -256,7 +256,7 @@ def cmd_merge(args: argparse.Namespace, extra: list[str] = ()) -> int:
     for key, value in report.items():
         print(f"{key}: {value}")
     if verification is not None:
-        from .verify import format_summary
+        from ..artifacts.verify import format_summary
 
         print(format_summary(verification))
         return 0 if verification["passed"] else 1
@@ -264,7 +264,7 @@ def cmd_merge(args: argparse.Namespace, extra: list[str] = ()) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, extra: list[str] = ()) -> int:
-    from .verify import format_summary, verify
+    from ..artifacts.verify import format_summary, verify
 
     summary = verify(args.run, args.against, model=args.model, device=args.device, n_prompts=args.prompts,
                      max_new_tokens=args.max_new_tokens, precision=args.precision, served_model=args.served_model,
@@ -274,7 +274,7 @@ def cmd_verify(args: argparse.Namespace, extra: list[str] = ()) -> int:
 
 
 def cmd_data_preview(args: argparse.Namespace, extra: list[str] = ()) -> int:
-    from .data.preview import preview
+    from ..data.preview import preview
 
     print(preview(args.data, model_name=args.model, index=args.index, data_format=args.data_format,
                   objective=args.objective, chat_template=args.chat_template, color=not args.no_color and
@@ -283,7 +283,7 @@ def cmd_data_preview(args: argparse.Namespace, extra: list[str] = ()) -> int:
 
 
 def cmd_methods(args: argparse.Namespace, extra: list[str] = ()) -> int:
-    from .methods.report import methods_table
+    from ..methods.report import methods_table
 
     print(methods_table(args.model, parse_overrides(list(extra))))
     return 0
@@ -404,12 +404,13 @@ class TrainHelpFormatter(argparse.RawDescriptionHelpFormatter):
 def _extensions():
     """Subcommands that live beside their feature (prompting, alignment)."""
     found = []
-    for module, attr in (("tuneforge.prompting.cli", "add_subcommands"),
-                         ("tuneforge.objectives.cli_alignment", "add_subcommands"),
-                         ("tuneforge.serve.cli", "add_subcommands"),
-                         ("tuneforge.convert_cli", "add_subcommands"),
-                         ("tuneforge.report", "add_subcommands"),
-                         ("tuneforge.compare", "add_subcommands"), ("tuneforge.recommend", "add_subcommands")):
+    for module, attr in (("tuneforge.commands.prompting", "add_subcommands"),
+                         ("tuneforge.commands.alignment", "add_subcommands"),
+                         ("tuneforge.commands.serve", "add_subcommands"),
+                         ("tuneforge.commands.convert", "add_subcommands"),
+                         ("tuneforge.run.report", "add_subcommands"),
+                         ("tuneforge.choose.compare", "add_subcommands"), ("tuneforge.choose.recommend",
+                         "add_subcommands")):
         try:
             mod = __import__(module, fromlist=[attr])
         except ModuleNotFoundError as e:
@@ -432,11 +433,11 @@ def _inference_args(p: argparse.ArgumentParser) -> None:
 
 def _config_help() -> str:
     """Every run key, then every method's and objective's options under their declared flag prefix."""
-    from .config import RunConfig
-    from .methods.base import METHODS
-    from .objectives.base import OBJECTIVES
+    from ..config import RunConfig
+    from ..methods.base import METHODS
+    from ..objectives.base import OBJECTIVES
 
-    from .data.formats import FORMATS
+    from ..data.formats import FORMATS
 
     # The choices come from the registries, so a new method, objective or data format is listed without an edit here.
     choices = {"method": METHODS.names(), "objective": OBJECTIVES.names(), "data_format": ["auto", *FORMATS]}

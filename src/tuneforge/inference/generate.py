@@ -13,11 +13,11 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .data.batching import left_pad
-from .data.formats import Message
-from .data.template import ensure_chat_template, prompt_ids
-from .methods.kv_cache import cache_kwarg, output_cache
-from .progress import progress
+from ..data.batching import left_pad
+from ..data.formats import Message
+from ..data.template import ensure_chat_template, prompt_ids
+from ..methods.kv_cache import cache_kwarg, output_cache
+from ..progress import progress
 
 
 AnyRunning = Callable[[bool], bool]  # this process still generates -> some process of the run still does

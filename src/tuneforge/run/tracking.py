@@ -4,7 +4,7 @@ library.
 
 The libraries are optional (``pip install "tuneforge[track]"``) and imported only when a run asks for them; a
 missing one, or W&B with no credentials, is reported when :class:`Tracking` is built, which
-:func:`tuneforge.trainer.train` does before the model loads and the run directory is made. Where each tracker
+:func:`tuneforge.run.trainer.train` does before the model loads and the run directory is made. Where each tracker
 writes, unless its own environment variables say otherwise:
 
 - tensorboard: event files in ``RUN/tensorboard`` (``tensorboard --logdir RUN/tensorboard``);
@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import TuneforgeError
+from ..errors import TuneforgeError
 
 log = logging.getLogger(__name__)
 

@@ -96,7 +96,7 @@ def model_shape(model_name: str, methods: tuple[str, ...] = ("full", "lora", "ql
     """Parameter counts from the model's config alone (no weights read)."""
     from transformers import AutoConfig
 
-    from .models import model_construction, resolve_model_path
+    from ..models.loading import model_construction, resolve_model_path
 
     path = resolve_model_path(model_name)
     with model_construction(path):
@@ -111,8 +111,8 @@ def shape_from_config(config, name: str, methods: tuple[str, ...] = ("full", "lo
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .methods.base import METHODS, in_out_features, linear_like, output_embedding_names
-    from .models import model_construction
+    from ..methods.base import METHODS, in_out_features, linear_like, output_embedding_names
+    from ..models.loading import model_construction
 
     with model_construction(name), torch.device("meta"):  # a local folder's broken config: one line naming it
         model = AutoModelForCausalLM.from_config(config)
@@ -161,10 +161,10 @@ def memory_breakdown(shape: ModelShape, method: str, objective: str = "sft", *, 
     On CPU the peak is a process's resident memory: the runtime and load terms are added (one per rank); under FSDP
     a rank's peak may instead come while it still holds the whole loaded model, before sharding.
     """
-    from .methods.base import METHODS
-    from .objectives.base import OBJECTIVES
-    from .objectives.linear_cross_entropy import CHUNK_BYTES
-    from .objectives.logprobs import FUSE_FROM_LOGITS
+    from ..methods.base import METHODS
+    from ..objectives.base import OBJECTIVES
+    from ..models.linear_cross_entropy import CHUNK_BYTES
+    from ..models.logprobs import FUSE_FROM_LOGITS
 
     if strategy not in (None, "ddp", "fsdp"):
         raise ValueError(f"strategy must be None, 'ddp' or 'fsdp', got {strategy!r}")
@@ -239,7 +239,7 @@ def estimate_memory_mb(shape: ModelShape, method: str, objective: str = "sft", *
 
 def estimate_step_seconds(shape: ModelShape, method: str, *, gpu: str | None = None, batch_size: int = 4,
                           max_length: int = 512) -> float:
-    from .methods.base import METHODS
+    from ..methods.base import METHODS
 
     m = METHODS.get(method)
     flops_per_token = (6 if m.trains_base_weights else 4) * shape.params * (1.3 if m.name == "qlora" else 1.0)
@@ -330,7 +330,7 @@ def format_report(result: dict[str, Any], shape: ModelShape, hardware: str) -> s
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    from .models import DEFAULT_MODEL
+    from ..models.loading import DEFAULT_MODEL
 
     gpu_name = args.gpu.lower() if args.gpu else None  # H100 or h100
     check_request(args.goal, args.batch_size, args.max_length, gpu_name)

@@ -256,7 +256,7 @@ class OutputLock:
     def __enter__(self) -> "OutputLock":
         import fcntl
 
-        from .errors import RunInUse
+        from ..errors import RunInUse
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a+")

@@ -34,14 +34,14 @@ from typing import Any, Callable, Sequence
 import torch
 import yaml
 
-from .data.bundled import bundled_file
-from .data.formats import load_prompts
-from .data.template import prompt_ids
-from .generate import generate_ids, stop_token_ids
+from ..data.bundled import bundled_file
+from ..data.formats import load_prompts
+from ..data.template import prompt_ids
+from ..inference.generate import generate_ids, stop_token_ids
 from .gguf_pretokenizer import pretokenizer_name
-from .inference import RUN_CONFIG_NAME, default_model, load_for_inference
-from .models import load_model
-from .outputs import check_not_input, staged_file
+from ..inference.loading import RUN_CONFIG_NAME, default_model, load_for_inference
+from ..models.loading import load_model
+from ..outputs import check_not_input, staged_file
 
 log = logging.getLogger(__name__)
 

@@ -64,7 +64,7 @@ def score_examples(reward_model, examples: list[Example]) -> list[dict[str, Any]
 
 
 def score_command(args: argparse.Namespace) -> int:
-    from .reward import load_reward_model
+    from ..objectives.reward import load_reward_model
 
     examples = load_examples(args.data)
     reward_model = load_reward_model(args.model, args.reward, device=args.device, dtype=args.dtype,

@@ -8,7 +8,7 @@ import logging
 import os
 from pathlib import Path
 
-from .defaults import BODY_TIMEOUT_S, DEFAULT_MAX_TOKENS, MAX_BODY_BYTES, SHUTDOWN_TIMEOUT_S
+from ..serve.defaults import BODY_TIMEOUT_S, DEFAULT_MAX_TOKENS, MAX_BODY_BYTES, SHUTDOWN_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +108,10 @@ def read_api_key(args) -> str | None:
 def run_serve(args) -> int:
     import uvicorn
 
-    from ..inference import default_model, load_for_inference
-    from ..models import model_fingerprint
-    from .app import create_app
-    from .registry import describe_adapter
+    from ..inference.loading import default_model, load_for_inference
+    from ..models.loading import model_fingerprint
+    from ..serve.app import create_app
+    from ..serve.registry import describe_adapter
 
     adapters = dict(args.adapter)
     if len(adapters) != len(args.adapter):
@@ -149,7 +149,7 @@ def _add_export(sub) -> None:
 
 
 def run_export(args) -> int:
-    from ..export import export
+    from ..artifacts.export import export
 
     result = export(args.run, args.format, output=args.output, dtype=args.dtype, model=args.model, device=args.device,
                     overwrite=args.overwrite, verify=not args.no_verify)

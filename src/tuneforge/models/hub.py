@@ -12,7 +12,7 @@ import os
 import re
 from typing import Any, Literal
 
-from .errors import TuneforgeError
+from ..errors import TuneforgeError
 
 PROBE_TIMEOUT_S = 10.0
 

@@ -18,9 +18,9 @@ import torch
 import yaml
 from torch import nn
 
-from .data.template import ensure_chat_template
-from .methods import load_adapter
-from .methods.adapter_files import (
+from ..data.template import ensure_chat_template
+from ..methods import load_adapter
+from ..methods.adapter_files import (
     ADAPTER_CONFIG_NAME,
     BASE_FINGERPRINT_KEY,
     BASE_MODEL_KEY,
@@ -29,8 +29,8 @@ from .methods.adapter_files import (
     method_for_adapter,
     read_tuneforge_meta,
 )
-from .methods.base import MethodHandle
-from .models import DEFAULT_MODEL, load_model, model_fingerprint
+from ..methods.base import MethodHandle
+from ..models.loading import DEFAULT_MODEL, load_model, model_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -30,28 +30,28 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import kernels
-from .benchmarks import Benchmarks, flat_metrics, forgetting, local_task_paths, primary_keys, table
-from .config import RunConfig, save_config
-from .data.batching import to_device
-from .data.formats import Example, load_examples
-from .data.mixing import LoadedData, general_eval_file, general_eval_tasks, load_mixed, parse_sources
-from .data.packing import model_packing_refusal, real_tokens
-from .data.streaming import RecordStream, StreamSampler
-from .data.template import ensure_chat_template
+from ..models import kernels
+from ..inference.benchmarks import Benchmarks, flat_metrics, forgetting, local_task_paths, primary_keys, table
+from ..config import RunConfig, save_config
+from ..data.batching import to_device
+from ..data.formats import Example, load_examples
+from ..data.mixing import LoadedData, general_eval_file, general_eval_tasks, load_mixed, parse_sources
+from ..data.packing import model_packing_refusal, real_tokens
+from ..data.streaming import RecordStream, StreamSampler
+from ..data.template import ensure_chat_template
 from .distributed import Distributed, full_state_dict, launched_by_torchrun, plain_state_dict, shard_model
-from .errors import ResumeMismatch, TrainingDiverged, TuneforgeError
-from .methods.adapter_files import nonfinite_tensors
-from .methods.base import Method, MethodHandle
-from .models import default_device, default_dtype, load_model, resolve_model_reference
-from .objectives import Objective, TrainContext
-from .objectives.moe_router import RouterMonitor
-from .outputs import OutputConflict, check_not_input
+from ..errors import ResumeMismatch, TrainingDiverged, TuneforgeError
+from ..methods.adapter_files import nonfinite_tensors
+from ..methods.base import Method, MethodHandle
+from ..models.loading import default_device, default_dtype, load_model, resolve_model_reference
+from ..objectives import Objective, TrainContext
+from ..objectives.moe_router import RouterMonitor
+from ..outputs import OutputConflict, check_not_input
 from .tracking import Tracking
 
 log = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parents[1] / "assets"
 DEMO_DIR = ASSETS / "demo"
 
 
@@ -900,7 +900,7 @@ def generation_metric(trainer: Trainer, examples: list[Example], base: bool) -> 
 def _exact_match_over_ranks(trainer: Trainer, examples: list[Example]) -> dict[str, Any]:
     """Exact match, each DDP rank generating a strided share of the records. An FSDP model's forwards are
     collectives that must pair up across ranks, so there every rank generates every record (the same answers)."""
-    from .evaluate import exact_match
+    from ..inference.evaluate import exact_match
 
     c, d = trainer.config, trainer.dist
     examples = examples[:c.eval_limit]
@@ -978,7 +978,7 @@ def benchmark_metric(trainer: Trainer, benchmarks: Benchmarks | None, base: bool
 def general_metric(trainer: Trainer, examples: list[Example], base: bool) -> dict[str, float] | None:
     """Perplexity on general text; ``base=True``: the untouched base (adapter off; a resumed full fine-tune has no
     untouched copy left, so none)."""
-    from .evaluate import general_perplexity
+    from ..inference.evaluate import general_perplexity
 
     if not examples:
         return None

@@ -21,10 +21,10 @@ import torch
 import yaml
 from torch import nn
 
-from .data.batching import to_device
-from .data.formats import Example, examples_of_kind
-from .data.preference import collate_pairs, tokenize_pair
-from .objectives.logprobs import sequence_logps
+from ..data.batching import to_device
+from ..data.formats import Example, examples_of_kind
+from ..data.preference import collate_pairs, tokenize_pair
+from ..models.logprobs import sequence_logps
 
 DEFAULT_BETA = 0.1
 
@@ -99,8 +99,8 @@ def run_beta(adapter: str | Path | None) -> float:
 def evaluate_preferences(model_name: str, adapter: str | Path | None, examples: list[Example], *,
                          device: str | None = None, beta: float | None = None) -> dict[str, Any]:
     """The right held-out measure for ``adapter``: a reward model's accuracy, or a policy's implicit reward."""
-    from .inference import is_full_model_dir, load_for_inference, recorded_base_model
-    from .objectives.reward import REWARD_HEAD_NAME, load_reward_model
+    from ..inference.loading import is_full_model_dir, load_for_inference, recorded_base_model
+    from ..objectives.reward import REWARD_HEAD_NAME, load_reward_model
 
     if adapter and (Path(adapter) / REWARD_HEAD_NAME).is_file():
         scorer = load_reward_model(model_name, adapter, device=device)
@@ -123,7 +123,7 @@ def _disabled(handle, model: nn.Module):
 
 @contextlib.contextmanager
 def _loaded(model_name: str, device: str | None):
-    from .inference import load_for_inference
+    from ..inference.loading import load_for_inference
 
     model, _, _ = load_for_inference(model_name, None, device)
     try:

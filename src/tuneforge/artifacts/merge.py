@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from .inference import default_model, load_for_inference
-from .outputs import check_output, staged_dir
+from ..inference.loading import default_model, load_for_inference
+from ..outputs import check_output, staged_dir
 
 
 def merge_adapter(adapter_dir: str | Path, output: str | Path, model_name: str | None = None,

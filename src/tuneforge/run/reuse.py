@@ -19,10 +19,10 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from .errors import TuneforgeError
+from ..errors import TuneforgeError
 
 if TYPE_CHECKING:  # the config imports torch; a signature is only taken of a config already built
-    from .config import RunConfig
+    from ..config import RunConfig
 
 NOT_LOCAL = "not a local file"  # a hub data set: known by its name only
 
@@ -33,7 +33,7 @@ class SettingsChanged(TuneforgeError, ValueError):
 
 def signature(config: RunConfig, keep: Iterable[str] = ()) -> dict[str, Any]:
     """``{"settings": ..., "data": ...}`` for ``config``, JSON-shaped (it is compared with a recorded one)."""
-    from .models import resolve_model_reference
+    from ..models.loading import resolve_model_reference
     from .trainer import RESUMABLE_CHANGES
 
     settings = config.model_dump(mode="json", exclude=set(RESUMABLE_CHANGES) - set(keep))
@@ -43,8 +43,8 @@ def signature(config: RunConfig, keep: Iterable[str] = ()) -> dict[str, Any]:
 
 def data_files(config: RunConfig, settings: dict[str, Any]) -> list[tuple[str, str]]:
     """``(name as given, file read)`` for each data file the signature's settings name."""
-    from .benchmarks import local_task_paths
-    from .data.mixing import general_eval_file, general_eval_tasks, parse_sources
+    from ..inference.benchmarks import local_task_paths
+    from ..data.mixing import general_eval_file, general_eval_tasks, parse_sources
 
     files = [(source.path, source.file) for source in parse_sources(config.data)] if "data" in settings else []
     if settings.get("eval_data"):

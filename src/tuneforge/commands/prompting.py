@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from ..outputs import OutputConflict, check_not_input
-from .evaluate import evaluate_prompts, format_table
-from .metrics import load_metric
-from .template import TemplateError, builtin_template_names, load_template
+from ..prompting.evaluate import evaluate_prompts, format_table
+from ..prompting.metrics import load_metric
+from ..prompting.template import TemplateError, builtin_template_names, load_template
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -82,7 +82,7 @@ def run_prompt_eval(args: argparse.Namespace) -> int:
     except (TemplateError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from tuneforge.inference import default_model
+    from tuneforge.inference.loading import default_model
 
     args.model = default_model(args.adapter, args.model)
     model, tokenizer = load_model_for_cli(args.model, args.adapter, args.device)
@@ -105,7 +105,7 @@ def run_prompt_eval(args: argparse.Namespace) -> int:
 
 
 def run_prompt_render(args: argparse.Namespace) -> int:
-    from .fewshot import PromptBuilder
+    from ..prompting.fewshot import PromptBuilder
 
     try:
         template = load_template(args.template)
@@ -123,9 +123,10 @@ def run_prompt_render(args: argparse.Namespace) -> int:
 
 
 def load_model_for_cli(name: str | None, adapter: str | None, device: str | None) -> tuple[Any, Any]:
-    """Base model plus an optional adapter, through ``tuneforge.inference`` (so a QLoRA adapter gets its 4-bit base);
+    """Base model plus an optional adapter, through ``tuneforge.inference.loading`` (so a QLoRA adapter gets its 4-bit
+    base);
     the one place these commands touch model weights. ``name`` None: the adapter's base, else the default."""
-    from tuneforge.inference import default_model, load_for_inference
+    from tuneforge.inference.loading import default_model, load_for_inference
 
     model, tokenizer, _ = load_for_inference(default_model(adapter, name), adapter, device)
     return model, tokenizer
@@ -216,9 +217,9 @@ def _add_synth(subparsers) -> None:
 def run_synth(args: argparse.Namespace) -> int:
     """``tuneforge synth``: 0 when every planned job is done, 1 when some failed (rerun to retry), 2 on bad
     input or a teacher that rejects every request."""
-    from .sources import read_documents, read_topics
-    from .synth import synthesize
-    from .teacher import TeacherConfigError
+    from ..prompting.sources import read_documents, read_topics
+    from ..prompting.synth import synthesize
+    from ..prompting.teacher import TeacherConfigError
 
     _setup_logging()
     try:
@@ -242,7 +243,7 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def _synth_config(args: argparse.Namespace):
-    from .synth import SynthConfig
+    from ..prompting.synth import SynthConfig
 
     if args.count is not None and args.count < 0:
         raise ValueError("--count must be >= 0")
@@ -265,7 +266,7 @@ def _synth_config(args: argparse.Namespace):
 
 def make_teacher(args: argparse.Namespace):
     """An HTTP teacher when ``--teacher-url`` is given, else a local model loaded through tuneforge."""
-    from .teacher import LocalTeacher, TeacherClient
+    from ..prompting.teacher import LocalTeacher, TeacherClient
 
     if args.teacher_url:
         if not args.teacher_model:
@@ -273,7 +274,7 @@ def make_teacher(args: argparse.Namespace):
         return TeacherClient(args.teacher_url, args.teacher_model, api_key=_api_key(args.api_key_env),
                              timeout=args.timeout, max_retries=args.max_retries, concurrency=args.concurrency,
                              seed=args.seed)
-    from tuneforge.inference import default_model
+    from tuneforge.inference.loading import default_model
 
     name = default_model(args.adapter, args.teacher_model)
     model, tokenizer = load_model_for_cli(name, args.adapter, args.device)

@@ -17,7 +17,7 @@ model directory already; an adapter stage is merged into its base first (``OUTPU
 (``ppo_reward_model: "{stages.reward}"``).
 
 ``OUTPUT/pipeline.json`` records the stages finished, the model each one handed on and each stage's signature (its
-settings and a fingerprint of its data files, ``tuneforge.reuse``), written before and after every stage. Run the
+settings and a fingerprint of its data files, ``tuneforge.run.reuse``), written before and after every stage. Run the
 same command again after a kill and finished stages are reused; the stage that was running resumes from its last
 checkpoint (``save_every``) or, without one, starts again. A finished (or checkpointed) stage whose settings or data
 changed is refused, naming what changed; ``overwrite: true`` (``--overwrite``) retrains it and every stage after it
@@ -37,8 +37,8 @@ from typing import Any, Callable
 import yaml
 
 from .checkpoint import write_text_atomic
-from .config import ConfigError, RunConfig, load_config
-from .outputs import check_output
+from ..config import ConfigError, RunConfig, load_config
+from ..outputs import check_output
 from .reuse import SettingsChanged, changes, signature
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def run_pipeline(path: str | Path, overrides: dict[str, Any] | None = None,
                  merge_fn: Callable[[str, str], Any] | None = None) -> dict[str, Any]:
     """Run the stages in order, reusing finished ones whose settings and data are unchanged; the final state
     (stage -> output, and the model handed on)."""
-    from .merge import merge_adapter
+    from ..artifacts.merge import merge_adapter
     from .trainer import train
 
     train_fn, merge_fn = train_fn or train, merge_fn or (lambda a, o: merge_adapter(a, o))
@@ -177,7 +177,7 @@ def read_state(output: Path) -> dict[str, Any] | None:
 
 def external_inputs(plan: list[tuple[dict, RunConfig]], output: Path) -> list[str]:
     """The models and data files the user gave (a stage's own input from an earlier stage is inside ``output``)."""
-    from .data.mixing import parse_sources
+    from ..data.mixing import parse_sources
 
     found = []
     for _, config in plan:

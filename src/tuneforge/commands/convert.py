@@ -1,4 +1,5 @@
-"""``tuneforge convert SRC DST``: a pickle-weights model folder rewritten as safetensors (see ``convert.py``)."""
+"""``tuneforge convert SRC DST``: a pickle-weights model folder rewritten as safetensors (see
+``artifacts/convert.py``)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def add_subcommands(subparsers) -> None:
 
 def run_convert(args: argparse.Namespace) -> int:
     """Bad input raises ValueError / OSError subclasses, which the ``tuneforge`` command prints and exits 2 on."""
-    from .convert import convert_to_safetensors
+    from ..artifacts.convert import convert_to_safetensors
 
     for key, value in convert_to_safetensors(args.source, args.output, args.overwrite).items():
         print(f"{key}: {value}")

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .outputs import check_not_input, check_output, staged_dir
+from ..outputs import check_not_input, check_output, staged_dir
 from .tracking import flatten
 
 # Charted first, in this order; every other metric follows alphabetically.

@@ -6,7 +6,7 @@ the table is rewritten — ``compare.md``, ``compare.json`` and ``compare.png`` 
 peak memory and wall time) — so a killed compare loses at most the method it was running; run the same command
 again and methods already finished are read back, not retrained (one killed mid-run resumes from its last
 checkpoint when ``--save-every`` wrote one). ``OUTPUT/compare_state.json`` records the signature each run was started
-with (its settings and a fingerprint of its data files, ``tuneforge.reuse``): a finished or checkpointed run made with
+with (its settings and a fingerprint of its data files, ``run/reuse.py``): a finished or checkpointed run made with
 other settings or data is refused, naming what changed; ``--overwrite`` trains those methods again (every method,
 when nothing changed).
 
@@ -33,14 +33,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .checkpoint import latest_checkpoint, read_run_record, write_text_atomic
-from .flags import flag_groups, flag_key, flag_value, parse_overrides
-from .outputs import check_output
-from .report import plain_log_labels
-from .reuse import SettingsChanged, changes, signature
+from ..run.checkpoint import latest_checkpoint, read_run_record, write_text_atomic
+from ..flags import flag_groups, flag_key, flag_value, parse_overrides
+from ..outputs import check_output
+from ..run.report import plain_log_labels
+from ..run.reuse import SettingsChanged, changes, signature
 
 if TYPE_CHECKING:  # config imports torch: loaded by the functions that build configs, not by `--help`
-    from .config import RunConfig
+    from ..config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,8 @@ def train_args(method: str, run_dir: Path, flags: list[str], resume: bool = Fals
 def method_flags(names: list[str], flags: list[str]) -> dict[str, list[str]]:
     """Each method's flags: the shared ones and its own options (``--lora-r 4`` reaches lora alone; an option of a
     method not compared is refused). A leading config file stays first."""
-    from .config import RunConfig
-    from .methods.base import METHODS
+    from ..config import RunConfig
+    from ..methods.base import METHODS
 
     shared, tokens = _config_file(flags)
     own: dict[str, list[str]] = {name: [] for name in names}
@@ -162,8 +162,8 @@ def method_flags(names: list[str], flags: list[str]) -> dict[str, list[str]]:
 
 def _other_spellings(option: str, names: list[str]) -> str:
     """How the compared methods that have ``option`` take it (``--qlora-r`` for LoRA's ``--lora-r``)."""
-    from .methods.base import METHODS
-    from .options import option_names
+    from ..methods.base import METHODS
+    from ..options import option_names
 
     prefix = {cls.name: p for p, cls in METHODS.flag_prefixes().items()}
     flags = [f"--{prefix[n]}-{option}".replace("_", "-") for n in names
@@ -178,14 +178,14 @@ def _config_file(flags: list[str]) -> tuple[list[str], list[str]]:
 
 def run_config(args: list[str]) -> RunConfig:
     """The config ``tuneforge train ARGS`` runs with (no config file and no data: the bundled demo's)."""
-    from .config import load_config
+    from ..config import load_config
 
     head, tokens = _config_file(args[1:])
     path = head[0] if head else None
     overrides = parse_overrides(tokens)
     overrides.pop("nproc_per_node", None)  # a launcher flag, not a config key
     if path is None and overrides.get("data") is None:
-        from .trainer import DEMO_DIR
+        from ..run.trainer import DEMO_DIR
 
         path = str(DEMO_DIR / "demo.yaml")
     return load_config(path, overrides)
@@ -208,7 +208,7 @@ def compare(methods: list[str], flags: list[str], output: str | Path, runner: Ru
     """Train each method (reusing a finished run made with the same settings and data), rewriting the report after
     each; the rows, in order. A finished or checkpointed run made otherwise is refused, naming what changed, unless
     ``overwrite``: then the changed methods train again, or every method when none changed (the user asked)."""
-    from .methods.base import METHODS
+    from ..methods.base import METHODS
 
     names = [METHODS.get(m).name for m in methods]  # an unknown method fails before anything runs
     if len(set(names)) != len(names):
@@ -254,7 +254,7 @@ def read_state(output: Path) -> dict[str, Any] | None:
 
 def _inputs(configs) -> list[str]:
     """What the runs read: the model and the data files (an output there would replace them)."""
-    from .data.mixing import parse_sources
+    from ..data.mixing import parse_sources
 
     found: list[str] = []
     for config in configs:

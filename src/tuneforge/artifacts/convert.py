@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from .outputs import check_output, staged_dir
-from .models import (PICKLE_SUFFIXES, SAFETENSORS_INDEX_NAME, SAFETENSORS_NAME, InvalidModelError,
+from ..outputs import check_output, staged_dir
+from ..models.loading import (PICKLE_SUFFIXES, SAFETENSORS_INDEX_NAME, SAFETENSORS_NAME, InvalidModelError,
                      ModelNotFoundError, check_model_dir, read_model_config)
 
 PICKLE_NAME = "pytorch_model.bin"
