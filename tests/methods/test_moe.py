@@ -256,7 +256,7 @@ def test_training_adds_the_router_loss_counts_experts_and_saves_a_peft_exact_fil
 
 def test_router_loss_is_the_models_own(tokenizer):
     """The monitor's loss equals the aux_loss transformers returns with output_router_logits."""
-    from tuneforge.objectives.moe_router import RouterMonitor
+    from tuneforge.models.moe_router import RouterMonitor
 
     vocab = len(tokenizer)
     model = tiny("qwen3_moe", vocab)

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora_experts import LoRAExperts, expert_parameter_names, find_experts, in_out
+from ..models.moe import expert_parameter_names, find_experts
+from .lora_experts import LoRAExperts, in_out
 from .peft_targets import PEFT_MOE_RENAMED, lora_targets, select_parameters
 from .base import (
     Method,

@@ -23,33 +23,9 @@ import math
 import torch
 from torch import nn
 
+from ..models.moe import expert_parameter_names
 from .base import Switchable
 from .grouped_mm import Groups, grouped_mm
-
-EXPERT_PARAMETERS = ("gate_up_proj", "up_proj", "down_proj")
-"""The fused expert weights transformers 5 defines (``up_proj`` for experts without a gate)."""
-
-
-def is_experts_module(module: nn.Module) -> bool:
-    """A fused-experts module that ``LoRAExperts`` can run: transformers' ``use_experts_implementation`` layout."""
-    return (hasattr(module, "num_experts") and hasattr(module, "is_transposed") and hasattr(module, "has_gate")
-            and any(_fused(module, p) for p in EXPERT_PARAMETERS))
-
-
-def _fused(module: nn.Module, name: str) -> bool:
-    p = module._parameters.get(name)
-    return p is not None and p.dim() == 3 and p.shape[0] == module.num_experts
-
-
-def expert_parameter_names(module: nn.Module) -> list[str]:
-    """The module's fused expert weights in declaration order (PEFT's wrapping order)."""
-    return [n for n in module._parameters if n in EXPERT_PARAMETERS and _fused(module, n)]
-
-
-def find_experts(model: nn.Module) -> list[str]:
-    """Names of the fused-experts modules of ``model`` (empty for a dense model)."""
-    return [n for n, m in model.named_modules() if is_experts_module(m)]
-
 
 def in_out(module: nn.Module, parameter: str) -> tuple[int, int]:
     """(in, out) features of one expert's matrix in ``module.<parameter>``."""

@@ -25,7 +25,7 @@ import re
 
 from torch import nn
 
-from .lora_experts import find_experts
+from ..models.moe import find_experts
 
 # The v4 projection names PEFT maps onto transformers 5's fused experts (peft.utils.transformers_weight_conversion).
 PEFT_MOE_RENAMED = frozenset({"gate", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"})

@@ -43,9 +43,9 @@ from .distributed import Distributed, full_state_dict, launched_by_torchrun, pla
 from ..errors import ResumeMismatch, TrainingDiverged, TuneforgeError
 from ..methods.adapter_files import nonfinite_tensors
 from ..methods.base import Method, MethodHandle
+from ..models.moe_router import RouterMonitor
 from ..models.loading import default_device, default_dtype, load_model, resolve_model_reference
 from ..objectives import Objective, TrainContext
-from ..objectives.moe_router import RouterMonitor
 from ..outputs import OutputConflict, check_not_input
 from .tracking import Tracking
 

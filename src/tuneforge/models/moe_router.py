@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..methods.lora_experts import is_experts_module
+from .moe import is_experts_module
 
 
 def router_classes(model: nn.Module) -> tuple[tuple[type, int], ...]:
