@@ -276,3 +276,46 @@ def test_expert_lora_refuses_what_peft_cannot_load(tokenizer):
         tuneforge.attach(tiny("mixtral", len(tokenizer)), LoRAConfig(r=2, use_dora=True))
     # Without the experts, a Mixtral has no dense gate_proj: dropout and DoRA are fine there.
     tuneforge.attach(tiny("mixtral", len(tokenizer)), LoRAConfig(r=2, lora_dropout=0.1, target_experts=False))
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_a_trained_router_is_saved_as_peft_modules_to_save(arch, tokenizer, tmp_path):
+    vocab = len(tokenizer)
+    ids, mask = batch(vocab)
+    model = tiny(arch, vocab)
+    base = logits(model, ids, mask)
+    handle = tuneforge.attach(model, LoRAConfig(r=2, train_router=True))
+    routers = handle.router_layers()
+    assert routers and all(p.requires_grad for _, r in routers for p in r.modules_to_save.parameters())
+    assert not any(p.requires_grad for _, r in routers for p in r.original_module.parameters())
+    with torch.no_grad():  # a router that has learnt something (B = 0 keeps the LoRA layers at the base)
+        for _, router in routers:
+            router.modules_to_save.weight.add_(torch.randn_like(router.modules_to_save.weight))
+    ours = logits(model, ids, mask)
+    assert (ours - base).abs().max() > 1e-3
+    with handle.disabled():  # the reference model routes as the base did
+        torch.testing.assert_close(logits(model, ids, mask), base)
+    handle.save(tmp_path)
+    torch.testing.assert_close(logits(peft_load(arch, vocab, tmp_path), ids, mask), ours, atol=1e-5, rtol=1e-5)
+    reloaded = tiny(arch, vocab)
+    tuneforge.load_adapter(reloaded, tmp_path)
+    torch.testing.assert_close(logits(reloaded, ids, mask), ours)
+    torch.testing.assert_close(logits(handle.merge_and_unload(), ids, mask), ours, atol=1e-5, rtol=1e-5)
+
+
+def test_train_router_needs_a_router(tokenizer):
+    with pytest.raises(ValueError, match="no mixture-of-experts router"):
+        tuneforge.attach(tiny("llama", len(tokenizer)), LoRAConfig(r=2, train_router=True))
+
+
+def test_qlora_adapts_float_experts_beside_4bit_layers_and_merges(tokenizer):
+    pytest.importorskip("bitsandbytes")
+    from tuneforge.methods.qlora import QLoRAConfig, merge_with_report
+
+    model = tiny("qwen3_moe", len(tokenizer))
+    handle = tuneforge.attach(model, QLoRAConfig(r=2, init_lora_weights=False, bnb_4bit_blocksize=32))
+    assert handle.expert_layers()
+    ids, mask = batch(len(tokenizer))
+    merged, report = merge_with_report(handle, ids, mask)
+    assert report["max_abs_diff"] < 1e-4
+    assert not any(isinstance(m, LoRAExperts) for m in merged.modules())

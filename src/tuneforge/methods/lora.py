@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.moe import expert_parameter_names, find_experts
+from ..models.moe import expert_parameter_names, find_experts, find_routers
 from .lora_experts import LoRAExperts, in_out
+from .router_copy import RouterCopy
 from .peft_targets import PEFT_MOE_RENAMED, lora_targets, select_parameters
 from .base import (
     Method,
@@ -75,6 +76,9 @@ class LoRAConfig(MethodConfig):
     target_parameters: list[str] | None = None
     """PEFT's ``target_parameters``: parameters adapted directly, matched as name suffixes (``mlp.experts.down_proj``).
     Read from saved files; None: the fused experts that ``target_experts`` selects."""
+    train_router: bool = False
+    """Mixture-of-experts models: train a copy of each router too (saved as PEFT's ``modules_to_save``). Off by default:
+    the pretrained routing is kept, so experts keep their specialisation and the balancing loss stays quiet."""
 
     def __post_init__(self):
         if self.r <= 0:
@@ -305,9 +309,9 @@ class LoRAHandle(MethodHandle):
         """Model state-dict keys that belong to the adapter (LoRA factors, plus trainable biases); the experts'
         factors are saved in PEFT's layout by ``state_dict``."""
         keys = []
-        expert_factors = tuple(f"{n}.lora_{ab}." for n, _ in self.expert_layers() for ab in "AB")
+        own_layout = tuple(f"{n}." for n, _ in self.peft_layers())
         for key in self.model.state_dict(keep_vars=True):
-            if key.startswith(expert_factors):
+            if key.startswith(own_layout):
                 continue
             if ".lora_A." in key or ".lora_B." in key or key.endswith(".lora_magnitude_vector"):
                 keys.append(key)
@@ -317,24 +321,32 @@ class LoRAHandle(MethodHandle):
                 keys.append(key)
         return keys
 
+    def router_layers(self) -> list[tuple[str, RouterCopy]]:
+        """The routers trained as copies (``train_router``)."""
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, RouterCopy)]
+
+    def peft_layers(self) -> list[tuple[str, LoRAExperts | RouterCopy]]:
+        """Modules whose saved tensors are laid out as PEFT's, not as our module tree (``peft_state``)."""
+        return self.expert_layers() + self.router_layers()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = super().state_dict()
-        for name, layer in self.expert_layers():
+        for name, layer in self.peft_layers():
             state.update(layer.peft_state(PEFT_PREFIX + name))
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        experts = {}
-        for name, layer in self.expert_layers():
-            keys = [f"{prefix}.lora_{ab}.weight" for prefix in layer.peft_keys(PEFT_PREFIX + name).values()
-                    for ab in "AB"]
+        own = {}
+        for name, layer in self.peft_layers():
+            keys = list(layer.peft_state(PEFT_PREFIX + name))
             missing = [k for k in keys if k not in state]
             if missing:
                 raise KeyError(f"adapter weights do not fit this model: missing {missing[:5]}")
-            experts[name] = {k: state[k] for k in keys}
-        super().load_state_dict({k: v for k, v in state.items() if not any(k in e for e in experts.values())})
-        for name, layer in self.expert_layers():
-            layer.load_peft_state(PEFT_PREFIX + name, experts[name])
+            own[name] = {k: state[k] for k in keys}
+        taken = {k for tensors in own.values() for k in tensors}
+        super().load_state_dict({k: v for k, v in state.items() if k not in taken})
+        for name, layer in self.peft_layers():
+            layer.load_peft_state(PEFT_PREFIX + name, own[name])
 
     def adapter_config(self) -> dict[str, Any]:
         c = self.config
@@ -350,7 +362,7 @@ class LoRAHandle(MethodHandle):
             "fan_in_fan_out": any(m.fan_in_fan_out for _, m in self.lora_layers()),
             "use_rslora": c.use_rslora,
             "use_dora": c.use_dora,
-            "modules_to_save": None,
+            "modules_to_save": [n for n, _ in self.router_layers()] or None,
             "rank_pattern": {},
             "alpha_pattern": {},
             "init_lora_weights": c.init_lora_weights,
@@ -370,6 +382,8 @@ class LoRAHandle(MethodHandle):
     def merge_and_unload(self, dtype: torch.dtype | str | None = None) -> nn.Module:
         """Fold every update into its base layer and put the plain layers back: a standard HF model again."""
         self.merge()
+        for name, router in self.router_layers():
+            replace_module(self.model, name, router.modules_to_save)  # the trained router is the merged one
         return cast_model(self.remove(), dtype)
 
     def remove(self) -> nn.Module:
@@ -378,6 +392,8 @@ class LoRAHandle(MethodHandle):
             replace_module(self.model, name, layer.base_layer)
         for name, layer in self.expert_layers():
             replace_module(self.model, name, layer.base_layer)
+        for name, router in self.router_layers():
+            replace_module(self.model, name, router.original_module)
         return self.model
 
 
@@ -409,7 +425,14 @@ def attach_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     for name, parameters in experts.items():
         replace_module(model, name, LoRAExperts(model.get_submodule(name), parameters, config.r, config.lora_alpha,
                                                 config.use_rslora, config.init_lora_weights))
+    if config.train_router:
+        routers = find_routers(model)
+        if not routers:
+            raise ValueError("train_router: this model has no mixture-of-experts router")
+        wrap_modules(model, routers, lambda _, m: RouterCopy(m))
     for name, p in model.named_parameters():
+        if ".original_module." in name:
+            continue  # a trained router's frozen original
         if ".lora_A." in name or ".lora_B." in name or name.endswith(".lora_magnitude_vector"):
             p.requires_grad_(True)
         elif name.endswith("bias") and (
@@ -473,6 +496,8 @@ def config_from_peft(data: dict[str, Any]) -> dict[str, Any]:
         r=data["r"], lora_alpha=data["lora_alpha"], lora_dropout=data.get("lora_dropout", 0.0),
         target_modules=data.get("target_modules") or [], bias=data.get("bias", "none"),
         target_parameters=data.get("target_parameters") or None, target_experts=bool(data.get("target_parameters")),
+        # A router PEFT keeps trained (modules_to_save); any other module there fails loading with its key named.
+        train_router=bool(data.get("modules_to_save")),
         use_rslora=data.get("use_rslora", False), use_dora=bool(data.get("use_dora", False)),
         # PiSSA / OLoRA saved as PEFT saves them: the base is decomposed again on loading, then A and B are replaced.
         init_lora_weights=init,

@@ -278,6 +278,11 @@ def merge_to_16bit(handle: LoRAHandle, dtype: torch.dtype | str | None = None) -
         else:
             layer.merge()
             replace_module(model, name, base)
+    for name, layer in handle.expert_layers():  # fused experts stay float (bitsandbytes quantises linear layers)
+        layer.merge()
+        replace_module(model, name, layer.base_layer)
+    for name, router in handle.router_layers():
+        replace_module(model, name, router.modules_to_save)
     for name in [n for n, m in model.named_modules() if is_4bit(m)]:  # quantised layers LoRA did not target
         layer = model.get_submodule(name)
         replace_module(model, name, dense_linear(layer, dequantize(layer), dtype))

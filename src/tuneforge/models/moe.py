@@ -32,3 +32,20 @@ def expert_parameter_names(module: nn.Module) -> list[str]:
 def find_experts(model: nn.Module) -> list[str]:
     """Names of the fused-experts modules of ``model`` (empty for a dense model)."""
     return [n for n, m in model.named_modules() if is_experts_module(m)]
+
+
+def router_classes(model: nn.Module) -> tuple[tuple[type, int], ...]:
+    """(module class, output index) of the router logits, from the model's own ``_can_record_outputs`` (the
+    modules transformers records ``router_logits`` from)."""
+    found = []
+    for module in model.modules():
+        recorder = (getattr(type(module), "_can_record_outputs", None) or {}).get("router_logits")
+        if recorder is not None and hasattr(recorder, "target_class"):
+            found.append((recorder.target_class, recorder.index or 0))
+    return tuple(set(found))
+
+
+def find_routers(model: nn.Module) -> list[str]:
+    """Names of the router modules of ``model`` (empty for a dense model)."""
+    classes = tuple(cls for cls, _ in router_classes(model))
+    return [n for n, m in model.named_modules() if classes and isinstance(m, classes)]

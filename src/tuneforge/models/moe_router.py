@@ -21,17 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .moe import is_experts_module
-
-
-def router_classes(model: nn.Module) -> tuple[tuple[type, int], ...]:
-    """(module class, output index) of the router logits, from the model's own ``_can_record_outputs``."""
-    found = []
-    for module in model.modules():
-        recorder = (getattr(type(module), "_can_record_outputs", None) or {}).get("router_logits")
-        if recorder is not None and hasattr(recorder, "target_class"):
-            found.append((recorder.target_class, recorder.index or 0))
-    return tuple(set(found))
+from .moe import is_experts_module, router_classes
 
 
 def _wrapped(model: nn.Module, experts: nn.Module) -> bool:
