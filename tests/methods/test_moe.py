@@ -21,7 +21,9 @@ import tuneforge
 from conftest import make_tiny_model, qa_rows, write_jsonl
 from tuneforge.data.formats import normalise
 from tuneforge.data.template import ensure_chat_template
+from tuneforge.methods.grouped_mm import _GROUPED_MM as GROUPED_KERNEL
 from tuneforge.methods.grouped_mm import Groups, grouped_mm, padded_bmm
+from tuneforge.methods.grouped_mm import _ContiguousGrad as ContiguousGrad
 from tuneforge.methods.lora import LoRAConfig
 from tuneforge.methods.lora_experts import LoRAExperts
 from tuneforge.objectives import get_objective
@@ -172,8 +174,14 @@ def test_grouped_product_equals_padded_bmm_and_a_loop():
     w = torch.randn(5, 8, 4, dtype=torch.float64)
     loop = torch.stack([x[i] @ w[e] for i, e in enumerate(groups.experts.tolist())])
     torch.testing.assert_close(padded_bmm(x, w, groups), loop)
-    x32, w32 = x.float(), w.float()
+    x32, w32 = x.float().requires_grad_(), w.float().requires_grad_()
     torch.testing.assert_close(grouped_mm(x32, w32, groups), loop.float(), atol=1e-5, rtol=1e-5)
+    if GROUPED_KERNEL is not None:  # the kernel CUDA runs takes our offsets too (and its backward our gradients)
+        kernel = ContiguousGrad.apply(GROUPED_KERNEL(x32, w32, offs=groups.offsets))
+        torch.testing.assert_close(kernel, loop.float(), atol=1e-5, rtol=1e-5)
+        kernel.sum().backward()
+        torch.testing.assert_close(w32.grad, torch.stack([x32[groups.experts == e].sum(0).detach()[:, None].expand(8, 4)
+                                                         for e in range(5)]), atol=1e-5, rtol=1e-5)
     assert groups.counts.tolist() == [4, 0, 4, 2, 0]
 
 

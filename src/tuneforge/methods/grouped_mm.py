@@ -2,9 +2,10 @@
 
 ``Groups`` sorts the (token, expert) pairs of a mixture-of-experts layer by expert once per forward; ``grouped_mm``
 then computes ``x[rows of e] @ w[e]`` for every expert e in one call: ``torch.nn.functional.grouped_mm`` (or
-``torch._grouped_mm``) where the device, dtype and strides allow it, else one padded ``torch.bmm`` (every expert's
-rows copied into a ``[experts, most rows, in]`` buffer). Neither loops over experts in Python, so the cost does not
-grow with the number of experts the way transformers' eager loop (and PEFT's per-forward ΔW over every expert) does.
+``torch._grouped_mm``) on CUDA where the dtype and strides allow it, else one padded ``torch.bmm`` (every expert's
+rows copied into a ``[experts, most rows, in]`` buffer; on CPU this beats torch's grouped kernel by ~15x).
+Neither loops over experts in Python, so the cost does not grow with the number of experts the way transformers'
+eager loop (and PEFT's per-forward ΔW over every expert) does.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ class Groups:
 
 
 class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward hands on a contiguous gradient: torch's grouped kernel refuses the broadcast
-    (stride-0) gradients that e.g. ``.sum()`` produces."""
+    """Identity on the kernel's output whose backward hands the kernel a contiguous gradient: its backward refuses
+    the broadcast (stride-0) gradients that e.g. ``.sum()`` produces."""
 
     @staticmethod
     def forward(ctx, x):  # noqa: D102
@@ -60,7 +61,9 @@ class _ContiguousGrad(torch.autograd.Function):
 def _kernel_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
     if _GROUPED_MM is None or (x.device.type, x.dtype) in _REFUSED or x.dtype != w.dtype:
         return False
-    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
+    # CUDA only: torch 2.13's CPU kernel took 3.2 s where one padded bmm took 0.21 s (2048 rows, 64 experts,
+    # 256 -> 512, float32, 2 threads); grouped_mm on Ampere and newer.
+    if x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) < (8, 0):
         return False
     size = x.element_size()
     # The kernel reads rows with 16-byte vector loads: every leading dimension and base pointer must be aligned.
@@ -72,7 +75,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, groups: Groups) -> torch.Tensor
     """``[S, in]`` rows sorted by expert times ``w: [E, in, out]`` -> ``[S, out]``, row i through ``w[expert_i]``."""
     if _kernel_fits(x, w):
         try:
-            return _GROUPED_MM(_ContiguousGrad.apply(x.contiguous()), w, offs=groups.offsets)
+            return _ContiguousGrad.apply(_GROUPED_MM(x.contiguous(), w, offs=groups.offsets))
         except (RuntimeError, NotImplementedError):  # e.g. a dtype this build's kernel lacks: remember, fall back
             _REFUSED.add((x.device.type, x.dtype))
     return padded_bmm(x, w, groups)
