@@ -327,3 +327,25 @@ def test_qlora_adapts_float_experts_beside_4bit_layers_and_merges(tokenizer):
     merged, report = merge_with_report(handle, ids, mask)
     assert report["max_abs_diff"] < 1e-4
     assert not any(isinstance(m, LoRAExperts) for m in merged.modules())
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_recommend_counts_total_and_active_parameters(arch, tokenizer):
+    from tuneforge.choose.recommend import estimate_step_seconds, format_report, recommend, shape_from_config
+
+    vocab = len(tokenizer)
+    model = tiny(arch, vocab)
+    shape = shape_from_config(moe_config(arch, vocab), arch, ("full", "lora"))
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    experts = [m for m in model.modules() if hasattr(m, "gate_up_proj") and m.gate_up_proj.dim() == 3]
+    per_layer = sum(p.numel() for p in experts[0].parameters())
+    assert shape.expert_params == per_layer * len(experts)
+    # 4 experts, top-2: half of every MoE layer's experts sit idle for each token.
+    assert shape.active_params == shape.params - shape.expert_params // 2
+    with_experts = LoRAConfig().r * 2 * sum(sum(experts[0].gate_up_proj.shape[1:]) + sum(experts[0].down_proj.shape[1:])
+                                            for _ in experts)  # r (in + out) per expert, 4 experts, both weights
+    assert shape.trainable["lora"] > with_experts
+    dense = copy.copy(shape)
+    dense.active_params = None
+    assert estimate_step_seconds(shape, "lora") < estimate_step_seconds(dense, "lora")
+    assert f"{shape.active_params:,} active per token" in format_report(recommend(shape), shape, "CPU")

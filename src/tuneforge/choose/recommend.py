@@ -79,11 +79,21 @@ class ModelShape:
     # Per method: trainable tensors inside the decoder blocks (LoRA, adapters, full) make backward keep every
     # linear layer's input; trained virtual tokens alone (prompt tuning) keep far fewer activations.
     in_blocks: dict[str, bool] = dataclasses.field(default_factory=dict)
+    # Mixture-of-experts models: the routed experts' fused weights (every expert is resident in memory, but each
+    # token runs only top_k of num_experts of them), and the parameters one token computes with.
+    expert_params: int = 0
+    active_params: int | None = None
+
+    @property
+    def params_per_token(self) -> int:
+        """Parameters a token's forward multiplies through: all of a dense model, the active ones of an MoE."""
+        return self.params if self.active_params is None else self.active_params
 
     @property
     def block_params(self) -> int:
-        """Parameters of one decoder block: its linear weights and (Llama family) its two norms' weights."""
-        return self.decoder_linear_params // self.layers + 2 * self.hidden
+        """Parameters of one decoder block: its linear weights, its routed experts and (Llama family) its two norms'
+        weights."""
+        return (self.decoder_linear_params + self.expert_params) // self.layers + 2 * self.hidden
 
     @property
     def root_params(self) -> int:
@@ -137,8 +147,28 @@ def shape_from_config(config, name: str, methods: tuple[str, ...] = ("full", "lo
                      and len(m) == len(blocks) for p in m.parameters()}
         in_blocks[method_name] = any(id(p) in block_ids for _, p in handle.trainable_parameters())
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    experts, active = expert_counts(model, params)
     return ModelShape(name, params, linear, text.hidden_size, getattr(text, "intermediate_size", 4 *
-                      text.hidden_size), text.num_hidden_layers, text.vocab_size, trainable, in_blocks)
+                      text.hidden_size), text.num_hidden_layers, text.vocab_size, trainable, in_blocks,
+                      expert_params=experts, active_params=active)
+
+
+def expert_counts(model, params: int) -> tuple[int, int | None]:
+    """(routed experts' parameters, parameters active per token) of an MoE model; (0, None) for a dense one. A
+    token runs ``top_k`` of the ``num_experts`` experts of each MoE layer (shared experts and dense layers always)."""
+    from ..models.moe import find_experts
+
+    names = find_experts(model)
+    if not names:
+        return 0, None
+    experts = inactive = 0
+    top_k = model.config.get_text_config().num_experts_per_tok
+    for name in names:
+        module = model.get_submodule(name)
+        size = sum(p.numel() for p in module.parameters())
+        experts += size
+        inactive += size * (module.num_experts - min(top_k, module.num_experts)) // module.num_experts
+    return experts, params - inactive
 
 
 def memory_breakdown(shape: ModelShape, method: str, objective: str = "sft", *, gpu: bool = False,
@@ -177,7 +207,7 @@ def memory_breakdown(shape: ModelShape, method: str, objective: str = "sft", *, 
     # Full fine-tuning trains the weights in their storage dtype; adapters train in float32 (as PEFT's autocast).
     state_bytes = (4 if fp32_master else value_bytes) if full else 4
     if qlora:
-        rest = shape.params - shape.decoder_linear_params  # embeddings, norms, the head: as loaded
+        rest = shape.params - shape.decoder_linear_params  # embeddings, norms, head, fused experts: as loaded
         weights = shape.decoder_linear_params * QLORA_BYTES + rest * value_bytes
     else:
         weights = shape.params * (state_bytes if full else value_bytes)
@@ -242,7 +272,9 @@ def estimate_step_seconds(shape: ModelShape, method: str, *, gpu: str | None = N
     from ..methods.base import METHODS
 
     m = METHODS.get(method)
-    flops_per_token = (6 if m.trains_base_weights else 4) * shape.params * (1.3 if m.name == "qlora" else 1.0)
+    # An MoE token multiplies through its active parameters only (its top-k experts).
+    flops_per_token = (6 if m.trains_base_weights else 4) * shape.params_per_token * (1.3 if m.name == "qlora" else
+                                                                                          1.0)
     if gpu is not None and gpu not in GPU_BF16_FLOPS:
         raise ValueError(f"no throughput known for GPU {gpu!r}; known GPUs: {', '.join(GPU_BF16_FLOPS)}")
     throughput = CPU_FLOPS if gpu is None else GPU_BF16_FLOPS[gpu] * GPU_UTILISATION
@@ -319,7 +351,8 @@ def command(model: str, method: str, goal: str) -> str:
 
 
 def format_report(result: dict[str, Any], shape: ModelShape, hardware: str) -> str:
-    lines = [f"model: {shape.name} ({shape.params:,} parameters), {hardware}",
+    active = "" if shape.active_params is None else f", {shape.active_params:,} active per token"
+    lines = [f"model: {shape.name} ({shape.params:,} parameters{active}), {hardware}",
              f"{'method':<15}{'objective':<10}{'trainable':>14}{'peak memory':>14}{'s/step':>10}"]
     for r in result["estimates"]:
         lines.append(f"{r['method']:<15}{r['objective']:<10}{r['trainable']:>14,}{r['memory_mb']:>11,} MB"
