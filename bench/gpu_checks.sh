@@ -41,4 +41,9 @@ step 150 qlora $PY bench/bench_qlora.py --device cuda --model llama-1b-random --
 # 3. One-rank FSDP2 against one device, full fine-tuning and LoRA, beside the memory model's projection.
 step 300 fsdp $PY bench/gpu_fsdp.py
 
+# 4. LoRA on MoE experts (issue 27): tuneforge's grouped compute (torch grouped_mm) against PEFT's target_parameters
+#    on a Qwen3-MoE-shaped layer stack (128 experts, top-8), bf16; prints the speed-up and both peaks.
+step 300 moe-lora $PY bench/bench_moe_lora.py --device cuda --dtype bfloat16 --hidden 2048 --heads 16 \
+    --moe-intermediate 768 --experts 128 --top-k 8 --layers 4 --vocab 32000 --r 16 --seq-len 2048 --batch-size 4
+
 exit $status
