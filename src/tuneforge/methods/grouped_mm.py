@@ -34,6 +34,16 @@ class Groups:
     """Cumulative ``counts`` (int32): the end row of each expert's group, as ``grouped_mm`` takes them."""
     slot: torch.Tensor
     """Each sorted pair's row within its expert's group (for the padded fallback)."""
+    _padded: tuple[torch.Tensor, torch.Tensor] | None = dataclasses.field(default=None, repr=False)
+
+    def padded(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``'s rows as ``[experts, most rows, in]``, zero-padded; kept for the next product of the same ``x``
+        (the base weight and LoRA's A read the same input)."""
+        if self._padded is None or self._padded[0] is not x:
+            capacity = max(int(self.counts.max()) if self.counts.numel() else 0, 1)
+            buffer = x.new_zeros(self.counts.shape[0], capacity, x.shape[-1])
+            self._padded = (x, buffer.index_put((self.experts, self.slot), x))
+        return self._padded[1]
 
     @classmethod
     def of(cls, top_k_index: torch.Tensor, num_experts: int) -> "Groups":
@@ -66,9 +76,10 @@ def _kernel_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
     if x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) < (8, 0):
         return False
     size = x.element_size()
-    # The kernel reads rows with 16-byte vector loads: every leading dimension and base pointer must be aligned.
-    return all(d * size % 16 == 0 for d in (x.shape[-1], w.shape[-1])) and x.data_ptr() % 16 == 0 \
-        and w.data_ptr() % 16 == 0
+    # The kernel reads with 16-byte vector loads: every non-unit stride, the output's rows and the base pointers
+    # must be 16-byte aligned (a rank-4 bf16 factor is not; it takes the bmm, the base weights keep the kernel).
+    strides = [st for t in (x, w) for st in t.stride() if st != 1] + [w.shape[-1]]
+    return all(st * size % 16 == 0 for st in strides) and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, groups: Groups) -> torch.Tensor:
@@ -83,7 +94,4 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, groups: Groups) -> torch.Tensor
 
 def padded_bmm(x: torch.Tensor, w: torch.Tensor, groups: Groups) -> torch.Tensor:
     """The same product as one ``torch.bmm``: each expert's rows padded to the largest group."""
-    capacity = int(groups.counts.max()) if groups.counts.numel() else 0
-    padded = x.new_zeros(w.shape[0], max(capacity, 1), x.shape[-1])
-    padded = padded.index_put((groups.experts, groups.slot), x)
-    return torch.bmm(padded, w)[groups.experts, groups.slot]
+    return torch.bmm(groups.padded(x), w)[groups.experts, groups.slot]
