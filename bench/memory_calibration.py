@@ -39,8 +39,8 @@ def main() -> int:
     settings = ["--model", args.model, "--objective", "pretrain", "--data", "general", "--max-steps", "2",
                 "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--eval-before", "false",
                 "--eval-generate", "false", "--general-eval", "none", "--device", args.device]
-    subprocess.run([sys.executable, "-m", "tuneforge", "compare", "--methods", args.methods, "--output", str(work),
-                    *settings], check=False)
+    subprocess.run([sys.executable, "-m", "tuneforge", "compare", "--methods", args.methods, "--seeds", "1",
+                    "--output", str(work), *settings], check=False)
     rows = json.loads((work / "compare.json").read_text())
     shape = model_shape(args.model, tuple(args.methods.split(",")))
     gpu = args.device.startswith("cuda")

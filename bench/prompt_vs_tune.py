@@ -49,7 +49,8 @@ from tuneforge.methods import get_method  # noqa: E402
 from tuneforge.prompting import FewShot, PromptTemplate, evaluate_prompts, load_template  # noqa: E402
 from tuneforge.prompting.metrics import exact_match as lenient_exact  # noqa: E402
 from tuneforge.prompting.template import _PLACEHOLDER  # noqa: E402
-from tuneforge.run.trainer import DEMO_DIR, train  # noqa: E402
+from tuneforge.run.trainer import train  # noqa: E402
+from tuneforge.run.training_data import DEMO_DIR  # noqa: E402
 
 DEFAULT_TEMPLATES = ["zero_shot", "role_expert", str(ROOT / "examples" / "prompting" / "dates_zero_shot.yaml")]
 LORA_OPTIONS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"}  # demo.yaml

@@ -203,7 +203,7 @@ def test_methods_lists_every_method_with_a_count(tiny_model_dir, capsys):
 
 
 def test_flags_parse_and_route():
-    from tuneforge.commands.main import parse_overrides
+    from tuneforge.flags import parse_overrides
 
     flags = parse_overrides(["--lora-target-modules", "q_proj,v_proj", "--resume", "--learning-rate=1e-4",
                              "--max-steps", "7", "--sft-train-on-prompt", "true", "--output", "runs/x"])

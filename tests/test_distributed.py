@@ -120,6 +120,7 @@ def assert_same_weights(a: Path, b: Path, atol: float) -> None:
 # last float32 bits, and AdamW's g / sqrt(v) magnifies that where a gradient is near zero: on an AVX2-only CPU one
 # lora_A element of 512 ends 2.9e-5 apart (on an AVX512 CPU all were within 1e-6). A wrong reduction (a missing
 # average, a rank's batch dropped) moves every element by about the learning rate (1e-2 here), far beyond 5e-5.
+@pytest.mark.slow  # torchrun with 2 ranks (the module fixture `runs`: ~80 s)
 @pytest.mark.parametrize("name, atol", [("lora_sft", 5e-5), ("lora_dpo", 1e-5), ("lora_sft_fsdp", 1e-5),
                                         ("full_sft_fsdp", 1e-5), ("full_dpo_fsdp", 1e-5)])
 def test_two_ranks_reach_the_single_process_weights(runs, tmp_path, name, atol):
@@ -128,6 +129,7 @@ def test_two_ranks_reach_the_single_process_weights(runs, tmp_path, name, atol):
     assert_same_weights(root / name, single, atol)
 
 
+@pytest.mark.slow  # torchrun with 2 ranks (the module fixture `runs`: ~80 s)
 def test_fsdp_ranks_hold_the_sharded_state_the_memory_model_projects(runs, tiny_model_dir):
     """Full DPO under FSDP2 on 2 ranks: the bytes each rank holds of the weights, gradients, AdamW moments and the
     frozen reference (local shards, after the first step) are recommend's per-rank terms; the reference is sharded
@@ -145,6 +147,7 @@ def test_fsdp_ranks_hold_the_sharded_state_the_memory_model_projects(runs, tiny_
         assert sum(h[part] for h in held) / 2**20 == pytest.approx(2 * projected[part], rel=1e-9), part
 
 
+@pytest.mark.slow  # torchrun with 2 ranks (the module fixture `runs`: ~80 s)
 def test_eval_loss_is_gathered_over_ranks(runs, tmp_path):
     root, configs = runs
     single = single_process(configs["lora_sft"], tmp_path / "single")
@@ -153,6 +156,7 @@ def test_eval_loss_is_gathered_over_ranks(runs, tmp_path):
     assert last["eval_loss"] == pytest.approx(expected["eval_loss"], abs=1e-5)
 
 
+@pytest.mark.slow  # torchrun with 2 ranks (the module fixture `runs`: ~80 s)
 def test_only_rank_zero_writes_and_ppo_runs(runs):
     root, _ = runs
     for name in ("lora_sft", "lora_dpo", "ppo", "ppo_fsdp"):
@@ -209,6 +213,7 @@ def test_a_valid_run_under_nproc_per_node_is_launched_with_its_arguments(tmp_pat
     assert launched == [(2, ["train", *args])] and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # tuneforge train --nproc-per-node 2, end to end (~80 s)
 def test_cli_launches_torchrun_and_a_failing_rank_stops_all(tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "sft.jsonl", qa_rows(8))
     bad = write_jsonl(tmp_path / "bad.jsonl", [])
@@ -261,6 +266,7 @@ def kill_test_resumed(runs):
     return root, configs
 
 
+@pytest.mark.slow  # torchrun runs killed and resumed (the fixture: ~55 s)
 @pytest.mark.parametrize("name", list(KILLED))
 def test_a_killed_two_rank_run_resumes_to_the_uninterrupted_weights(kill_test_resumed, name):
     root, configs = kill_test_resumed
@@ -270,6 +276,7 @@ def test_a_killed_two_rank_run_resumes_to_the_uninterrupted_weights(kill_test_re
     assert logged_steps(root / name, marked=True) == list(range(1, RESUMED_FROM + 1))  # it resumed, not restarted
 
 
+@pytest.mark.slow  # torchrun runs killed and resumed (the fixture: ~55 s)
 @pytest.mark.parametrize("damaged", [False, True])
 def test_a_two_rank_fsdp_checkpoint_resumes_on_one_process(kill_test_resumed, tmp_path, damaged):
     """DCP reshards the 2-rank checkpoint into whole tensors; a damaged newest one falls back to the one before."""
@@ -286,6 +293,7 @@ def test_a_two_rank_fsdp_checkpoint_resumes_on_one_process(kill_test_resumed, tm
     assert logged_steps(run, marked=False) == list(range(start + 1, 4))
 
 
+@pytest.mark.slow  # torchrun with 2 ranks (the module fixture `runs`: ~80 s)
 def test_an_fsdp_runs_adapter_loads_on_one_process(runs):
     from tuneforge.inference.loading import load_for_inference
 

@@ -68,6 +68,7 @@ def test_random_bytes_in_any_data_file(workdir, content, suffix):
     loads_or_documented_error(path)
 
 
+@pytest.mark.slow  # 150 examples each: 30-75 s
 @FUZZ
 @given(lines=st.lists(st.one_of(records.map(json.dumps), st.text(max_size=40),
                                 st.binary(max_size=20).map(lambda b: b.decode("latin-1"))), min_size=1, max_size=5),
@@ -80,6 +81,7 @@ def test_random_jsonl_lines_and_formats(workdir, lines, fmt):
         assert ex.source.startswith(f"{path}:")  # every record knows its line
 
 
+@pytest.mark.slow  # 150 examples each: 30-75 s
 @FUZZ
 @given(row=records, fmt=st.sampled_from(FORMATS))
 def test_random_records_through_detection_and_every_format(row, fmt):
@@ -109,6 +111,7 @@ def test_random_csv_cells(workdir, rows):
     loads_or_documented_error(path)
 
 
+@pytest.mark.slow  # 150 examples each: 30-75 s
 @FUZZ
 @given(records=st.lists(records, min_size=1, max_size=3), wrap=st.booleans())
 def test_random_json_files(workdir, records, wrap):

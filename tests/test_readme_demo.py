@@ -1,5 +1,6 @@
-"""The README's demo block is what `tuneforge train` prints (issue 24: the quoted numbers had drifted). Runs the
-whole bundled demo on the embedded SmolLM2 (~3 min on 2 quiet cores), so it is marked slow."""
+"""The README's demo block (also in docs/getting-started.md) is what `tuneforge train` prints (issue 24: the quoted
+numbers had drifted). Runs the whole bundled demo on the embedded SmolLM2 (~3 min on 2 quiet cores), so it is marked
+slow."""
 
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ def quoted(text: str) -> tuple[tuple[float, float], tuple[float, float]]:
     return (float(loss[1]), float(loss[2])), (float(exact[1]), float(exact[2]))
 
 
-def test_the_demo_yaml_and_the_readme_quote_one_number():
+def test_the_demo_yaml_the_readme_and_the_docs_quote_one_number():
     readme = (ROOT / "README.md").read_text()
     _, (_, after) = quoted(readme)
     demo = (ROOT / "src" / "tuneforge" / "assets" / "demo" / "demo.yaml").read_text()
     assert f"reach {after}%" in demo
+    assert quoted((ROOT / "docs" / "getting-started.md").read_text()) == quoted(readme)
 
 
 @pytest.mark.slow

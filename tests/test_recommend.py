@@ -14,8 +14,8 @@ import yaml
 import tuneforge
 from tuneforge.commands.main import main
 from tuneforge.run.pipeline import read_pipeline
-from tuneforge.choose.recommend import (ModelShape, estimate_memory_mb, memory_breakdown, model_shape, parse_memory,
-                                 recommend)
+from tuneforge.choose.recommend import (ModelShape, Setup, estimate_memory_mb, memory_breakdown, model_shape,
+                                        parse_memory, recommend)
 
 CALIBRATION = Path(__file__).parents[1] / "bench" / "results"
 
@@ -58,21 +58,29 @@ def shape(params=1_000_000_000):
 
 
 def test_the_seeds_combination_by_situation():
-    assert recommend(shape(), "task", None)["method"] == "qlora"  # no GPU
+    cpu = recommend(shape(), "task", None)  # no RAM given: nothing judged to fit or not; LoRA is the faster
+    assert cpu["method"] == "lora" and cpu["setup"] == Setup(8, 8, 512)  # train's defaults
     assert recommend(shape(), "task", parse_memory("80GB"))["method"] == "lora"  # some resources
     tight = recommend(shape(), "task", 3500, batch_size=1, max_length=512)
-    assert tight["method"] == "qlora" and "QLoRA does" in tight["why"]
-    assert "even QLoRA exceeds" in recommend(shape(), "task", 1000)["why"]
+    assert tight["method"] == "qlora" and tight["chosen"]["memory_mb"] <= 3500 * 0.9
+    lora = [r for r in tight["tried"] if r["method"] == "lora"]  # fits only with gradient checkpointing: slower
+    assert not lora[0]["fits"] and lora[1]["fits"] and lora[1]["setup"].gradient_checkpointing
+    assert tight["chosen"]["step_s"] < lora[1]["step_s"]
+    none = recommend(shape(), "task", 1000)
+    assert none["method"] is None and none["run"] is None and "more than the 900 MB usable" in none["why"]
     assert recommend(shape(), "alignment", parse_memory("24 GiB"))["objectives"] == ["sft", "dpo"]
 
 
 def test_multi_stage_recommendations_are_runnable_pipelines(tmp_path):
-    result = recommend(shape(), "domain", None)
+    result = recommend(shape(), "domain", 6000, batch_size=4)
     path = tmp_path / "pipeline.yaml"
     path.write_text(result["run"])
     shared, stages = read_pipeline(path)
-    assert [s["objective"] for s in stages] == ["pretrain", "sft"] and shared["method"] == "qlora"
+    assert [s["objective"] for s in stages] == ["pretrain", "sft"] and shared["method"] == result["method"]
     assert yaml.safe_load(path.read_text())["stages"][0]["data"][1] == "general:0.2"  # replay mixed in
+    setup = result["setup"]  # the configuration estimated is the one the pipeline runs
+    assert shared["batch_size"] == 4 and shared.get("micro_batch_size", 4) == setup.micro_batch_size
+    assert shared.get("gradient_checkpointing", False) == setup.gradient_checkpointing
 
 
 def test_gpu_memory_parsing_names_bad_input():
@@ -92,6 +100,8 @@ def test_recommend_command_prints_estimates_and_the_command(tiny_model_dir, caps
     (["--max-length", "0"], "--max-length must be a positive integer, got 0"),
     (["--gpu-memory", "24GB", "--gpu", "nosuchgpu"], "--gpu: no throughput known for 'nosuchgpu'; known GPUs: h100"),
     (["--gpu-memory", "0GB"], "--gpu-memory: expected a size such as 24GB or 16000MB, got '0GB'"),
+    (["--micro-batch-size", "3"], "--batch-size 8 is not a multiple of --micro-batch-size 3"),
+    (["--ram", "lots"], "--ram: expected a size such as 24GB or 16000MB, got 'lots'"),
 ])
 def test_recommend_refuses_what_no_estimate_can_mean(tmp_path, capsys, flags, message):
     assert main(["recommend", "--model", str(tmp_path / "never-read"), *flags]) == 2  # checked before the model

@@ -205,6 +205,7 @@ def test_streaming_under_torchrun_is_refused(tmp_path, sft_file, monkeypatch):
         tuneforge.run.trainer.training_data(streamed(tmp_path, sft_file))
 
 
+@pytest.mark.slow  # a CLI training run end to end (~30 s)
 def test_a_two_source_streaming_run_prints_and_logs_what_each_source_gave(tmp_path, tiny_model_dir, capsys):
     a = write_jsonl(tmp_path / "a.jsonl", qa_rows(12))
     b = write_jsonl(tmp_path / "b.jsonl", qa_rows(4))

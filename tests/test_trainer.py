@@ -365,7 +365,7 @@ def trained_weights(tmp_path, tokenizer, name: str, **changes) -> dict[str, torc
 def test_checkpointing_every_other_block_and_offloading_activations_keep_the_weights(tmp_path, tokenizer):
     """Memory for time, never different arithmetic: checkpointing half the blocks and keeping saved activations
     in CPU memory train to the weights of a plain run."""
-    from tuneforge.run.trainer import checkpoint_blocks
+    from tuneforge.run.model_setup import checkpoint_blocks
 
     assert checkpoint_blocks(make_tiny_model("llama", len(tokenizer)), every=2) == [True, False]
     plain = trained_weights(tmp_path, tokenizer, "plain")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tuneforge.run.trainer import memory_line, peak_memory
+from tuneforge.run.model_setup import memory_line, peak_memory
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 BLOCK_MB = 400
@@ -22,7 +22,7 @@ BLOCK_MB = 400
 SCRIPT = f"""
 import json, logging, sys
 import numpy as np
-from tuneforge import trainer
+from tuneforge.run import evaluators, trainer
 from tuneforge.config import load_config
 
 def rss_mb():
@@ -30,16 +30,15 @@ def rss_mb():
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
 measured = {{}}
-real = trainer.generation_metric
+real = evaluators.ExactMatch.after
 
-def evaluation_that_needs_memory(t, examples, base):
-    if not base:
-        measured["rss_before_block_mb"] = rss_mb()
-        block = np.ones({BLOCK_MB} * 2**20, dtype=np.uint8)  # written, so resident
-        del block
-    return real(t, examples, base)
+def evaluation_that_needs_memory(self, t, metrics):
+    measured["rss_before_block_mb"] = rss_mb()
+    block = np.ones({BLOCK_MB} * 2**20, dtype=np.uint8)  # written, so resident
+    del block
+    return real(self, t, metrics)
 
-trainer.generation_metric = evaluation_that_needs_memory
+evaluators.ExactMatch.after = evaluation_that_needs_memory
 logging.basicConfig(level=logging.INFO)
 model, data, output = sys.argv[1:]
 config = load_config(None, dict(model=model, data=data, output=output, max_steps=2, batch_size=4, progress=False,
@@ -49,6 +48,7 @@ print(json.dumps({{**measured, **{{k: v for k, v in result.metrics.items() if is
 """
 
 
+@pytest.mark.slow  # a training run in a fresh process (~50 s)
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmRSS from /proc (Linux)")
 def test_peak_memory_covers_the_evaluation_after_training(tmp_path, tiny_model_dir, sft_file):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),

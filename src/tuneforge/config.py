@@ -256,8 +256,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise ConfigError(f"{source}: {problems}") from None
 
 
-def describe_error(err: dict[str, Any]) -> str:
-    """One pydantic error as ``field: message`` (a whole-config check has no field)."""
+def describe_error(err: Any) -> str:
+    """One pydantic error (its ``ErrorDetails`` dict) as ``field: message`` (a whole-config check has no field)."""
     message = err["msg"].removeprefix("Value error, ")
     where = ".".join(map(str, err["loc"]))
     return f"{where}: {message}" if where else message

@@ -61,7 +61,7 @@ class Options:
     @classmethod
     def _check_types(cls, values: dict[str, Any]):
         try:
-            return _adapter(cls).validate_python(values)
+            return _adapter(cls).validate_python(values)  # type: ignore[arg-type]  # a class hashes (mypy: __hash__ = None)
         except pydantic.ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}"
                                  for err in e.errors())
@@ -70,7 +70,7 @@ class Options:
     @classmethod
     def describe(cls) -> dict[str, tuple[Any, str]]:
         """``{option: (default, description)}`` in declaration order, inherited options first."""
-        docs = attribute_docs(cls)
+        docs = attribute_docs(cls)  # type: ignore[arg-type]  # a class hashes
         out = {}
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else (

@@ -8,11 +8,19 @@ objective goes through here, so an alias works everywhere the name does.
 from __future__ import annotations
 
 import importlib
-from typing import Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from .options import option_names
 
-T = TypeVar("T")
+class Registrable(Protocol):
+    """What a registered class declares (``Method`` and ``Objective`` do)."""
+
+    name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]]
+    config_class: ClassVar[type[Any]]
+
+
+T = TypeVar("T", bound=Registrable)
 
 
 def canonical(name: str) -> str:
@@ -31,7 +39,18 @@ class Registry(Generic[T]):
             if self._classes.get(key, cls) is not cls:
                 raise ValueError(f"{self.kind} name {name!r} is taken by {self._classes[key].__name__}")
             self._classes[key] = cls
+        self._name_config(cls)
         return cls
+
+    def _name_config(self, cls: type[T]) -> None:
+        """The class's name is declared once, on the class: its config class learns it here, as the attribute named
+        after this registry's kind (``LoRAConfig.method == "lora"``), for messages and for finding a config's owner."""
+        config = cls.config_class
+        owner = vars(config).get(self.kind)
+        if owner is not None and owner != cls.name:
+            raise ValueError(f"{cls.__name__}.config_class {config.__name__} is not its own (it names {self.kind} "
+                             f"{owner!r}); each {self.kind} declares a config class of its own")
+        setattr(config, self.kind, cls.name)
 
     def _load(self) -> None:
         importlib.import_module(f"{self.package}._load_all")

@@ -1,6 +1,6 @@
 """Pinned training trajectories: the exact per-step metrics of short deterministic runs, one per objective (SFT,
-pretraining, reward modelling, DPO, PPO) and one per method family (LoRA, full, prompt tuning, prefix tuning),
-through the public entry point ``tuneforge.train``.
+pretraining, reward modelling, DPO, PPO, GRPO, ORPO, SimPO, KTO) and one per method family (LoRA, full, prompt
+tuning, prefix tuning), through the public entry point ``tuneforge.train``.
 
 These are regression pins, not claims about good training: they fail on any change that alters what the trainer
 computes — loss normalisation, gradient accumulation, clipping, the optimiser or schedule, data order, reference
@@ -72,6 +72,13 @@ def preference_rows() -> list[dict]:
              "chosen": f"{WORDS[i % 9 + 1]} {WORDS[(i * 4) % 9 + 1]}", "rejected": ANIMALS[i % 9]} for i in range(12)]
 
 
+def unpaired_rows() -> list[dict]:
+    # KTO's records: one answer each, labelled desirable (number words) or undesirable (animal words).
+    return [{"prompt": f"Say something about {WORDS[i % 9 + 1]}.",
+             "completion": f"{WORDS[i % 9 + 1]} {WORDS[(i * 4) % 9 + 1]}" if i % 2 else ANIMALS[i % 9],
+             "label": bool(i % 2)} for i in range(12)]
+
+
 def prompt_rows() -> list[dict]:
     return [{"prompt": f"Question {i}: what now?"} for i in range(8)]
 
@@ -106,6 +113,19 @@ CASES = {
                                    lr_scheduler="constant",
                                    objective_options={"max_new_tokens": 6, "num_ppo_epochs": 1,
                                                       "num_mini_batches": 2}), ["kl", "reward"]),
+    # Two rollouts of 4 prompts x 4 completions, each feeding 2 mini-batches (so the sampling policy's log-probs
+    # are kept): 4 optimiser steps.
+    "grpo-lora": (prompt_rows, dict(objective="grpo", method="lora", method_options={"r": 4}, max_steps=4,
+                                    lr_scheduler="constant",
+                                    objective_options={"num_generations": 4, "max_new_tokens": 6,
+                                                       "num_mini_batches": 2}), ["kl", "reward"]),
+    "orpo-lora": (preference_rows, dict(objective="orpo", method="lora", method_options={"r": 4}, micro_batch_size=2,
+                                        objective_options={"beta": 0.2}), ["nll_loss", "log_odds_ratio"]),
+    "simpo-lora": (preference_rows, dict(objective="simpo", method="lora", method_options={"r": 4},
+                                         objective_options={"beta": 2.0}), ["rewards/margins", "rewards/accuracies"]),
+    # Unpaired records; the KL reference point pairs each prompt with another record's answer.
+    "kto-lora": (unpaired_rows, dict(objective="kto", method="lora", method_options={"r": 4},
+                                     objective_options={"beta": 0.5}), ["kl", "rewards/desirable"]),
     # The method dimension: SFT through every kind of trainable state.
     "sft-full": (sft_rows, dict(method="full", learning_rate=2e-3), []),
     "sft-prompt_tuning": (sft_rows, dict(method="prompt_tuning", method_options={"num_virtual_tokens": 4},
@@ -115,15 +135,20 @@ CASES = {
 }
 
 
+# The online objectives' option that names the reward function (a file written next to the data).
+REWARD_OPTION = {"ppo": "reward_function", "grpo": "reward_functions"}
+
+
 def run_case(name: str, tmp_path, tokenizer, **changes) -> dict[str, list]:
     """Train case ``name`` (with ``changes`` to its config) and return its pinned metrics, per step."""
     rows, overrides, extra = CASES[name]
     values = {**COMMON, **overrides, "data": str(write_jsonl(tmp_path / "data.jsonl", rows())),
               "output": str(tmp_path / "run")}
-    if values.get("objective") == "ppo":
+    reward_option = REWARD_OPTION.get(values.get("objective"))
+    if reward_option:
         (tmp_path / "rewards.py").write_text(LETTERS)
         values["objective_options"] = {**values["objective_options"],
-                                       "reward_function": f"{tmp_path / 'rewards.py'}:letters"}
+                                       reward_option: f"{tmp_path / 'rewards.py'}:letters"}
     for key, value in changes.items():
         values[key] = {**values.get(key, {}), **value} if isinstance(value, dict) else value
     config = tuneforge.load_config(None, values)
@@ -178,6 +203,32 @@ EXPECTED: dict[str, dict[str, list]] = {
         "kl": [0.0, 0.0, 0.078033, 0.078033],
         "reward": [0.535348, 0.535348, 0.415179, 0.415179],
     },
+    # GRPO, ORPO, SimPO and KTO: recorded with TUNEFORGE_REPIN=1 on commit 8148440 (issue 23, before the
+    # online-objective base class that PPO and GRPO now share).
+    "grpo-lora": {
+        "loss": [-0.315556, 0.316185, 0.361394, -0.373359],
+        "grad_norm": [0.193145, 0.218848, 0.41237, 0.285633],
+        "kl": [0.0, 0.000775, 0.001605, 0.000819],
+        "reward": [0.44405, 0.44405, 0.392123, 0.392123],
+    },
+    "orpo-lora": {
+        "loss": [5.863875, 5.803843, 5.707106, 5.675855, 5.724215],
+        "grad_norm": [0.648097, 0.504888, 0.684577, 0.378717, 0.382244],
+        "nll_loss": [5.726826, 5.671906, 5.584256, 5.555073, 5.6008],
+        "log_odds_ratio": [0.016907, 0.069388, 0.165452, 0.187545, 0.162372],
+    },
+    "simpo-lora": {
+        "loss": [0.955164, 0.86677, 0.73337, 0.685472, 0.724893],
+        "grad_norm": [0.731438, 0.854054, 1.057868, 0.526786, 0.623479],
+        "rewards/margins": [0.033711, 0.182857, 0.423325, 0.520002, 0.450376],
+        "rewards/accuracies": [0.75, 1.0, 1.0, 1.0, 1.0],
+    },
+    "kto-lora": {
+        "loss": [0.5, 0.480351, 0.44977, 0.411524, 0.479981],
+        "grad_norm": [0.230215, 0.462789, 0.46108, 0.459969, 0.41599],
+        "kl": [0.0, 0.194462, 0.17048, 0.817727, 0.0],
+        "rewards/desirable": [0.0, 0.110572, 0.121861, 0.487911, -0.06964],
+    },
     "sft-full": {
         "loss": [5.766514, 5.655762, 5.559836, 5.493946, 5.444618],
         "grad_norm": [1.741574, 1.688418, 1.73757, 1.677823, 1.658484],
@@ -219,6 +270,8 @@ def test_trajectory_is_pinned(name, tmp_path, tokenizer):
     ("dpo-lora", {"objective_options": {"beta": 0.495}}),  # beta 1% smaller
     ("dpo-lora", {"seed": 1}),  # another data order
     ("ppo-lora", {"objective_options": {"vf_coef": 0.101}}),  # the value loss weighed 1% more
+    ("grpo-lora", {"learning_rate": 1.01e-2}),  # a 1% larger step
+    ("kto-lora", {"objective_options": {"beta": 0.495}}),  # beta 1% smaller
 ])
 def test_the_pins_notice_a_change(name, change, tmp_path, tokenizer):
     """The comparison can fail: small deliberate changes to a run move it outside the tolerance."""

@@ -144,7 +144,7 @@ def test_reward_model_scores_the_rollouts(tokenizer, tiny_model_dir, tmp_path):
     items = prompt_items(obj, 4)
     obj.setup(model, ctx)
     completions, stopped = obj.sample(model, items)
-    scores = obj.score(items, completions, stopped)
+    scores = obj.completion_rewards(items, completions, stopped)
     rm = load_reward_model(None, tmp_path / "rm", device="cpu")
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
     expected = rm.score([i.messages for i in items], texts)
@@ -196,11 +196,12 @@ def test_evaluation_batches_report_the_greedy_reward(tokenizer):
     items = prompt_items(obj, 3)
     obj.setup(model, ctx)
     batch = obj.collate(items)
-    loss, metrics = obj.loss(model, batch, ctx)
+    loss, metrics = obj.evaluation_loss(model, batch, ctx)
     greedy = generate_ids(model, tokenizer, [i.input_ids for i in items], max_new_tokens=4)
     total = sum(len(tokenizer.decode(g + ([tokenizer.eos_token_id] if len(g) < 4 else []), skip_special_tokens=True))
                 for g in greedy)
-    assert obj.units(batch) == 3 and metrics["reward"] == pytest.approx(total) and loss.item() == pytest.approx(-total)
+    assert obj.evaluation_units(batch) == 3 and metrics["reward"] == pytest.approx(total)
+    assert loss.item() == pytest.approx(-total)
 
 
 def test_state_for_checkpoints_and_validation(tokenizer):

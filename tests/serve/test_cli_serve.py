@@ -13,6 +13,7 @@ import pytest
 from tuneforge.commands.main import main
 
 
+@pytest.mark.slow  # a live `tuneforge serve` process (~80 s)
 def test_serve_subcommand_answers_and_requires_the_key(tiny_model_dir, adapter_dirs, serve_process):
     args = ["--base-name", "base", "--adapter", f"a={adapter_dirs['lora-a']}", "--adapter",
             f"p={adapter_dirs['prompt']}", "--max-batch-size", "4"]

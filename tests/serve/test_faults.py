@@ -16,6 +16,9 @@ import httpx
 import openai
 import pytest
 
+# A live server process started for the module (~60 s with the fault test) and driven over sockets: end to end.
+pytestmark = pytest.mark.slow
+
 LIMIT = 64 * 1024
 MiB = 1 << 20
 FLAGS = ["--base-name", "base", "--max-queue", "4", "--max-batch-size", "2", "--max-body-bytes", str(LIMIT),

@@ -1,14 +1,22 @@
-"""``tuneforge compare``: train several methods the same way on the user's data and set gain against cost.
+"""``tuneforge compare``: train several methods the same way on the user's data, several seeds each, and set gain
+against cost and forgetting, with intervals and a verdict.
 
-Each method runs ``tuneforge train`` in its own process (so peak memory is that method's alone, and one method
-crashing cannot take the others with it), with the same flags, into ``OUTPUT/runs/METHOD``. After every method
-the table is rewritten — ``compare.md``, ``compare.json`` and ``compare.png`` (gain vs trainable parameters,
-peak memory and wall time) — so a killed compare loses at most the method it was running; run the same command
-again and methods already finished are read back, not retrained (one killed mid-run resumes from its last
-checkpoint when ``--save-every`` wrote one). ``OUTPUT/compare_state.json`` records the signature each run was started
-with (its settings and a fingerprint of its data files, ``run/reuse.py``): a finished or checkpointed run made with
-other settings or data is refused, naming what changed; ``--overwrite`` trains those methods again (every method,
-when nothing changed).
+Each method trains with ``--seeds K`` seeds (the run's ``--seed`` and the next K - 1; default 3), each run a
+``tuneforge train`` in its own process (so peak memory is that run's alone, and one run crashing cannot take the
+others with it), with the same flags, into ``OUTPUT/runs/METHOD/seed-N``. Each method keeps its own defaults unless
+the user sets one: a ``--learning-rate`` flag reaches every method, a config file's learning rate its own method
+(the demo's 1e-3 is LoRA's), and every other method trains with its own default learning rate; the table shows what
+each used. While a run trains, its progress (step, loss, time left) is logged from its metrics.jsonl.
+
+After every run the report is rewritten — ``compare.md`` (per method: mean and bootstrap 95% interval of gain,
+forgetting, wall time, peak memory and tokens seen, the verdict in words, then every run), ``compare.json`` (every
+run's row), ``compare_summary.json`` and ``compare.png`` (``choose/chart.py``) — so a killed compare loses at most the
+run it was running; run the same command again and runs already finished are read back, not retrained (one killed
+mid-run resumes from its last checkpoint when ``--save-every`` wrote one). ``OUTPUT/compare_state.json`` records the
+signature each run was started with (its settings and a fingerprint of its data files, ``run/reuse.py``): a
+finished or checkpointed run made with other settings or data is refused, naming what changed; ``--overwrite``
+trains those runs again (every run, when nothing changed). ``--budget-tokens N`` gives every method the same number
+of training tokens (``choose/budget.py``).
 
 A method's own options (``--lora-r 4``, by the method's flag prefix) reach that method only; every other flag reaches
 every method. The ``tuneforge train`` children die with compare (even when it is killed with SIGKILL, on Linux).
@@ -22,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -31,12 +41,17 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+import yaml
 
 from ..run.checkpoint import latest_checkpoint, read_run_record, write_text_atomic
 from ..flags import flag_groups, flag_key, flag_value, parse_overrides
 from ..outputs import check_output
-from ..run.report import plain_log_labels
+from .chart import chart
+from .measured import training_pace
+from .summary import FORMATS, QUANTITIES, cell, summarize, verdict
+from .watch import Watcher
 from ..run.reuse import SettingsChanged, changes, signature
 
 if TYPE_CHECKING:  # config imports torch: loaded by the functions that build configs, not by `--help`
@@ -48,9 +63,11 @@ SUMMARY_NAME = "summary.json"  # written by trainer.train() into every finished 
 WALL_NAME = "compare_wall.json"  # the wall time compare measured for a method, kept beside its run
 
 # (column, title, format) for the table; a column no method has is left out.
-COLUMNS = [("method", "method", "{}"), ("trainable_params", "trainable params", "{:,}"),
+COLUMNS = [("method", "method", "{}"), ("seed", "seed", "{}"), ("learning_rate", "learning rate", "{:g}"),
+           ("trainable_params", "trainable params", "{:,}"),
            ("trainable_percent", "% trainable", "{:.3f}"), ("peak_memory_mb", "peak MB", "{:,.0f}"),
-           ("wall_s", "wall s", "{:.1f}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
+           ("wall_s", "wall s", "{:.1f}"), ("step_s", "s/step", "{:.3g}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
+           ("tokens_seen", "tokens seen", "{:,}"),
            ("eval_before_loss", "eval loss before", "{:.4f}"), ("eval_loss", "eval loss after", "{:.4f}"),
            ("gain", "gain (loss drop)", "{:+.4f}"), ("eval_before_accuracy", "pair acc. before", "{:.1%}"),
            ("eval_accuracy", "pair acc. after", "{:.1%}"), ("exact_match_before", "exact match before", "{:.1%}"),
@@ -61,6 +78,7 @@ COLUMNS = [("method", "method", "{}"), ("trainable_params", "trainable params", 
 
 Runner = Callable[[list[str]], tuple[int, str]]
 
+SUMMARY_FILE = "compare_summary.json"  # per method over its seeds: values, intervals; the verdict
 STATE_NAME = "compare_state.json"  # per method, the signature its run was started with
 # A row is also what its run measured: these evaluation settings, free to change on --resume, shape the row.
 ROW_SETTINGS = ("general_eval", "general_eval_limit", "eval_before", "eval_generate", "eval_max_new_tokens",
@@ -76,6 +94,7 @@ def run_subprocess(args: list[str]) -> tuple[int, str]:
                             stderr=subprocess.PIPE, text=True, preexec_fn=_parent_death_signal())
     # The child's log lines (each stage it starts and ends: exact match, perplexity, steps) reach the user as they
     # come, so a method that trains for minutes is never a silent wait; the tail is kept for the error row.
+    assert proc.stdout is not None and proc.stderr is not None  # both piped above
     tail: collections.deque[str] = collections.deque(maxlen=64)
     relay = threading.Thread(target=_relay, args=(proc.stderr, tail), daemon=True)
     relay.start()
@@ -185,7 +204,7 @@ def run_config(args: list[str]) -> RunConfig:
     overrides = parse_overrides(tokens)
     overrides.pop("nproc_per_node", None)  # a launcher flag, not a config key
     if path is None and overrides.get("data") is None:
-        from ..run.trainer import DEMO_DIR
+        from ..run.training_data import DEMO_DIR
 
         path = str(DEMO_DIR / "demo.yaml")
     return load_config(path, overrides)
@@ -204,47 +223,166 @@ def _own_flags(flags: list[str]) -> tuple[list[str], bool]:
 
 
 def compare(methods: list[str], flags: list[str], output: str | Path, runner: Runner = run_subprocess,
-            overwrite: bool = False) -> list[dict[str, Any]]:
-    """Train each method (reusing a finished run made with the same settings and data), rewriting the report after
-    each; the rows, in order. A finished or checkpointed run made otherwise is refused, naming what changed, unless
-    ``overwrite``: then the changed methods train again, or every method when none changed (the user asked)."""
+            overwrite: bool = False, seeds: int = 3, budget_tokens: int | None = None) -> list[dict[str, Any]]:
+    """Train each method with ``seeds`` seeds (the run's ``--seed`` and the next ones), reusing a finished run made
+    with the same settings and data, rewriting the report after each; the per-run rows, in order. A finished or
+    checkpointed run made otherwise is refused, naming what changed, unless ``overwrite``: then the changed runs
+    train again, or every run when none changed (the user asked). ``budget_tokens``: every method of a seed trains
+    the steps that hold that many training tokens (``choose/budget.py``)."""
+    flags, asked = _own_flags(list(flags))
+    overwrite = overwrite or asked
+    output = Path(output)
+    plan = plan_compare(methods, flags, output, seeds, budget_tokens)
+    state = read_state(output)
+    ours = state is not None or (output / "compare.json").is_file()  # a compare's folder (perhaps an older one's)
+    check_output(output, inputs=_inputs(plan.configs.values()), overwrite=overwrite or ours)
+    state = state or {"runs": {}}
+    todo = plan_runs({run_key(*run): c for run, c in plan.configs.items()}, state, overwrite)
+    (output / "runs").mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for i, run in enumerate(plan.configs, start=1):
+        label = f"compare: [{i}/{len(plan.configs)}] {run[0]}, seed {run[1]}"
+        rows.append(_train_or_read(plan, run, todo[run_key(*run)], state, output, runner, label))
+        write_report(rows, output, plan.seeds[0])
+    return rows
+
+
+@dataclasses.dataclass
+class ComparePlan:
+    """Every run of a compare, built and checked before any trains: per (method, seed) its flags and config, in
+    training order (seed-major: a first full row of methods early); per method its learning rate's source."""
+
+    seeds: list[int]
+    rates: dict[str, tuple[str, list[str]]]
+    flags: dict[tuple[str, int], list[str]]
+    configs: dict[tuple[str, int], RunConfig]
+
+
+def plan_compare(methods: list[str], flags: list[str], output: Path, seeds: int,
+                 budget_tokens: int | None) -> ComparePlan:
     from ..methods.base import METHODS
 
     names = [METHODS.get(m).name for m in methods]  # an unknown method fails before anything runs
     if len(set(names)) != len(names):
         raise ValueError(f"--methods names a method twice: {', '.join(methods)}")
-    flags, asked = _own_flags(list(flags))
-    overwrite = overwrite or asked
-    output = Path(output)
+    if type(seeds) is not int or seeds < 1:
+        raise ValueError(f"--seeds must be a positive integer, got {seeds!r}")
     own = method_flags(names, flags)
-    # Every method's config is built (and checked) before any trains.
-    configs = {name: run_config(train_args(name, output / "runs" / name, own[name])) for name in names}
-    state = read_state(output)
-    ours = state is not None or (output / "compare.json").is_file()  # a compare's folder (perhaps an older one's)
-    check_output(output, inputs=_inputs(configs.values()), overwrite=overwrite or ours)
-    state = state or {"runs": {}}
-    plan = plan_runs(configs, state, overwrite)
-    (output / "runs").mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
-    for i, name in enumerate(names, start=1):
-        run_dir = output / "runs" / name
-        if plan[name] == "reuse":
-            log.info("compare: %s already finished in %s with the same settings and data; reading it back", name,
-                     run_dir)
+    rates = learning_rates(names, flags, own)
+    first = run_config(train_args(names[0], output / "runs", own[names[0]]))
+    seed_list = [first.seed + i for i in range(seeds)]
+    budget = budget_steps(first, seed_list, budget_tokens, flags)
+    run_flags = {(name, seed): [*own[name], *rates[name][1], "--seed", str(seed), *budget.get(seed, [])]
+                 for seed in seed_list for name in names}
+    with _said_once(logging.getLogger("tuneforge.config")):  # K seeds' configs say the same things: once
+        configs = {run: run_config(train_args(run[0], run_folder(output, *run), f)) for run, f in run_flags.items()}
+    _log_learning_rates(rates)
+    return ComparePlan(seed_list, rates, run_flags, configs)
+
+
+def _train_or_read(plan: ComparePlan, run: tuple[str, int], todo: str, state: dict[str, Any], output: Path,
+                   runner: Runner, label: str) -> dict[str, Any]:
+    """One run's row: read back (``todo`` "reuse"), or trained ("train", "resume") with its progress logged."""
+    (name, seed), run_dir, config = run, run_folder(output, *run), plan.configs[run]
+    if todo == "reuse":
+        log.info("%s: already finished in %s with the same settings and data; reading it back", label, run_dir)
+    else:
+        state["runs"][run_key(*run)] = signature(config, keep=ROW_SETTINGS)
+        write_text_atomic(output / STATE_NAME, json.dumps(state, indent=1))
+        log.info("%s: training -> %s", label, run_dir)
+        start = time.perf_counter()
+        with Watcher(run_dir / "metrics.jsonl", label, config.max_steps):
+            code, err = runner(train_args(name, run_dir, plan.flags[run], resume=todo == "resume"))
+        if code != 0:
+            return {"method": name, "seed": seed, "error": _last_error_line(err)}
+        (run_dir / WALL_NAME).write_text(json.dumps({"wall_s": round(time.perf_counter() - start, 2)}))
+    return {**read_row(name, run_dir), "seed": seed, "learning_rate": effective_learning_rate(config),
+            "learning_rate_source": plan.rates[name][0]}
+
+
+def effective_learning_rate(config: RunConfig) -> float:
+    return config.learning_rate if config.learning_rate is not None else config.method_class.default_learning_rate
+
+
+@contextlib.contextmanager
+def _said_once(logger: logging.Logger) -> Iterator[None]:
+    """Within the block, each message of ``logger`` is logged once (the K seeds' configs say the same things)."""
+    seen: set[str] = set()
+
+    def first_time(record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        fresh = text not in seen
+        seen.add(text)
+        return fresh
+
+    logger.addFilter(first_time)
+    try:
+        yield
+    finally:
+        logger.removeFilter(first_time)
+
+
+def run_key(method: str, seed: int) -> str:
+    return f"{method}/seed-{seed}"
+
+
+def run_folder(output: Path, method: str, seed: int) -> Path:
+    return output / "runs" / method / f"seed-{seed}"
+
+
+def learning_rates(names: list[str], flags: list[str], own: dict[str, list[str]]) -> dict[str, tuple[str, list[str]]]:
+    """Per method, where its learning rate comes from (in words) and the flags that give it. A --learning-rate flag
+    is the user's: every method. A config file's was chosen for the file's method (the demo's 1e-3 for LoRA): that
+    method only, or every method when the file names none. Every other method trains with its own default, as
+    `tuneforge train` would (`tuneforge methods` lists them), given explicitly so that the file's cannot reach it."""
+    from ..methods.base import METHODS
+
+    head, tokens = _config_file(flags)
+    if any(flag_key(g) == "learning_rate" for g in flag_groups(tokens)):
+        return {name: ("--learning-rate", []) for name in names}
+    path = Path(head[0]) if head else None
+    if path is None and "data" not in parse_overrides(tokens):
+        from ..run.trainer import DEMO_DIR  # no config and no data: train runs the bundled demo's config
+
+        path = DEMO_DIR / "demo.yaml"
+    values = yaml.safe_load(path.read_text()) if path is not None and path.is_file() else None
+    values = values if isinstance(values, dict) else {}
+    out: dict[str, tuple[str, list[str]]] = {}
+    for name in names:
+        if path is None or values.get("learning_rate") is None:
+            out[name] = ("its own default", [])  # train falls back to it
+        elif values.get("method") in (None, name):
+            out[name] = (f"{path.name}'s", [])
         else:
-            state["runs"][name] = signature(configs[name], keep=ROW_SETTINGS)
-            write_text_atomic(output / STATE_NAME, json.dumps(state, indent=1))
-            log.info("compare: [%d/%d] training %s -> %s", i, len(names), name, run_dir)
-            start = time.perf_counter()
-            code, err = runner(train_args(name, run_dir, own[name], resume=plan[name] == "resume"))
-            if code != 0:
-                rows.append({"method": name, "error": _last_error_line(err)})
-                write_report(rows, output)
-                continue
-            (run_dir / WALL_NAME).write_text(json.dumps({"wall_s": round(time.perf_counter() - start, 2)}))
-        rows.append(read_row(name, run_dir))
-        write_report(rows, output)
-    return rows
+            out[name] = ("its own default", ["--learning-rate", repr(METHODS.get(name).default_learning_rate)])
+    return out
+
+
+def _log_learning_rates(rates: dict[str, tuple[str, list[str]]]) -> None:
+    words = [f"{name}: {source}" for name, (source, _) in rates.items()]
+    log.info("compare: learning rates (the table shows each): %s", "; ".join(words))
+
+
+def budget_steps(config: RunConfig, seeds: list[int], budget_tokens: int | None,
+                 flags: list[str]) -> dict[int, list[str]]:
+    """``--budget-tokens``: per seed, the --max-steps that hold that many training tokens (the same for every
+    method of the seed); empty without a budget."""
+    if budget_tokens is None:
+        return {}
+    if type(budget_tokens) is not int or budget_tokens < 1:
+        raise ValueError(f"--budget-tokens must be a positive integer, got {budget_tokens!r}")
+    _, tokens = _config_file(flags)
+    if any(flag_key(g) in ("max_steps", "epochs") for g in flag_groups(tokens)):
+        raise ValueError("compare: --budget-tokens sets each run's steps; drop --max-steps / --epochs")
+    from .budget import steps_for_tokens
+
+    out = {}
+    for seed in seeds:
+        steps, seen = steps_for_tokens(config.model_copy(update={"seed": seed}), budget_tokens)
+        log.info("compare: seed %d: %d steps hold %s training tokens (budget %s)", seed, steps, f"{seen:,}",
+                 f"{budget_tokens:,}")
+        out[seed] = ["--max-steps", str(steps)]
+    return out
 
 
 def read_state(output: Path) -> dict[str, Any] | None:
@@ -280,8 +418,9 @@ def plan_runs(configs: dict[str, RunConfig], state: dict[str, Any], overwrite: b
     if changed and not overwrite:
         # Settings are shared, so methods usually differ the same way: one phrase for each group of them.
         groups: dict[str, list[str]] = {}
-        for name, why in changed.items():
-            groups.setdefault(why, []).append(name)
+        for key, why in changed.items():  # "lora/seed-0": the method is named once, whichever seeds changed
+            names = groups.setdefault(why, [])
+            names += [key.split("/")[0]] if key.split("/")[0] not in names else []
         raise SettingsChanged("compare: " + "; ".join(f"{', '.join(n)}: {why}" for why, n in groups.items())
                               + "; pass --overwrite to train them again")
     return {name: "train" for name in plan} if overwrite and not changed else plan
@@ -293,9 +432,11 @@ def _last_error_line(stderr: str) -> str:
 
 
 def read_row(method: str, run_dir: Path) -> dict[str, Any]:
-    """One table row from a finished run's summary.json (and the wall time compare measured)."""
+    """One table row from a finished run's summary.json, its config (seed, learning rate), its metrics.jsonl
+    (training tokens seen, seconds per step) and the wall time compare measured."""
     m = json.loads((run_dir / SUMMARY_NAME).read_text())
     row: dict[str, Any] = {"method": method, "run": str(run_dir)}
+    row.update(run_settings(method, run_dir))
     for key, *_ in COLUMNS[1:]:
         if key in m and isinstance(m[key], (int, float)):
             row[key] = m[key]
@@ -304,6 +445,7 @@ def read_row(method: str, run_dir: Path) -> dict[str, Any]:
     wall = run_dir / WALL_NAME
     if wall.is_file():
         row["wall_s"] = json.loads(wall.read_text())["wall_s"]
+    row.update(training_pace(run_dir / "metrics.jsonl"))
     if "eval_before_loss" in row and "eval_loss" in row:
         row["gain"] = row["eval_before_loss"] - row["eval_loss"]
     if m.get("benchmarks"):  # --general-eval tasks:...: each task's primary metric before / after, and forgetting
@@ -311,6 +453,18 @@ def read_row(method: str, run_dir: Path) -> dict[str, Any]:
         row.update({keys[k]: m[keys[k]] for keys in m["benchmarks"].values() for k in ("before", "after", "forgetting")
                     if isinstance(m.get(keys[k]), (int, float))})
     return row
+
+
+def run_settings(method: str, run_dir: Path) -> dict[str, Any]:
+    """The seed and the learning rate the run trained with (its own default where its config sets none)."""
+    from ..methods.base import METHODS
+
+    path = run_dir / "tuneforge.yaml"
+    saved = yaml.safe_load(path.read_text()) if path.is_file() else None
+    if not isinstance(saved, dict):
+        return {}
+    lr = saved.get("learning_rate") or METHODS.get(saved.get("method") or method).default_learning_rate
+    return {"seed": saved.get("seed", 0), "learning_rate": lr}
 
 
 def benchmark_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
@@ -326,6 +480,7 @@ def benchmark_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
+    """The per-run table: one row per method and seed."""
     columns = [c for c in COLUMNS[:-1] + benchmark_columns(rows) + COLUMNS[-1:] if any(c[0] in r for r in rows)]
     lines = ["| " + " | ".join(title for _, title, _ in columns) + " |",
              "|" + "|".join("---" for _ in columns) + "|"]
@@ -335,63 +490,39 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# The costs the chart sets gain against: (row key, axis label, log scale).
-CHART_COSTS = [("trainable_params", "trainable parameters", True),
-               ("peak_memory_mb", "peak memory, MB (GPU: CUDA max allocated; CPU: process max RSS)", False),
-               ("wall_s", "wall time (s)", False)]
-MARKERS = "osD^v<>ph*"  # with ten colours: a hundred methods told apart
+def summary_markdown(summaries, seed: int) -> str:
+    """Per method: its learning rate, the seeds that finished, and each quantity's mean [95% interval]; then the
+    verdict in words."""
+    keys = [(key, words) for key, words, *_ in QUANTITIES if any(key in s.intervals for s in summaries)]
+    counted = any(s.trainable_params is not None for s in summaries)
+    titles = ["method", "learning rate", "seeds", *(words for _, words in keys)] + ["trainable params"] * counted
+    lines = ["| " + " | ".join(titles) + " |", "|" + "|".join("---" for _ in titles) + "|"]
+    for s in summaries:
+        seeds = ", ".join(map(str, s.seeds)) + (f" ({len(s.errors)} failed)" if s.errors else "")
+        lr = f"{s.learning_rate:g}" if s.learning_rate else ""
+        cells = [s.method, f"{lr} ({s.learning_rate_source})" if lr and s.learning_rate_source else lr, seeds,
+                 *(cell(s.intervals[k], FORMATS[k]) if k in s.intervals else "" for k, _ in keys)]
+        cells += [f"{s.trainable_params:,}" if s.trainable_params is not None else ""] * counted
+        lines.append("| " + " | ".join(cells) + " |")
+    return ("\n".join(lines) + "\n\nMean [95% bootstrap interval] over the seeds that finished.\n\n"
+            f"**Verdict:** {verdict(summaries, seed)}\n")
 
 
-def draw_chart(rows: list[dict[str, Any]]):
-    """Gain against each cost, one point per method in the same colour and marker in every panel, named in one
-    legend below: names written beside the points overlapped where methods cost about the same (memory). None when
-    no method has a gain."""
-    from matplotlib.figure import Figure  # the object API: no pyplot global state, no GUI backend
-    from matplotlib.lines import Line2D
-
-    done = [r for r in rows if "gain" in r]
-    if not done:
-        return None
-    styles = {r["method"]: dict(color=f"C{i % 10}", marker=MARKERS[i // 10 % len(MARKERS)]) for i, r in enumerate(done)}
-    fig = Figure(figsize=(5 * len(CHART_COSTS), 4.6), layout="constrained")
-    for ax, (key, label, log_scale) in zip(fig.subplots(1, len(CHART_COSTS)), CHART_COSTS):
-        points = [r for r in done if key in r and r[key] > 0]
-        for r in points:
-            ax.scatter([r[key]], [r["gain"]], s=45, alpha=0.8, label=r["method"], **styles[r["method"]])
-        if log_scale and points:
-            ax.set_xscale("log")
-            plain_log_labels(ax.xaxis, [r[key] for r in points], label=_count)
-        ax.set_xlabel(label, fontsize=9)
-        ax.set_ylabel("gain: held-out loss drop")
-        ax.grid(True, alpha=0.3)
-    handles = [Line2D([], [], linestyle="none", markersize=7, label=name, **style) for name, style in styles.items()]
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 8), frameon=False)
-    fig.suptitle("gain vs cost per method (up and to the left is better)")
-    return fig
+def report_text(rows: list[dict[str, Any]], seed: int) -> str:
+    """compare.md: the summary over seeds and the verdict, then every run."""
+    return (summary_markdown(summarize(rows, seed), seed) + "\n## Every run\n\n" + markdown(rows))
 
 
-def _count(value: float) -> str:
-    """4000 → "4k", 1.5e6 → "1.5M": a parameter count as an axis label."""
-    for suffix, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if value >= size:
-            return f"{value / size:g}{suffix}"
-    return f"{value:g}"
-
-
-def chart(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """``draw_chart`` as a PNG at ``path``; None when there is nothing to draw."""
-    fig = draw_chart(rows)
-    if fig is None:
-        return None
-    fig.savefig(path, dpi=100, format="png")
-    return path
-
-
-def write_report(rows: list[dict[str, Any]], output: Path) -> None:
-    """compare.md, compare.json and compare.png, each replaced whole (a kill never leaves half a file)."""
-    for name, text in (("compare.md", markdown(rows)), ("compare.json", json.dumps(rows, indent=1))):
+def write_report(rows: list[dict[str, Any]], output: Path, seed: int = 0) -> None:
+    """compare.md, compare.json (every run's row), compare_summary.json (per method: values, intervals; the
+    verdict) and compare.png, each replaced whole (a kill never leaves half a file). ``seed`` seeds the bootstrap."""
+    summaries = summarize(rows, seed)
+    summary = {"bootstrap_seed": seed, "methods": [s.as_dict() for s in summaries],
+               "verdict": verdict(summaries, seed)}
+    for name, text in (("compare.md", report_text(rows, seed)), ("compare.json", json.dumps(rows, indent=1)),
+                       (SUMMARY_FILE, json.dumps(summary, indent=1))):
         write_text_atomic(output / name, text)
-    png = chart(rows, output / ".compare.tmp.png")
+    png = chart(summaries, output / ".compare.tmp.png")
     if png is not None:
         png.replace(output / "compare.png")
 
@@ -399,14 +530,15 @@ def write_report(rows: list[dict[str, Any]], output: Path) -> None:
 # -- command line -------------------------------------------------------------------------------------------
 
 
-def cmd_compare(args: argparse.Namespace, extra: list[str] = ()) -> int:
+def cmd_compare(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise ValueError("--methods: give at least one method, e.g. --methods lora,qlora,adapter")
-    rows = compare(methods, list(extra), args.output, overwrite=args.overwrite)
-    print(markdown(rows), end="")
+    rows = compare(methods, list(extra), args.output, overwrite=args.overwrite, seeds=args.seeds,
+                   budget_tokens=args.budget_tokens)
     output = Path(args.output)
-    print(f"written: {output / 'compare.md'}, {output / 'compare.json'}"
+    print((output / "compare.md").read_text(), end="")
+    print(f"written: {output / 'compare.md'}, {output / 'compare.json'}, {output / SUMMARY_FILE}"
           + (f", {output / 'compare.png'}" if (output / "compare.png").exists() else ""))
     return 1 if any("error" in r for r in rows) else 0
 
@@ -419,11 +551,16 @@ def add_subcommands(sub) -> None:
                        "method's own options (--lora-r 4) to that method only. Rerun the same command to continue a "
                        "killed compare: methods finished with the same settings and data are read back.")
     p.add_argument("--methods", required=True, help="comma-separated: lora,qlora,adapter,prompt_tuning,...")
-    p.add_argument("--output", default="runs/compare", help="the compare directory (runs/METHOD inside)")
+    p.add_argument("--output", default="runs/compare", help="the compare directory (runs/METHOD/seed-N inside)")
+    p.add_argument("--seeds", type=int, default=3, help="runs per method, seeds --seed, --seed + 1, ... (default 3): "
+                   "the table gives each quantity's mean and bootstrap 95%% interval, the verdict which methods the "
+                   "intervals cannot tell apart; 1 for a quick look without either")
+    p.add_argument("--budget-tokens", type=int, help="equal budget: every method trains on this many training "
+                   "tokens (per seed, the steps that hold them; instead of --max-steps / --epochs)")
     p.add_argument("--overwrite", action="store_true", help="train again the methods whose settings or data "
                    "changed (refused without it), every method when none did; also: use an output folder that holds "
                    "something else")
     p.set_defaults(func=cmd_compare, passthrough=True)
 
 
-__all__ = ["compare", "read_row", "markdown", "chart", "draw_chart", "write_report"]
+__all__ = ["compare", "read_row", "markdown", "summary_markdown", "write_report"]

@@ -1,5 +1,5 @@
-"""``tuneforge serve`` and ``tuneforge export``: the deployment commands, registered by the main CLI through
-``add_subcommands``. Thin: parse flags, call ``serve.app.create_app`` / ``export.export``."""
+"""``tuneforge serve``: an OpenAI-compatible server for a base model and its adapters. Thin: parse flags, call
+``serve.app.create_app``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ DTYPES = ["float32", "bfloat16", "float16", "auto"]  # what models.load_model ta
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     _add_serve(subparsers)
-    _add_export(subparsers)
 
 
 def _adapter_pair(text: str) -> tuple[str, str]:
@@ -131,27 +130,3 @@ def run_serve(args) -> int:
     uvicorn.run(app, host=args.host, port=args.port, log_level="info",
                 timeout_graceful_shutdown=args.shutdown_timeout)
     return 0
-
-
-def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="write a run for another runtime: GGUF (llama.cpp), an Ollama folder (GGUF + "
-                       "Modelfile) or vLLM's layout; then verify it against the run (tuneforge verify)")
-    p.add_argument("run", help="the run / adapter directory (or a whole-model directory)")
-    p.add_argument("--format", required=True, choices=["gguf", "ollama", "vllm"])
-    p.add_argument("--output", help="file (gguf) or directory (ollama, vllm); default beside the run")
-    p.add_argument("--dtype", default="f16", choices=["f16", "bf16", "f32", "q8_0"], help="GGUF tensor type")
-    p.add_argument("--model", help="base model (default: the one the run was trained on)")
-    p.add_argument("--device")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.add_argument("--no-verify", action="store_true", help="skip comparing the artefact with the run (agreement, "
-                   "KL, tokenizer; summary in verify.json beside it); a failed check exits 1")
-    p.set_defaults(func=run_export)
-
-
-def run_export(args) -> int:
-    from ..artifacts.export import export
-
-    result = export(args.run, args.format, output=args.output, dtype=args.dtype, model=args.model, device=args.device,
-                    overwrite=args.overwrite, verify=not args.no_verify)
-    print(result.summary())
-    return 0 if result.passed else 1

@@ -6,7 +6,7 @@ import bisect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -14,7 +14,13 @@ from .formats import DataError
 from .template import IGNORE_INDEX, Tokenized
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
+class HasSource(Protocol):
+    @property
+    def source(self) -> str:  # file:line, for messages
+        ...
+
+
+T = TypeVar("T", bound=HasSource)
 
 
 @dataclass
@@ -112,7 +118,7 @@ def pack_blocks(token_lists: list[list[int]], block_size: int, source: str = "")
     for ids in token_lists:
         starts.append(offset)
         offset += len(ids)
-    blocks = []
+    blocks: list[Tokenized] = []
     for start in range(0, len(stream), block_size):
         ids = stream[start:start + block_size]
         first, end = bisect.bisect_right(starts, start), bisect.bisect_left(starts, start + len(ids))

@@ -61,6 +61,14 @@ class LoadedData:
     sources: list[dict[str, Any]] = field(default_factory=list)  # per source: records, weight, examples drawn
     stream: RecordStream | None = None  # --streaming: the training records, read as training goes (train is empty)
 
+    def mix(self) -> list[dict[str, Any]] | None:
+        """What each source of a mix gave (a stream's known once it was read); None for one source."""
+        if len(self.sources) > 1:
+            return self.sources
+        if self.stream is not None and len(self.stream.sources) > 1:
+            return self.stream.summary()
+        return None
+
 
 def parse_source(entry: Any) -> DataSource:
     """``"path"``, ``"path:0.8"`` or ``{path: ..., weight: 0.8}``. A hub id's ``:split`` is not a weight: only a
@@ -95,6 +103,11 @@ def _weight(value: Any, entry: Any) -> float | None:
         raise ValueError(f"data source {entry!r}: the weight must be a positive number (finite, not NaN), "
                          f"got {value!r}")
     return weight
+
+
+def source_weights(sources: list[DataSource]) -> list[float]:
+    """The weights of a weighted mix (``parse_sources`` lets every source have one, or none)."""
+    return [s.weight for s in sources if s.weight is not None]
 
 
 def relative_weights(weights: list[float]) -> list[float]:
@@ -163,7 +176,7 @@ def load_mixed(data: str | list[Any], data_format: str, seed: int, eval_split: f
         parts.append(train)
         held += eval_
     weighted = len(sources) > 1 and sources[0].weight is not None
-    counts = mix_counts([len(p) for p in parts], [s.weight for s in sources] if weighted else None)
+    counts = mix_counts([len(p) for p in parts], source_weights(sources) if weighted else None)
     mixed: list[Example] = []
     summary = []
     for i, (source, part, count) in enumerate(zip(sources, parts, counts)):

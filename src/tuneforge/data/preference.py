@@ -121,7 +121,8 @@ def collate_pairs(items: list[PairItem], pad_token_id: int, pack_capacity: int |
     batch = collate_tokens(examples, pad_token_id, pack_capacity)
     if any(i.margin is not None for i in items):  # a record without a margin has margin 0
         batch["margin"] = torch.tensor([i.margin or 0.0 for i in items], dtype=torch.float32)
-    if all(i.ref_logps is not None for i in items):
-        batch["ref_chosen_logps"] = torch.tensor([i.ref_logps[0] for i in items], dtype=torch.float32)
-        batch["ref_rejected_logps"] = torch.tensor([i.ref_logps[1] for i in items], dtype=torch.float32)
+    refs = [i.ref_logps for i in items if i.ref_logps is not None]
+    if len(refs) == len(items):
+        batch["ref_chosen_logps"] = torch.tensor([r[0] for r in refs], dtype=torch.float32)
+        batch["ref_rejected_logps"] = torch.tensor([r[1] for r in refs], dtype=torch.float32)
     return batch

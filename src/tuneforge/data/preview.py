@@ -9,8 +9,11 @@ START, END = "\x1b[42m\x1b[30m", "\x1b[0m"
 
 
 def preview(path: str, model_name: str | None = None, index: int = 0, data_format: str = "auto",
-            objective: str | None = None, chat_template: str | None = None, color: bool = False) -> str:
-    """Render record ``index`` of ``path``; supervised text is wrapped in [[...]] (or highlighted in colour)."""
+            as_text: bool = False, chat_template: str | None = None, color: bool = False) -> str:
+    """Render record ``index`` of ``path``; supervised text is wrapped in [[...]] (or highlighted in colour).
+
+    ``as_text``: every token is supervised, as an objective that trains on plain text (pretraining) sees it; a
+    text record is always shown so."""
     from ..models.loading import DEFAULT_MODEL, load_tokenizer
 
     tokenizer = load_tokenizer(model_name or DEFAULT_MODEL)
@@ -19,7 +22,7 @@ def preview(path: str, model_name: str | None = None, index: int = 0, data_forma
     if index >= len(examples):
         raise ValueError(f"{path}: has only {len(examples)} records; --index {index} is out of range")
     example = examples[index]
-    if example.kind == "text" or objective == "pretrain":
+    if example.kind == "text" or as_text:
         ids = tokenize_text(tokenizer, example)
         labels = list(ids)
     else:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 from .formats import (FORMATS, DataError, Example, _looks_like_hub_id, detect_format, normalise, parse_jsonl_line,
                       read_rows)
 from .batching import LengthReport
-from .mixing import DataSource, relative_weights
+from .mixing import DataSource, relative_weights, source_weights
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class RecordStream:
             return parts[0]
         if self.sources[0].weight is None:
             return concatenate_datasets(parts)
-        shares = relative_weights([s.weight for s in self.sources])
+        shares = relative_weights(source_weights(self.sources))
         return interleave_datasets(parts, probabilities=shares, seed=self.seed, stopping_strategy="all_exhausted")
 
     def _detect(self, part, i: int) -> str:

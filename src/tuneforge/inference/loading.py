@@ -88,7 +88,7 @@ def check_base_model(adapter: str | Path, model_name: str) -> bool:
         return False
     current = model_fingerprint(model_name)
     recorded = base_mismatch(adapter, current)
-    if recorded is None:
+    if recorded is None or current is None:  # (base_mismatch is None whenever current is)
         return False
     log.warning("%s was trained on a different base model than %s (fingerprint %s, this one %s): its outputs "
                 "will be wrong; pass --model with the base it was trained on", adapter, model_name,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,8 +45,6 @@ FACTORS = ("lora_A", "lora_E", "lora_B")
 @dataclasses.dataclass
 class AdaLoRAConfig(MethodConfig):
     """Options of AdaLoRA (names as in the paper and PEFT's AdaLoraConfig)."""
-
-    method: ClassVar[str] = "adalora"
 
     init_r: int = 12
     """Rank every adapted layer starts with; the budget is then pruned towards target_r."""

@@ -16,7 +16,7 @@ OPT ``self_attn``/``fc2``. The adapters are children of their block: ``<block>.a
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -46,8 +46,6 @@ FFN_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "fc2")
 @dataclasses.dataclass
 class AdapterConfig(MethodConfig):
     """Options of bottleneck adapters (names as in the papers and AdapterHub)."""
-
-    method: ClassVar[str] = "adapter"
 
     placement: Literal["pfeiffer", "houlsby"] = "pfeiffer"
     """pfeiffer: one adapter after each block's feed-forward sub-layer; houlsby: also one after its attention."""

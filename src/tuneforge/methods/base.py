@@ -35,7 +35,7 @@ class MethodConfig(Options):
     """Base class of every method's config. Subclasses are dataclasses with one documented field per option."""
 
     kind: ClassVar[str] = "method"
-    method: ClassVar[str] = ""
+    method: ClassVar[str] = ""  # the registered method's name, set when it registers (registry.py)
 
     @classmethod
     def owner_name(cls) -> str:
@@ -62,6 +62,9 @@ class Method:
     None: packed batches give exactly the padded batches' losses and gradients."""
     peft_type: ClassVar[str | None] = None
     """PEFT's ``peft_type`` for this method's files (None: PEFT has no such method, or another class reads them)."""
+    quantized_base: ClassVar[bool] = False
+    """The frozen base's linear layers are held in 4 bits (QLoRA): ~0.5 byte per weight instead of 2, and every
+    matmul de-quantises a block first (slower). Memory and time estimates (``choose/recommend.py``) read it."""
     # The peak learning rate used when a run does not set one. Methods differ by orders of magnitude: full
     # fine-tuning moves pretrained weights (~1e-5), soft prompts start from nothing (~1e-2).
     default_learning_rate: ClassVar[float] = 2e-4
@@ -69,6 +72,12 @@ class Method:
     @classmethod
     def attach(cls, model: nn.Module, config: MethodConfig) -> "MethodHandle":
         raise NotImplementedError
+
+    @classmethod
+    def float_base_method(cls) -> type["Method"]:
+        """The method that trains the same tensors over a float base: itself, or for a quantised base (QLoRA) the
+        adapter it puts on it (LoRA). A model built on the meta device to count parameters cannot be quantised."""
+        return cls
 
     @classmethod
     def model_load_kwargs(cls, options: dict[str, Any]) -> dict[str, Any]:

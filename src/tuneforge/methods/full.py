@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -16,8 +16,6 @@ from .base import Method, MethodConfig, MethodHandle, cast_model, register
 @dataclasses.dataclass
 class FullConfig(MethodConfig):
     """Options of full fine-tuning."""
-
-    method: ClassVar[str] = "full"
 
     train_embeddings: bool = True
     """Also train the token embeddings (and a tied output head). Off keeps the vocabulary's geometry fixed,

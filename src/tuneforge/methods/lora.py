@@ -45,7 +45,6 @@ from .base import (
 class LoRAConfig(MethodConfig):
     """Options of LoRA (names as in the paper and PEFT)."""
 
-    method: ClassVar[str] = "lora"
     option_aliases: ClassVar[dict[str, str]] = {"init": "init_lora_weights"}
 
     r: int = 8
@@ -128,6 +127,10 @@ class MergeableDelta:
 class LoRALinear(MergeableDelta, nn.Module, Switchable):
     """``base_layer(x) + lora_B(lora_A(dropout(x))) * scaling`` around an nn.Linear, bnb Linear4bit or Conv1D."""
 
+    adapter_layer_names: tuple[str, ...] = ("lora_A", "lora_B", "lora_magnitude_vector")
+    """The sub-modules and parameters that are the adapter (PEFT's ``adapter_layer_names``): they train, and
+    ``adapter_model.safetensors`` holds them (besides the biases the config's ``bias`` trains)."""
+
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool = False,
                  init: bool | str = True, use_dora: bool = False):
         super().__init__()
@@ -138,6 +141,8 @@ class LoRALinear(MergeableDelta, nn.Module, Switchable):
         self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
         self.fan_in_fan_out = type(base_layer).__name__ == "Conv1D"
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # PiSSA / OLoRA: the base holds W - B₀A₀·scale, and the first factors are kept to give W back (set below).
+        self.decomposed = False
         weight = base_layer.weight
         # A 4-bit base stores packed weights (uint8, or a float "quant_storage" dtype that is not the weights'
         # dtype); the adapter trains in the compute dtype instead.
@@ -169,7 +174,7 @@ class LoRALinear(MergeableDelta, nn.Module, Switchable):
         if not self.adapter_enabled:
             if self.merged:
                 raise RuntimeError("cannot disable a merged LoRA layer; unmerge() first")
-            if hasattr(self, "init_lora_A"):  # PiSSA / OLoRA: the base holds W - B₀A₀·scale; add it back
+            if self.decomposed:  # PiSSA / OLoRA: the base holds W - B₀A₀·scale; add it back
                 lora_x = x.to(self.init_lora_A.dtype)
                 return result + ((lora_x @ self.init_lora_A.T) @ self.init_lora_B.T * self.scaling).to(result.dtype)
             return result
@@ -205,11 +210,12 @@ class LoRALinear(MergeableDelta, nn.Module, Switchable):
         weight.copy_((residual.T if self.fan_in_fan_out else residual).to(weight.dtype))
         self.register_buffer("init_lora_A", self.lora_A.weight.detach().clone(), persistent=False)
         self.register_buffer("init_lora_B", self.lora_B.weight.detach().clone(), persistent=False)
+        self.decomposed = True
 
     @torch.no_grad()
     def restore_base(self) -> None:
         """Put W = residual + B₀A₀·scale back into an unmerged PiSSA / OLoRA layer's base (when it is removed)."""
-        if hasattr(self, "init_lora_A") and not self.merged:
+        if self.decomposed and not self.merged:
             weight = self.base_layer.weight
             delta = (self.init_lora_B.float() @ self.init_lora_A.float()) * self.scaling
             weight.add_((delta.T if self.fan_in_fan_out else delta).to(weight.dtype))
@@ -291,6 +297,11 @@ class LoRALinear(MergeableDelta, nn.Module, Switchable):
         return f"r={self.r}, scaling={self.scaling:g}" + (", dora" if self.use_dora else "")
 
 
+def is_adapter_weight(name: str) -> bool:
+    """Whether the parameter or state-dict key ``name`` belongs to a LoRA layer's adapter (not its base layer)."""
+    return not set(name.split(".")).isdisjoint(LoRALinear.adapter_layer_names)
+
+
 class LoRAHandle(MethodHandle):
     config: LoRAConfig
 
@@ -311,9 +322,13 @@ class LoRAHandle(MethodHandle):
         keys = []
         own_layout = tuple(f"{n}." for n, _ in self.peft_layers())
         for key in self.model.state_dict(keep_vars=True):
+<<<<<<< HEAD
             if key.startswith(own_layout):
                 continue
             if ".lora_A." in key or ".lora_B." in key or key.endswith(".lora_magnitude_vector"):
+=======
+            if is_adapter_weight(key):
+>>>>>>> main
                 keys.append(key)
             elif self.config.bias == "all" and key.rsplit(".", 1)[-1] == "bias":
                 keys.append(key)
@@ -431,9 +446,13 @@ def attach_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
             raise ValueError("train_router: this model has no mixture-of-experts router")
         wrap_modules(model, routers, lambda _, m: RouterCopy(m))
     for name, p in model.named_parameters():
+<<<<<<< HEAD
         if ".original_module." in name:
             continue  # a trained router's frozen original
         if ".lora_A." in name or ".lora_B." in name or name.endswith(".lora_magnitude_vector"):
+=======
+        if is_adapter_weight(name):
+>>>>>>> main
             p.requires_grad_(True)
         elif name.endswith("bias") and (
             config.bias == "all" or (config.bias == "lora_only" and name.endswith(".base_layer.bias"))

@@ -14,7 +14,7 @@ PEFT; to keep training, resume from a training checkpoint (it holds the encoder'
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -28,8 +28,6 @@ ENCODER_TYPES = ("MLP", "LSTM")
 @dataclasses.dataclass
 class PTuningConfig(MethodConfig):
     """Options of P-Tuning (names as in PEFT's PromptEncoderConfig)."""
-
-    method: ClassVar[str] = "p_tuning"
 
     num_virtual_tokens: int = 20
     """How many virtual tokens are prepended to every sequence."""

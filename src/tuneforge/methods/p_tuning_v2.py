@@ -34,8 +34,6 @@ from .prefix_tuning import PrefixTuning, PrefixTuningConfig
 class PTuningV2Config(PrefixTuningConfig):
     """Options of P-Tuning v2: Prefix Tuning's options with the prefix trained directly by default."""
 
-    method: ClassVar[str] = "p_tuning_v2"
-
     num_virtual_tokens: int = 20
     """Prompt length N at every layer: ≲ 20 suits simple classification, ~100 hard sequence labelling."""
     prefix_projection: bool = False

@@ -41,7 +41,6 @@ _ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attent
 class PrefixTuningConfig(MethodConfig):
     """Options of Prefix Tuning (names as in PEFT's ``PrefixTuningConfig``)."""
 
-    method: ClassVar[str] = "prefix_tuning"
     default_prefix_init: ClassVar[str] = "random"
 
     num_virtual_tokens: int = 20
@@ -321,7 +320,7 @@ class PrefixTuning(Method):
                        "example would see them")
     config_class = PrefixTuningConfig
     flag_prefix = "prefix"  # --prefix-num-virtual-tokens 20
-    aliases = ("prefix",)
+    aliases: ClassVar[tuple[str, ...]] = ("prefix",)
     peft_type = "PREFIX_TUNING"
     # The MLP amplifies updates: 1e-3 brings SmolLM2-135M's demo SFT loss from 0.64 to <0.01 in 30 steps.
     default_learning_rate = 1e-3

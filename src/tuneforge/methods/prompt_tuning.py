@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -23,8 +23,6 @@ INIT_CHOICES = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
 @dataclasses.dataclass
 class PromptTuningConfig(MethodConfig):
     """Options of Prompt Tuning (names as in PEFT's PromptTuningConfig)."""
-
-    method: ClassVar[str] = "prompt_tuning"
 
     num_virtual_tokens: int = 20
     """How many virtual tokens are prepended; each adds one trainable vector of the model's hidden size."""

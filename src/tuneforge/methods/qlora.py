@@ -25,7 +25,7 @@ its logits moved from the unmerged 4-bit model.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -42,8 +42,6 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 @dataclasses.dataclass
 class QLoRAConfig(LoRAConfig):
     """Options of QLoRA: every LoRA option, plus how the frozen base is quantised (bitsandbytes' names)."""
-
-    method: ClassVar[str] = "qlora"
 
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     """4-bit data type of the base weights: NF4 (the paper's, optimal for normally distributed weights) or FP4."""
@@ -366,6 +364,11 @@ class QLoRA(LoRA):
     config_class = QLoRAConfig
     # A PEFT "LORA" adapter loads as LoRA (on a 4-bit base too); tuneforge's own record says "qlora".
     peft_type = None
+    quantized_base = True
+
+    @classmethod
+    def float_base_method(cls) -> type[LoRA]:
+        return LoRA
 
     @classmethod
     def model_load_kwargs(cls, options: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from .base import METHODS, available_methods, get_method
 
 def parameter_counts(model, overrides: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Attach each method to a fresh copy of ``model`` and count. ``overrides`` maps method → options."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in available_methods():
         method = get_method(name)
         options = (overrides or {}).get(name, {})

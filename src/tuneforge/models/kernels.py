@@ -62,3 +62,14 @@ def apply_liger(model: nn.Module, device: torch.device | str) -> bool:
         log.warning("liger-kernel left unused: %s: %s", type(e).__name__, e)
         return False
     return True
+
+
+def apply_usable(model: nn.Module) -> dict[str, str]:
+    """The optional kernels a training run on ``model`` uses, applied: flash-attn came in with the load (when the
+    model was loaded with it), liger patches here. Returns {package: version} for the run summary."""
+    device = next(model.parameters()).device
+    found = {name: version for name, version in usable(device).items()
+             if name != "liger_kernel" or apply_liger(model, device)}
+    if "flash_attn" in found and model.config._attn_implementation != "flash_attention_2":
+        del found["flash_attn"]  # installed, but this model was loaded with another attention
+    return found

@@ -21,13 +21,17 @@ from ..options import Options
 from ..registry import Registry
 
 
+# What ``loss`` returns beside the loss: metric sums, as floats or detached 0-d tensors (the trainer adds tensors up on
+# the device and reads them once per optimiser step).
+Metrics = dict[str, float | torch.Tensor]
+
 
 @dataclasses.dataclass
 class ObjectiveConfig(Options):
     """Base class of an objective's options: a dataclass with one documented field per option."""
 
     kind: ClassVar[str] = "objective"
-    objective: ClassVar[str] = ""
+    objective: ClassVar[str] = ""  # the registered objective's name, set when it registers (registry.py)
 
     max_length_policy: str = "drop"
     """What to do with records longer than max_length: drop, truncate or error (always counted and reported)."""
@@ -102,6 +106,9 @@ class Objective:
     """The max-length policy's counts (a ``data.batching.LengthReport``) of the last ``prepare``; None where nothing
     is ever dropped or cut (pretraining packs). A streaming run adds them up over its chunks."""
 
+    sequences_per_example: ClassVar[int] = 1
+    """Token rows one training example becomes in a forward pass (a preference pair: its chosen and its rejected
+    completion, 2): activation memory scales with it (``choose/recommend.py``)."""
     packable: ClassVar[bool] = False
     """``collate`` can put several examples in one padding-free row (``data.packing``) with the losses and gradients
     of padded rows; the trainer turns it on through ``pack_capacity``."""
@@ -121,13 +128,23 @@ class Objective:
         raise NotImplementedError
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: TrainContext
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+             ) -> tuple[torch.Tensor, Metrics]:
         """The loss summed over the batch's units, and metric sums. Metrics may be detached 0-d tensors: the
         trainer adds them up on the device and reads them once per optimiser step, so no metric forces a sync."""
         raise NotImplementedError
 
     def setup(self, model: nn.Module, ctx: TrainContext) -> None:
         """Called once before training (e.g. DPO precomputes reference log-probs here)."""
+
+    # -- evaluation on held-out batches: the training loss, unless an objective scores them otherwise ----------
+    def evaluation_loss(self, model: nn.Module, batch: dict[str, Any], ctx: TrainContext
+                        ) -> tuple[torch.Tensor, Metrics]:
+        """The loss sum and metric sums of a held-out batch (an online objective scores greedy completions)."""
+        return self.loss(model, batch, ctx)
+
+    def evaluation_units(self, batch: dict[str, Any]) -> int:
+        """What ``evaluation_loss`` sums over (the trainer divides by it)."""
+        return self.units(batch)
 
     # -- online objectives (PPO): a rollout phase that feeds several optimiser steps ---------------------------
     def optimizer_steps_per_batch(self) -> int:
@@ -185,7 +202,7 @@ class NextTokenObjective(Objective):
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: TrainContext
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+             ) -> tuple[torch.Tensor, Metrics]:
         from ..models.logprobs import token_cross_entropy_sum
 
         loss_sum, _ = token_cross_entropy_sum(model, batch)
@@ -199,6 +216,7 @@ class PairObjective(Objective):
     kinds: ClassVar[tuple[str, ...]] = ("preference",)
     purpose: ClassVar[str] = "preference training"
     packable = True
+    sequences_per_example = 2
 
     def prepare(self, examples: list[Example], max_length: int, split: str = "train") -> list[Any]:
         from ..data.formats import examples_of_kind

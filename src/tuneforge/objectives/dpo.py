@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from torch import nn
 from ..data.batching import to_device
 from ..data.formats import Example
 from ..data.preference import PairItem
-from .base import ObjectiveConfig, PairObjective, TrainContext, disable_dropout, register
+from .base import Metrics, ObjectiveConfig, PairObjective, TrainContext, disable_dropout, register
 from ..models.logprobs import chosen_nll, response_lengths, sequence_logps
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class DPOConfig(ObjectiveConfig):
     """Options of DPO (names as in TRL's DPOConfig)."""
-
-    objective: ClassVar[str] = "dpo"
 
     beta: float = 0.1
     """Strength of the pull towards the reference: larger β keeps the policy closer to it (0.1 is the paper's)."""
@@ -100,6 +98,7 @@ class DPO(PairObjective):
     aliases = ("direct_preference_optimization",)
     purpose = "DPO"
     config_class = DPOConfig
+    config: DPOConfig
     needs_reference = True
 
     def __init__(self, tokenizer, options: dict[str, Any] | None = None):
@@ -138,7 +137,7 @@ class DPO(PairObjective):
             return sequence_logps(reference, batch)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: TrainContext
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+             ) -> tuple[torch.Tensor, Metrics]:
         # Chosen and rejected rows go through the model in one pass (TRL's concatenated forward).
         policy_chosen, policy_rejected = sequence_logps(model, batch).chunk(2)
         if "ref_chosen_logps" in batch:

@@ -25,56 +25,34 @@ model; their weighted sum is the completion's reward (TRL's ``sum_then_normalize
 from __future__ import annotations
 
 import dataclasses
-import logging
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from ..data.batching import pad_batch, to_device
-from ..data.formats import Example, examples_of_kind
-from ..data.preference import PromptItem, prompts_within, tokenize_prompt
+from ..data.preference import PromptItem
 from ..data.template import IGNORE_INDEX, Tokenized
-from .base import Objective, ObjectiveConfig, TrainContext, disable_dropout, register
 from ..models.logprobs import supervised_positions, target_token_logps
-from .rollouts import (
-    RewardFunction,
-    call_reward_function,
-    load_reward_function,
-    optimizer_steps,
-    sample_completions,
-)
-
-log = logging.getLogger(__name__)
+from .base import Metrics, TrainContext, register
+from .online import OnlineConfig, OnlineObjective
+from .rollouts import RewardFunction, call_reward_function, load_reward_function
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 @dataclasses.dataclass
-class GRPOConfig(ObjectiveConfig):
-    """Options of GRPO (names and meanings as in TRL's GRPOConfig)."""
-
-    objective: ClassVar[str] = "grpo"
+class GRPOConfig(OnlineConfig):
+    """Options of GRPO (names and meanings as in TRL's GRPOConfig), besides the rollout options every online
+    objective has (``OnlineConfig``)."""
 
     reward_functions: str | RewardFunction | list[str | RewardFunction] | None = None
     """One or more ``module:function`` / ``path/file.py:function`` rewards, each called as
     ``f(prompts, completions, **record_fields) -> list[float]`` (a callable in Python)."""
-    reward_model: str | None = None
-    """Run directory of a tuneforge reward model (objective: reward) that scores completions, after the functions."""
-    reward_model_base: str | None = None
-    """Base model of ``reward_model``; default: the one named in its adapter_config.json."""
     reward_weights: list[float] | None = None
     """Weight of each reward source (functions in order, then the reward model); default: 1 each."""
     num_generations: int = 8
     """Completions sampled per prompt (G): the group whose mean is each completion's baseline."""
-    max_new_tokens: int = 64
-    """Longest completion sampled (TRL's max_completion_length; dr_grpo divides by it)."""
-    temperature: float = 1.0
-    """Sampling temperature of rollouts; 1.0 samples the policy itself, which the importance ratios assume."""
-    top_k: int = 0
-    """Sample only among the k likeliest tokens; 0 disables."""
-    top_p: float = 1.0
-    """Nucleus sampling mass; 1.0 disables."""
     beta: float = 0.04
     """Weight of the per-token KL to the reference (the paper's 0.04; 0 skips the reference forward entirely)."""
     epsilon: float = 0.2
@@ -89,14 +67,8 @@ class GRPOConfig(ObjectiveConfig):
     recommends: the std gives too easy or too hard prompts more weight)."""
     num_iterations: int = 1
     """Passes over each rollout (GRPO's μ); above 1 the ratio π/π_old moves away from 1 and clipping matters."""
-    num_mini_batches: int = 1
-    """Optimiser steps per pass over a rollout."""
-    micro_batch_size: int | None = None
-    """Completions per forward pass when optimising (gradients accumulate over a mini-batch); default: all."""
     mask_truncated_completions: bool = False
     """Completions cut at max_new_tokens get no loss (DAPO): their reward judges an unfinished answer."""
-    disable_dropout: bool = True
-    """Turn off dropout, so sampling-time and training-time log-probs agree (ratio 1 at the first step)."""
 
     def __post_init__(self):
         if isinstance(self.scale_rewards, bool) or self.scale_rewards is None:  # TRL's True / False; YAML's none
@@ -151,6 +123,7 @@ def grpo_token_losses(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: t
     stats = {"clip_ratio/low": ((ratio < 1 - epsilon_low) & (advantages < 0)).float(),
              "clip_ratio/high": ((ratio > 1 + epsilon_high) & (advantages > 0)).float()}
     if beta != 0.0:
+        assert ref_logps is not None, "a KL term (beta > 0) needs the reference's log-probs"
         delta = ref_logps - logps
         kl = torch.exp(delta) - delta - 1  # k3: unbiased, non-negative estimate of KL(π || π_ref)
         losses = losses + beta * kl
@@ -180,62 +153,29 @@ def loss_units(loss_type: str, num_rows: int, num_tokens: int, max_new_tokens: i
 
 
 @register
-class GRPO(Objective):
+class GRPO(OnlineObjective):
     name = "grpo"
-    kinds = ("prompt", "preference")  # a preference record contributes its prompt
     config_class = GRPOConfig
-    needs_reference = True
-    online = True
+    config: GRPOConfig
 
     def __init__(self, tokenizer, options: dict[str, Any] | None = None):
         super().__init__(tokenizer, options)
-        self.rollouts = 0  # seeds each rollout's sampling; checkpointed
-        self.reward_functions = [load_reward_function(f) for f in self.config.reward_functions or []]
-        self.reward_model = None
-
-    # -- data -----------------------------------------------------------------------------------------
-    def prepare(self, examples: list[Example], max_length: int, split: str = "train") -> list[PromptItem]:
-        examples = examples_of_kind(examples, self.kinds, "GRPO (it needs prompts)")
-        items, report = prompts_within([tokenize_prompt(self.tokenizer, ex) for ex in examples], max_length,
-                                       self.config.max_length_policy)
-        log.info("%s: %s", split, report.message(max_length))
-        self.length_report = report
-        return items
-
-    def collate(self, items: list[PromptItem]) -> dict[str, Any]:
-        return {"items": items}  # prompts stay token lists: the rollout pads them itself
+        functions = self.config.reward_functions or []
+        assert isinstance(functions, list)  # GRPOConfig.__post_init__ puts a single function in a list
+        self.reward_functions = [load_reward_function(f) for f in functions]
 
     def units(self, batch: dict[str, Any]) -> int:
-        if "items" in batch:  # a prompt batch (evaluation): the loss is the negated mean greedy reward
-            return len(batch["items"])
         # A step whose completions were all masked (truncated) has no token: 1, as TRL clamps its normaliser.
         tokens = max(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()), 1)
         return loss_units(self.config.loss_type, batch["advantages"].shape[0], tokens, self.config.max_new_tokens)
 
-    # -- set-up and state -------------------------------------------------------------------------------
-    def setup(self, model: nn.Module, ctx: TrainContext) -> None:
-        if self.config.disable_dropout:
-            disable_dropout(model)
-        if self.config.reward_model is not None and self.reward_model is None:
-            from .reward import load_reward_model
-
-            self.reward_model = load_reward_model(self.config.reward_model_base, self.config.reward_model,
-                                                  device=str(next(model.parameters()).device))
-
-    def training_state(self) -> dict[str, torch.Tensor]:
-        return {"rollouts": torch.tensor(self.rollouts, dtype=torch.int64)}
-
-    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
-        if "rollouts" in state:
-            self.rollouts = int(state["rollouts"])
-
     # -- rollout ----------------------------------------------------------------------------------------
-    def sample(self, model: nn.Module, items: list[PromptItem], do_sample: bool = True,
-               ctx: TrainContext | None = None) -> tuple[list[list[int]], list[bool]]:
-        c = self.config
-        return sample_completions(model, self.tokenizer, [i.input_ids for i in items], max_new_tokens=c.max_new_tokens,
-                                  temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
-                                  seed=c.seed * 1_000_003 + self.rollouts, do_sample=do_sample, ctx=ctx)
+    def rollout_passes(self) -> int:
+        return self.config.num_iterations
+
+    def completion_rewards(self, items: list[PromptItem], completions: list[list[int]], stopped: list[bool]
+                           ) -> torch.Tensor:
+        return self.weighted_reward(self.rewards(items, completions))
 
     def rewards(self, items: list[PromptItem], completions: list[list[int]]) -> torch.Tensor:
         """``[completions, sources]`` rewards: each function's, then the reward model's."""
@@ -296,22 +236,9 @@ class GRPO(Objective):
         out[keep] = target_token_logps(model, batch)
         return out
 
-    def optimizer_steps_per_batch(self) -> int:
-        return self.config.num_iterations * self.config.num_mini_batches
-
-    def rollout_steps(self, model: nn.Module, prompt_batch: dict[str, Any], ctx: TrainContext
-                      ) -> list[list[dict[str, Any]]]:
-        """Roll out once; ``num_iterations × num_mini_batches`` optimiser steps of micro-batches on it."""
-        c = self.config
-        rollout, stats = self.rollout(model, prompt_batch["items"], ctx)
-        return optimizer_steps(rollout, c.num_iterations, c.num_mini_batches, c.micro_batch_size,
-                               c.seed * 1_000_003 + self.rollouts, stats)
-
     # -- loss -------------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: dict[str, Any], ctx: TrainContext
-             ) -> tuple[torch.Tensor, dict[str, float]]:
-        if "items" in batch:
-            return self.evaluation_loss(model, batch["items"], ctx)
+             ) -> tuple[torch.Tensor, Metrics]:
         c = self.config
         keep = supervised_positions(batch["labels"])
         logps = target_token_logps(model, batch)  # the projection fused with the loss for large batches
@@ -324,14 +251,6 @@ class GRPO(Objective):
         units = self.units(batch)
         tokens = max(int(keep.sum()), 1)
         # Metrics travel as sums the trainer divides by the step's units: token means are scaled to units.
-        metrics = {"loss": loss.detach(), **{k: v.sum() * units / tokens for k, v in stats.items()}}
+        metrics: Metrics = {"loss": loss.detach(), **{k: v.sum() * units / tokens for k, v in stats.items()}}
         metrics.update({k: v * units for k, v in batch["rollout_stats"].items()})
         return loss, metrics
-
-    @torch.no_grad()
-    def evaluation_loss(self, model: nn.Module, items: list[PromptItem], ctx: TrainContext | None = None
-                        ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Held-out prompts: greedy completions' summed (weighted) reward, negated as a loss (lower is better)."""
-        completions, _ = self.sample(model, items, do_sample=False, ctx=ctx)
-        total = self.weighted_reward(self.rewards(items, completions)).sum().item()
-        return torch.tensor(-total), {"loss": -total, "reward": total}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from ..data.formats import Example, examples_of_kind
 from ..data.packing import collate_tokens, example_count
 from ..data.preference import tokenize_response
 from ..data.template import IGNORE_INDEX, Tokenized, prompt_ids
-from .base import Objective, ObjectiveConfig, TrainContext, disable_dropout, register
+from .base import Metrics, Objective, ObjectiveConfig, TrainContext, disable_dropout, register
 from ..models.logprobs import sequence_logps
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,6 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class KTOConfig(ObjectiveConfig):
     """Options of KTO (names as in TRL's KTOConfig)."""
-
-    objective: ClassVar[str] = "kto"
 
     beta: float = 0.1
     """Strength of the pull towards the reference: larger β keeps the policy closer to it."""
@@ -114,6 +112,7 @@ class KTO(Objective):
     aliases = ("kahneman_tversky_optimization",)
     kinds = ("unpaired",)
     config_class = KTOConfig
+    config: KTOConfig
     needs_reference = True
     warned_single = False
 
@@ -170,7 +169,7 @@ class KTO(Objective):
         return (policy - ref).mean().clamp(min=0)
 
     def loss(self, model: nn.Module, batch: dict[str, Any], ctx: TrainContext
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+             ) -> tuple[torch.Tensor, Metrics]:
         c = self.config
         kl = self.reference_point(model, batch, ctx)
         policy = self._logps(model, batch)

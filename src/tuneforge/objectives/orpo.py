@@ -10,21 +10,18 @@ cross-entropy of the chosen responses (TRL's ORPOTrainer also counts the prompt'
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ObjectiveConfig, PairObjective, TrainContext, disable_dropout, register
+from .base import Metrics, ObjectiveConfig, PairObjective, TrainContext, disable_dropout, register
 from ..models.logprobs import chosen_nll, response_lengths, sequence_logps
 
 
 @dataclasses.dataclass
 class ORPOConfig(ObjectiveConfig):
     """Options of ORPO (names as in TRL's ORPOConfig)."""
-
-    objective: ClassVar[str] = "orpo"
 
     beta: float = 0.1
     """λ, the weight of the odds-ratio term beside the chosen answers' NLL (the paper's 0.1)."""
@@ -56,13 +53,14 @@ class ORPO(PairObjective):
     aliases = ("odds_ratio_preference_optimization",)
     purpose = "ORPO"
     config_class = ORPOConfig
+    config: ORPOConfig
 
     def setup(self, model: nn.Module, ctx: TrainContext) -> None:
         if self.config.disable_dropout:
             disable_dropout(model)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: TrainContext
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+             ) -> tuple[torch.Tensor, Metrics]:
         logps = sequence_logps(model, batch)
         lengths = response_lengths(batch)
         chosen, rejected = logps.chunk(2)

@@ -14,63 +14,41 @@ Each prompt batch is one rollout, then several optimiser steps on it:
 
 The value head is a ``Linear(hidden, 1)`` on the policy's final hidden states (a shared backbone, as TRL's
 ``AutoModelForCausalLMWithValueHead``); the trainer optimises it with the method's parameters. The trainer
-hands each batch of prompts to :meth:`PPO.rollout_steps` (an online objective) and runs each returned list of
-micro-batches as one optimiser step.
+hands each batch of prompts to :meth:`PPO.rollout_steps` (an online objective, ``online.py``) and runs each returned
+list of micro-batches as one optimiser step.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..data.batching import pad_batch, to_device
-from ..data.formats import Example, examples_of_kind
-from ..data.preference import PromptItem, prompts_within, tokenize_prompt
+from ..data.preference import PromptItem
 from ..data.template import IGNORE_INDEX, Tokenized
-from .base import Objective, ObjectiveConfig, TrainContext, disable_dropout, register
 from ..models.logprobs import action_outputs, target_token_logps, token_logps
+from .base import Metrics, TrainContext, register
+from .online import OnlineConfig, OnlineObjective
 from .rollouts import (  # noqa: F401  (load_reward_function / call_reward_function: importable from here too)
     RewardFunction,
     call_reward_function,
     load_reward_function,
-    optimizer_steps,
-    sample_completions,
 )
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class PPOConfig(ObjectiveConfig):
-    """Options of PPO (names as in TRL's PPOConfig where it has them)."""
+class PPOConfig(OnlineConfig):
+    """Options of PPO (names as in TRL's PPOConfig where it has them), besides the rollout options every online
+    objective has (``OnlineConfig``)."""
 
-    objective: ClassVar[str] = "ppo"
-
-    reward_model: str | None = None
-    """Run directory of a tuneforge reward model (objective: reward) that scores completions."""
-    reward_model_base: str | None = None
-    """Base model of ``reward_model``; default: the one named in its adapter_config.json."""
     reward_function: str | RewardFunction | None = None
     """Instead of a reward model, ``module:function`` or ``path/to/file.py:function`` called as
     ``f(prompts, completions, **record_fields) -> list[float]`` (verifiable rewards); a callable in Python."""
-    max_new_tokens: int = 64
-    """Longest completion sampled per prompt."""
-    temperature: float = 1.0
-    """Sampling temperature of rollouts; 1.0 samples the policy itself, which PPO's ratios assume."""
-    top_k: int = 0
-    """Sample only among the k likeliest tokens; 0 disables."""
-    top_p: float = 1.0
-    """Nucleus sampling mass; 1.0 disables."""
     num_ppo_epochs: int = 4
     """Optimisation passes over each rollout batch."""
-    num_mini_batches: int = 1
-    """Mini-batches (= optimiser steps) per pass over a rollout batch."""
-    micro_batch_size: int | None = None
-    """Sequences per forward pass when optimising (gradients accumulate over a mini-batch); default: all."""
     kl_coef: float = 0.05
     """Weight of the per-token KL penalty against the reference (the initial value when adaptive)."""
     adaptive_kl: bool = False
@@ -93,8 +71,6 @@ class PPOConfig(ObjectiveConfig):
     """Normalise advantages to zero mean and unit variance over each rollout batch."""
     missing_eos_penalty: float | None = None
     """Subtracted from the score of a completion cut at max_new_tokens, teaching the policy to finish."""
-    disable_dropout: bool = True
-    """Turn off dropout, so rollout log-probs and the first update's log-probs agree (ratio 1), as TRL does."""
 
     def __post_init__(self):
         if (self.reward_model is None) == (self.reward_function is None):
@@ -185,52 +161,30 @@ def spread(flat: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class PPO(Objective):
+class PPO(OnlineObjective):
     name = "ppo"
     aliases = ("rlhf", "ppo_rlhf")
-    kinds = ("prompt", "preference")  # a preference record contributes its prompt
     config_class = PPOConfig
-    needs_reference = True
-    online = True
+    config: PPOConfig
 
     def __init__(self, tokenizer, options: dict[str, Any] | None = None):
         super().__init__(tokenizer, options)
         self.kl_coef = self.config.kl_coef
-        self.rollouts = 0  # seeds each rollout's sampling; checkpointed
         self.value_head: ValueHead | None = None
         self.reward_function = (load_reward_function(self.config.reward_function)
                                 if self.config.reward_function is not None else None)
-        self.reward_model = None
-
-    # -- data -----------------------------------------------------------------------------------------
-    def prepare(self, examples: list[Example], max_length: int, split: str = "train") -> list[PromptItem]:
-        examples = examples_of_kind(examples, self.kinds, "PPO (it needs prompts)")
-        items, report = prompts_within([tokenize_prompt(self.tokenizer, ex) for ex in examples], max_length,
-                                       self.config.max_length_policy)
-        log.info("%s: %s", split, report.message(max_length))
-        self.length_report = report
-        return items
-
-    def collate(self, items: list[PromptItem]) -> dict[str, Any]:
-        return {"items": items}  # prompts stay token lists: the rollout pads them itself
 
     def units(self, batch: dict[str, Any]) -> int:
-        if "items" in batch:  # a prompt batch (evaluation): the loss is the negated mean reward per prompt
-            return len(batch["items"])
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # sampled tokens
 
     # -- set-up and state -------------------------------------------------------------------------------
     def setup(self, model: nn.Module, ctx: TrainContext) -> None:
-        device = next(model.parameters()).device
-        if self.config.disable_dropout:
-            disable_dropout(model)
         if self.value_head is None:
-            self.value_head = ValueHead(model.get_input_embeddings().embedding_dim).to(device)
-        if self.config.reward_model is not None and self.reward_model is None:
-            from .reward import load_reward_model
-
-            self.reward_model = load_reward_model(self.config.reward_model_base, self.config.reward_model,
-                                                  device=str(device))
+            device = next(model.parameters()).device
+            # transformers' get_input_embeddings reads as Tensor | Module on an nn.Module
+            embeddings = model.get_input_embeddings()  # type: ignore[operator]
+            self.value_head = ValueHead(embeddings.embedding_dim).to(device)
+        super().setup(model, ctx)
 
     def extra_parameters(self) -> list[tuple[str, nn.Parameter]]:
         if self.value_head is None:
@@ -238,33 +192,30 @@ class PPO(Objective):
         return [(f"value_head.{n}", p) for n, p in self.value_head.named_parameters()]
 
     def training_state(self) -> dict[str, torch.Tensor]:
-        return {"kl_coef": torch.tensor(self.kl_coef, dtype=torch.float64),
-                "rollouts": torch.tensor(self.rollouts, dtype=torch.int64)}
+        return {"kl_coef": torch.tensor(self.kl_coef, dtype=torch.float64), **super().training_state()}
 
     def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_training_state(state)
         if "kl_coef" in state:
-            self.kl_coef, self.rollouts = float(state["kl_coef"]), int(state["rollouts"])
+            self.kl_coef = float(state["kl_coef"])
 
     # -- rollout ----------------------------------------------------------------------------------------
-    def sample(self, model: nn.Module, items: list[PromptItem], do_sample: bool = True,
-               ctx: TrainContext | None = None) -> tuple[list[list[int]], list[bool]]:
-        """Completions (closed by EOS when the policy stopped) and whether each stopped on its own."""
-        c = self.config
-        return sample_completions(model, self.tokenizer, [i.input_ids for i in items],
-                                  max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
-                                  top_k=c.top_k, seed=c.seed * 1_000_003 + self.rollouts, do_sample=do_sample, ctx=ctx)
+    def rollout_passes(self) -> int:
+        return self.config.num_ppo_epochs
 
-    def score(self, items: list[PromptItem], completions: list[list[int]], stopped: list[bool]) -> torch.Tensor:
+    def completion_rewards(self, items: list[PromptItem], completions: list[list[int]], stopped: list[bool]
+                           ) -> torch.Tensor:
+        """The reward function's or the reward model's score, less missing_eos_penalty for a cut completion."""
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
         if self.reward_function is not None:
             scores = call_reward_function(self.reward_function, [i.text for i in items], texts,
                                           [i.fields for i in items])
         else:
             scores = self.reward_model.score([i.messages for i in items], texts)
-        scores = torch.tensor(scores, dtype=torch.float32)
+        rewards = torch.tensor(scores, dtype=torch.float32)
         if self.config.missing_eos_penalty is not None:
-            scores -= self.config.missing_eos_penalty * (~torch.tensor(stopped)).float()
-        return scores
+            rewards -= self.config.missing_eos_penalty * (~torch.tensor(stopped)).float()
+        return rewards
 
     @torch.no_grad()
     def rollout(self, model: nn.Module, items: list[PromptItem], ctx: TrainContext
@@ -276,12 +227,13 @@ class PPO(Objective):
         batch = pad_batch([Tokenized(i.input_ids + ids, [IGNORE_INDEX] * len(i.input_ids) + ids, i.source)
                            for i, ids in zip(items, completions)], self.tokenizer.pad_token_id)
         batch = to_device(batch, device)
+        assert self.value_head is not None, "setup(model, ctx) sizes the value head"
         logits, targets, hidden, keep = action_outputs(model, batch)
         old_logps, values = token_logps(logits, targets), self.value_head(hidden)
         del logits
         with ctx.reference() as reference:
             ref_logps = target_token_logps(reference, batch)
-        scores = self.score(items, completions, stopped).to(device)
+        scores = self.completion_rewards(items, completions, stopped).to(device)
 
         kl = spread(old_logps - ref_logps, keep)
         rewards = -self.kl_coef * kl
@@ -307,24 +259,11 @@ class PPO(Objective):
         self.rollouts += 1
         return batch, stats
 
-    def optimizer_steps_per_batch(self) -> int:
-        """How many optimiser steps one batch of prompts becomes (the trainer sizes the run with it)."""
-        return self.config.num_ppo_epochs * self.config.num_mini_batches
-
-    def rollout_steps(self, model: nn.Module, prompt_batch: dict[str, Any], ctx: TrainContext
-                      ) -> list[list[dict[str, Any]]]:
-        """Roll out once; ``num_ppo_epochs × num_mini_batches`` optimiser steps of micro-batches on it."""
-        c = self.config
-        rollout, stats = self.rollout(model, prompt_batch["items"], ctx)
-        return optimizer_steps(rollout, c.num_ppo_epochs, c.num_mini_batches, c.micro_batch_size,
-                               c.seed * 1_000_003 + self.rollouts, stats)
-
     # -- loss -------------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: dict[str, Any], ctx: TrainContext
-             ) -> tuple[torch.Tensor, dict[str, float]]:
-        if "items" in batch:
-            return self.evaluation_loss(model, batch["items"], ctx)
+             ) -> tuple[torch.Tensor, Metrics]:
         c = self.config
+        assert self.value_head is not None, "setup(model, ctx) sizes the value head"
         logits, targets, hidden, keep = action_outputs(model, batch)
         logps = token_logps(logits, targets)
         losses, stats = ppo_loss(logps, batch["old_logps"][keep], batch["advantages"][keep],
@@ -335,16 +274,9 @@ class PPO(Objective):
             entropy = torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
         loss = losses.sum()
         units = int(keep.sum())
-        metrics = {"loss": loss.detach(), "entropy": entropy.sum(), **{k: v.detach().sum() for k, v in stats.items()}}
+        metrics: Metrics = {"loss": loss.detach(), "entropy": entropy.sum(),
+                            **{k: v.detach().sum() for k, v in stats.items()}}
         # Rollout statistics are one number per step; the trainer divides metric sums by the step's units,
         # so they travel as value × units.
         metrics.update({k: v * units for k, v in batch["rollout_stats"].items()})
         return loss, metrics
-
-    @torch.no_grad()
-    def evaluation_loss(self, model: nn.Module, items: list[PromptItem], ctx: TrainContext | None = None
-                        ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Held-out prompts: greedy completions' summed reward, negated as a loss (lower is better)."""
-        completions, stopped = self.sample(model, items, do_sample=False, ctx=ctx)
-        total = self.score(items, completions, stopped).sum().item()
-        return torch.tensor(-total), {"loss": -total, "reward": total}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import ClassVar
 
 from ..data.batching import pack_blocks
 from ..data.formats import Example, examples_of_kind
@@ -23,7 +22,6 @@ log = logging.getLogger(__name__)
 class PretrainConfig(ObjectiveConfig):
     """Continued pretraining has no options of its own (the block length is the run's max_length)."""
 
-    objective: ClassVar[str] = "pretrain"
 
 
 @register
@@ -32,6 +30,7 @@ class Pretrain(NextTokenObjective):
     aliases = ("continued_pretraining", "clm", "causal_lm")
     kinds = ("text",)
     config_class = PretrainConfig
+    config: PretrainConfig
 
     def prepare(self, examples: list[Example], max_length: int, split: str = "train") -> list[Tokenized]:
         examples = examples_of_kind(examples, self.kinds, "continued pretraining")

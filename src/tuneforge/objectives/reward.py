@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ from ..data.batching import pad_batch, to_device
 from ..data.formats import Message
 from ..data.packing import example_index, is_packed, model_inputs
 from ..data.preference import tokenize_response
-from .base import ObjectiveConfig, PairObjective, TrainContext, disable_dropout, register
+from .base import Metrics, ObjectiveConfig, PairObjective, TrainContext, disable_dropout, register
 from ..models.logprobs import accepts_logits_mask
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,6 @@ REWARD_HEAD_NAME = "reward_head.safetensors"
 @dataclasses.dataclass
 class RewardConfig(ObjectiveConfig):
     """Options of reward modelling (names as in TRL's RewardConfig)."""
-
-    objective: ClassVar[str] = "reward"
 
     center_rewards_coefficient: float | None = None
     """Adds coefficient x mean((r_chosen + r_rejected)^2) to the loss, pulling rewards towards zero mean so
@@ -63,7 +61,8 @@ class RewardHead(nn.Module):
 
 
 def hidden_size_of(model: nn.Module) -> int:
-    return model.get_input_embeddings().embedding_dim
+    # transformers' get_input_embeddings reads as Tensor | Module on an nn.Module
+    return model.get_input_embeddings().embedding_dim  # type: ignore[operator]
 
 
 def last_token_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -106,6 +105,7 @@ class Reward(PairObjective):
     aliases = ("reward_model", "rm", "reward_modeling", "reward_modelling")
     purpose = "reward modelling"
     config_class = RewardConfig
+    config: RewardConfig
 
     def __init__(self, tokenizer, options: dict[str, Any] | None = None):
         super().__init__(tokenizer, options)
@@ -123,7 +123,8 @@ class Reward(PairObjective):
         return [(f"reward_head.{n}", p) for n, p in self.head.named_parameters()]
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: TrainContext
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+             ) -> tuple[torch.Tensor, Metrics]:
+        assert self.head is not None, "setup(model, ctx) sizes the reward head"
         scores = reward_scores(model, self.head, batch)
         chosen, rejected = scores.chunk(2)
         losses = reward_loss(chosen, rejected, batch.get("margin"), self.config.center_rewards_coefficient)
@@ -133,6 +134,7 @@ class Reward(PairObjective):
                       "rewards/rejected": r.sum(), "rewards/margins": (c - r).sum()}
 
     def save(self, directory) -> None:
+        assert self.head is not None, "setup(model, ctx) sizes the reward head"
         save_reward_head(self.head, directory, getattr(self.tokenizer, "chat_template", None))
 
 

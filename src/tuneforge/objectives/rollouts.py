@@ -36,6 +36,7 @@ def load_reward_function(spec: str | RewardFunction) -> RewardFunction:
         if not path.is_file():
             raise FileNotFoundError(f"reward_function file not found: {path}")
         module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        assert module_spec is not None and module_spec.loader is not None  # a .py file always has a loader
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
     else:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import ClassVar
 
 from ..data.batching import apply_max_length
 from ..data.formats import Example, examples_of_kind
@@ -23,8 +22,6 @@ log = logging.getLogger(__name__)
 class SFTConfig(ObjectiveConfig):
     """Options of supervised fine-tuning."""
 
-    objective: ClassVar[str] = "sft"
-
     train_on_prompt: bool = False
     """Also put loss on the prompt, system and user tokens (default: the assistant's answers only)."""
 
@@ -35,6 +32,7 @@ class SFT(NextTokenObjective):
     aliases = ("instruction", "supervised")
     kinds = ("chat",)
     config_class = SFTConfig
+    config: SFTConfig
 
     def prepare(self, examples: list[Example], max_length: int, split: str = "train") -> list[Tokenized]:
         examples = examples_of_kind(examples, self.kinds, "supervised fine-tuning")

@@ -9,21 +9,18 @@ is TRL's CPOTrainer with ``loss_type="simpo"`` (trl.experimental.cpo in trl 1.16
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ObjectiveConfig, PairObjective, TrainContext, disable_dropout, register
+from .base import Metrics, ObjectiveConfig, PairObjective, TrainContext, disable_dropout, register
 from ..models.logprobs import response_lengths, sequence_logps
 
 
 @dataclasses.dataclass
 class SimPOConfig(ObjectiveConfig):
     """Options of SimPO (TRL's CPOConfig names: beta, simpo_gamma here ``gamma``, label_smoothing)."""
-
-    objective: ClassVar[str] = "simpo"
 
     beta: float = 2.0
     """Scale of the length-normalised reward; the paper uses 2.0-2.5 (larger: sharper preference)."""
@@ -54,13 +51,14 @@ class SimPO(PairObjective):
     aliases = ("simple_preference_optimization",)
     purpose = "SimPO"
     config_class = SimPOConfig
+    config: SimPOConfig
 
     def setup(self, model: nn.Module, ctx: TrainContext) -> None:
         if self.config.disable_dropout:
             disable_dropout(model)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: TrainContext
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+             ) -> tuple[torch.Tensor, Metrics]:
         c = self.config
         mean_logps = (sequence_logps(model, batch)
                       / response_lengths(batch).clamp(min=1))

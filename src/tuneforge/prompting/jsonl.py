@@ -11,7 +11,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ class JsonlLog:
         self.path = Path(path)
         self.records: list[dict[str, Any]] = []
         self.repaired_bytes = 0  # size of the torn tail that was cut off, 0 when the file was intact
-        self._file = None
+        self._file: IO[str] | None = None
 
     def open(self) -> "JsonlLog":
         self.path.parent.mkdir(parents=True, exist_ok=True)

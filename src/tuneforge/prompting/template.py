@@ -202,7 +202,7 @@ def load_template(name_or_path: str | Path) -> PromptTemplate:
     return template
 
 
-def _describe(error: dict) -> str:
+def _describe(error: Any) -> str:  # pydantic ErrorDetails
     key = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
         parent = PromptTemplate if len(error["loc"]) == 1 else FewShot

@@ -93,6 +93,12 @@ class Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def shards(self) -> bool:
+        """Whether parameters are sharded across ranks (FSDP2): forwards are collectives, weights must be gathered
+        to be saved whole, and checkpoints are written by every rank. The one place this question is answered."""
+        return self.enabled and self.strategy == "fsdp"
+
     # -- data -------------------------------------------------------------------------------------------------
     def local_batch(self, batch_size: int, micro_batch_size: int | None) -> tuple[int, int]:
         """(micro-batch size, accumulation steps) of this rank for a global ``batch_size``."""
@@ -171,6 +177,11 @@ class Distributed:
             raise RankFailed(f"rank {failed[0][0]} failed: {failed[0][1]}")
         return result
 
+    def on_main(self, fn, *args, **kwargs):
+        """Run ``fn`` on rank 0 only (a file write, a log line), every rank waiting for it and raising with it if it
+        fails (:meth:`agreed`); other ranks get None."""
+        return self.agreed(fn if self.is_main else _nothing, *args, **kwargs)
+
     def broadcast(self, params: list[nn.Parameter]) -> None:
         """Give every rank rank 0's values of ``params`` (heads created outside the wrapped model)."""
         if not self.enabled:
@@ -226,7 +237,7 @@ class Distributed:
         """Put FSDP2's sharded parameters back on every module. After a forward with no backward (an evaluation)
         the root keeps its unsharded parameters registered; an optimiser built then, or a checkpoint read then,
         would hold or name tensors the training step no longer uses."""
-        if not self.enabled or self.strategy != "fsdp":
+        if not self.shards:
             return
         from torch.distributed.fsdp import FSDPModule
 
@@ -239,7 +250,7 @@ class Distributed:
         by FSDP2 (each decoder block a unit, then the root). One process: ``model`` unchanged."""
         if not self.enabled:
             return model
-        if self.strategy == "fsdp":
+        if self.shards:
             shard_model(model, mixed_precision=mixed_precision, cpu_offload=cpu_offload)
             return model
         # Only trainable tensors get DDP's gradient hooks; find_unused_parameters covers trainable ones a forward
@@ -320,3 +331,7 @@ def plain_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> Iterat
         yield
     finally:
         del model.state_dict
+
+
+def _nothing(*args, **kwargs) -> None:
+    """What the ranks other than rank 0 run in :meth:`Distributed.on_main`."""

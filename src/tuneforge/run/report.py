@@ -37,7 +37,7 @@ TITLES = {"loss": "loss", "lr": "learning rate", "grad_norm": "gradient norm (be
           "expert_load_max": "busiest expert's tokens / the mean (MoE; 1 = balanced)"}
 # Bookkeeping, not a signal: the step is the x axis, epoch is a rescaled step, units/tokens are batch sizes.
 NOT_CHARTED = {"step", "epoch", "units", "tokens"}
-SUMMARY_FILE = "summary.json"  # the trainer's final metrics (trainer.write_summary)
+SUMMARY_FILE = "summary.json"  # the trainer's final metrics (RunDirectory.write_summary)
 # Fractions a reader thinks of as percentages.
 PERCENT_STEMS = ("exact_match", "accuracy")
 # Before → after rows, by stem: their names on the page; a stem not here is named by itself.
@@ -382,18 +382,3 @@ def is_report(folder: Path) -> bool:
     if not (folder / REPORT_PAGE).is_file():
         return False
     return all(entry.is_file() and (entry.name == REPORT_PAGE or entry.suffix == ".png") for entry in folder.iterdir())
-
-
-def add_subcommands(sub) -> None:
-    """``tuneforge report RUN [RUN ...]`` (the CLI collects this through its extensions)."""
-    report = sub.add_parser("report", help="charts of one or more runs' metrics and an HTML page comparing them")
-    report.add_argument("runs", nargs="+", metavar="RUN", help="run directories (each with metrics.jsonl)")
-    report.add_argument("--output", help="where to write index.html and the PNGs (default: RUN/report for one run, "
-                        "report for several)")
-    report.add_argument("--overwrite", action="store_true", help="replace a non-empty --output that is not a report")
-    report.set_defaults(func=_cmd_report)
-
-
-def _cmd_report(args) -> int:
-    print(write_report(args.runs, args.output, overwrite=args.overwrite))
-    return 0

@@ -4,7 +4,7 @@ naming what changed.
 
 A run's signature has two parts:
 
-* ``settings``: the config minus what ``--resume`` may change (the trainer's ``RESUMABLE_CHANGES``: where and how
+* ``settings``: the config minus what ``--resume`` may change (``run_directory.RESUMABLE_CHANGES``: where and how
   often things are written, shown and evaluated), with the model as the trainer records it (a local folder by
   absolute path). A caller may keep some of those keys (a compare row is also what the run measured).
 * ``data``: for every data file those settings name, its size and sha256, so an edited file is seen even under
@@ -34,7 +34,7 @@ class SettingsChanged(TuneforgeError, ValueError):
 def signature(config: RunConfig, keep: Iterable[str] = ()) -> dict[str, Any]:
     """``{"settings": ..., "data": ...}`` for ``config``, JSON-shaped (it is compared with a recorded one)."""
     from ..models.loading import resolve_model_reference
-    from .trainer import RESUMABLE_CHANGES
+    from .run_directory import RESUMABLE_CHANGES
 
     settings = config.model_dump(mode="json", exclude=set(RESUMABLE_CHANGES) - set(keep))
     settings["model"] = resolve_model_reference(config.model)
