@@ -300,15 +300,10 @@ def estimate_step_seconds(shape: ModelShape, method: str, *, gpu: str | None = N
     from ..methods.base import METHODS
 
     m = METHODS.get(method)
-<<<<<<< HEAD
     # An MoE token multiplies through its active parameters only (its top-k experts).
-    flops_per_token = (6 if m.trains_base_weights else 4) * shape.params_per_token * (1.3 if m.name == "qlora" else
-                                                                                          1.0)
-=======
-    flops_per_token = (6 if m.trains_base_weights else 4) * shape.params * (1.3 if m.quantized_base else 1.0)
+    flops_per_token = (6 if m.trains_base_weights else 4) * shape.params_per_token * (1.3 if m.quantized_base else 1.0)
     if gradient_checkpointing:  # the forward (2 x parameters per token) runs again in backward
-        flops_per_token += 2 * shape.params * (1.3 if m.quantized_base else 1.0)
->>>>>>> main
+        flops_per_token += 2 * shape.params_per_token * (1.3 if m.quantized_base else 1.0)
     if gpu is not None and gpu not in GPU_BF16_FLOPS:
         raise ValueError(f"no throughput known for GPU {gpu!r}; known GPUs: {', '.join(GPU_BF16_FLOPS)}")
     throughput = CPU_FLOPS if gpu is None else GPU_BF16_FLOPS[gpu] * GPU_UTILISATION
@@ -570,21 +565,12 @@ def command(model: str, method: str, goal: str, setup: Setup | None = None) -> s
 
 
 def format_report(result: dict[str, Any], shape: ModelShape, hardware: str) -> str:
-<<<<<<< HEAD
-    active = "" if shape.active_params is None else f", {shape.active_params:,} active per token"
-    lines = [f"model: {shape.name} ({shape.params:,} parameters{active}), {hardware}",
-             f"{'method':<15}{'objective':<10}{'trainable':>14}{'peak memory':>14}{'s/step':>10}"]
-    for r in result["estimates"]:
-        lines.append(f"{r['method']:<15}{r['objective']:<10}{r['trainable']:>14,}{r['memory_mb']:>11,} MB"
-                     f"{r['step_s']:>10.3g}")
-    lines += ["", f"situation: {SITUATIONS[result['goal']]}", f"recommended: {result['combination']} — "
-              f"{result['why']}", "", "run:", result["run"]]
-=======
     usable = result["usable_mb"]
     budget = (f"{usable:,.0f} MB usable of {result['device_mb']:,.0f} MB ({HEADROOM:.0%} kept free for the "
               f"{'CUDA context and allocator' if result['gpu'] else 'system and other processes'})" if usable
               else "memory unknown (give --ram): nothing is judged to fit or not")
-    lines = [f"model: {shape.name} ({shape.params:,} parameters), {hardware}: {budget}",
+    active = "" if shape.active_params is None else f", {shape.active_params:,} active per token"
+    lines = [f"model: {shape.name} ({shape.params:,} parameters{active}), {hardware}: {budget}",
              f"asked: {result['asked'].describe()}", "", *_table(result["estimates"], result["times_known"])]
     if result["tried"]:
         lines += ["", "configurations tried, per method until one fits (gradient checkpointing first, then smaller "
@@ -601,7 +587,6 @@ def format_report(result: dict[str, Any], shape: ModelShape, hardware: str) -> s
     if result.get("impractical"):
         lines += [f"warning: {result['impractical']}"]
     lines += ["", "run:", result["run"]]
->>>>>>> main
     return "\n".join(lines)
 
 

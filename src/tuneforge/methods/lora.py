@@ -322,13 +322,9 @@ class LoRAHandle(MethodHandle):
         keys = []
         own_layout = tuple(f"{n}." for n, _ in self.peft_layers())
         for key in self.model.state_dict(keep_vars=True):
-<<<<<<< HEAD
             if key.startswith(own_layout):
                 continue
-            if ".lora_A." in key or ".lora_B." in key or key.endswith(".lora_magnitude_vector"):
-=======
             if is_adapter_weight(key):
->>>>>>> main
                 keys.append(key)
             elif self.config.bias == "all" and key.rsplit(".", 1)[-1] == "bias":
                 keys.append(key)
@@ -446,13 +442,9 @@ def attach_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
             raise ValueError("train_router: this model has no mixture-of-experts router")
         wrap_modules(model, routers, lambda _, m: RouterCopy(m))
     for name, p in model.named_parameters():
-<<<<<<< HEAD
         if ".original_module." in name:
             continue  # a trained router's frozen original
-        if ".lora_A." in name or ".lora_B." in name or name.endswith(".lora_magnitude_vector"):
-=======
         if is_adapter_weight(name):
->>>>>>> main
             p.requires_grad_(True)
         elif name.endswith("bias") and (
             config.bias == "all" or (config.bias == "lora_only" and name.endswith(".base_layer.bias"))
