@@ -18,6 +18,8 @@ read the packed batch as they read a padded one, with examples in the order give
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .template import IGNORE_INDEX, Tokenized
@@ -129,7 +131,7 @@ def example_index(batch: dict, prefix: str = "") -> tuple[torch.Tensor, int]:
     return rows, ids.shape[0]
 
 
-def mask_reads_position_ids(cls: type) -> bool:
+def mask_reads_position_ids(cls: Any) -> bool:
     """Whether ``cls.forward`` hands ``position_ids`` to transformers' mask builder (where it finds packed examples).
     Read from the source: the keyword arguments of ``create_*causal_mask(...)`` / ``mask_function(...)`` or of a
     ``mask_kwargs = {...}`` dict; a forward that builds no mask this way is given the benefit of the doubt."""

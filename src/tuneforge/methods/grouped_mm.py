@@ -84,9 +84,10 @@ def _kernel_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, groups: Groups) -> torch.Tensor:
     """``[S, in]`` rows sorted by expert times ``w: [E, in, out]`` -> ``[S, out]``, row i through ``w[expert_i]``."""
-    if _kernel_fits(x, w):
+    kernel = _GROUPED_MM
+    if kernel is not None and _kernel_fits(x, w):
         try:
-            return _ContiguousGrad.apply(_GROUPED_MM(x.contiguous(), w, offs=groups.offsets))
+            return _ContiguousGrad.apply(kernel(x.contiguous(), w, offs=groups.offsets))
         except (RuntimeError, NotImplementedError):  # e.g. a dtype this build's kernel lacks: remember, fall back
             _REFUSED.add((x.device.type, x.dtype))
     return padded_bmm(x, w, groups)

@@ -401,8 +401,8 @@ class LoRAHandle(MethodHandle):
         for name, layer in self.lora_layers():
             layer.restore_base()  # PiSSA / OLoRA left a residual in the base; an unmerged removal restores W
             replace_module(self.model, name, layer.base_layer)
-        for name, layer in self.expert_layers():
-            replace_module(self.model, name, layer.base_layer)
+        for name, experts in self.expert_layers():
+            replace_module(self.model, name, experts.base_layer)
         for name, router in self.router_layers():
             replace_module(self.model, name, router.original_module)
         return self.model

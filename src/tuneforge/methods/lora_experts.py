@@ -19,6 +19,7 @@ wrapper per targeted parameter, the first-declared innermost, so its keys are ``
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,15 +44,16 @@ class LoRAExperts(nn.Module, Switchable):
         self.parameter_names = [p for p in expert_parameter_names(base_layer) if p in parameters]
         self.r = r
         self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
-        self.num_experts = base_layer.num_experts
+        self.num_experts = int(base_layer.num_experts)  # type: ignore[arg-type]  # transformers' int attribute
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         for name in self.parameter_names:
-            weight = getattr(base_layer, name)
+            weight: torch.Tensor = getattr(base_layer, name)
             n_in, n_out = in_out(base_layer, name)
-            factory = dict(device=weight.device, dtype=weight.dtype)
-            self.lora_A[name] = nn.Parameter(torch.empty(self.num_experts, r, n_in, **factory))
-            self.lora_B[name] = nn.Parameter(torch.zeros(self.num_experts, n_out, r, **factory))
+            self.lora_A[name] = nn.Parameter(torch.empty(self.num_experts, r, n_in, device=weight.device,
+                                                         dtype=weight.dtype))
+            self.lora_B[name] = nn.Parameter(torch.zeros(self.num_experts, n_out, r, device=weight.device,
+                                                         dtype=weight.dtype))
         self.reset_lora_parameters(init)
         self.merged = False
 
@@ -70,7 +72,7 @@ class LoRAExperts(nn.Module, Switchable):
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        base = self.base_layer
+        base: Any = self.base_layer  # transformers' experts module: _apply_gate, act_fn, ... are its own
         if not self.adapter_enabled and self.merged:
             raise RuntimeError("cannot disable merged expert LoRA; unmerge() first")
         if self.merged or not self.adapter_enabled:
@@ -92,7 +94,7 @@ class LoRAExperts(nn.Module, Switchable):
 
     def project(self, name: str, x: torch.Tensor, groups: Groups) -> torch.Tensor:
         """One fused projection for the sorted rows: ``W_e x (+ b_e) + B_e A_e x · scale`` for each row's expert."""
-        base = self.base_layer
+        base: Any = self.base_layer
         weight = getattr(base, name)
         w = weight if base.is_transposed else weight.transpose(-2, -1)  # [E, in, out]
         y = grouped_mm(x.to(w.dtype), w, groups)

@@ -88,9 +88,10 @@ class RouterMonitor:
         """``router_aux_loss_coef ·`` the model's balancing loss for the forwards since the last call (their mean),
         or None where the model has none."""
         forwards, self.forwards = self.forwards, []
-        if not self.adds_loss:
+        loss_function = self.loss_function
+        if not self.adds_loss or loss_function is None:
             return None
-        losses = [self.loss_function(tuple(f["logits"]), self.num_experts, self.top_k, f["mask"])
+        losses = [loss_function(tuple(f["logits"]), self.num_experts, self.top_k, f["mask"])
                   for f in forwards if f["logits"]]
         if not losses:
             return None
