@@ -28,6 +28,7 @@ from tuneforge.methods.lora import LoRAConfig
 from tuneforge.methods.lora_experts import LoRAExperts
 from tuneforge.objectives import get_objective
 from tuneforge.models.logprobs import sequence_logps
+from tuneforge.models.moe import find_experts
 from tuneforge.run.trainer import Trainer, training_examples
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -238,16 +239,21 @@ def train(arch, tokenizer, tmp_path, objective="sft", **options):
     return trainer, [m for m in metrics if "expert_tokens" in m]
 
 
+@pytest.mark.parametrize("experts", [True, False], ids=["experts", "no-experts"])
 @pytest.mark.parametrize("arch, objective", [("qwen3_moe", "sft"), ("mixtral", "dpo"), ("gpt_oss", "sft"),
                                              ("deepseek_v3", "sft")])
-def test_training_adds_the_router_loss_counts_experts_and_saves_a_peft_exact_file(arch, objective, tokenizer,
-                                                                                 tmp_path):
-    trainer, steps = train(arch, tokenizer, tmp_path, objective)
+def test_training_adds_the_router_loss_counts_experts_and_saves_a_peft_exact_file(arch, objective, experts,
+                                                                                 tokenizer, tmp_path):
+    trainer, steps = train(arch, tokenizer, tmp_path, objective, target_experts=experts)
     assert len(steps) == 2
-    layers = sum(1 for n, _ in trainer.handle.expert_layers())
+    assert bool(trainer.handle.expert_layers()) == experts
+    layers = len(find_experts(trainer.model))
     top_k = trainer.model.config.num_experts_per_tok
-    # SFT: every token of the 4 examples reaches top_k experts in each MoE layer; DPO: twice (chosen, rejected).
-    assert all(sum(s["expert_tokens"]) % (layers * top_k) == 0 and len(s["expert_tokens"]) == 4 for s in steps)
+    # Every real token reaches top_k experts in each MoE layer (a packed row's trailing pad tokens count too).
+    for s in steps:
+        assert len(s["expert_tokens"]) == 4 and sum(s["expert_tokens"]) % (layers * top_k) == 0
+        assert sum(s["expert_tokens"]) >= s["tokens"] * layers * top_k
+        assert s["expert_load_max"] == pytest.approx(max(s["expert_tokens"]) * 4 / sum(s["expert_tokens"]), abs=1e-6)
     assert ("router_aux_loss" in steps[0]) == (arch != "deepseek_v3")  # DeepSeek-V3 balances with a bias instead
     assert all(not p.requires_grad for n, p in trainer.model.named_parameters() if n.endswith(("gate.weight",
                                                                                                "router.weight")))
@@ -260,6 +266,9 @@ def test_training_adds_the_router_loss_counts_experts_and_saves_a_peft_exact_fil
     tuneforge.load_adapter(ours, adapter)
     torch.testing.assert_close(logits(peft_load(arch, vocab, adapter), ids, mask), logits(ours, ids, mask),
                                atol=1e-5, rtol=1e-5)
+    trained = logits(trainer.model.eval(), ids, mask)  # the trained model, merged, computes what it did unmerged
+    trainer.handle.merge()
+    torch.testing.assert_close(logits(trainer.model, ids, mask), trained, atol=1e-4, rtol=1e-4)
 
 
 def test_router_loss_is_the_models_own(tokenizer):
