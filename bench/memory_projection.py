@@ -69,6 +69,25 @@ def gpu_fsdp_scenarios(batch_size: int = 2, max_length: int = 2048) -> list[dict
             for method in ("full", "lora") for fsdp in (False, True)]
 
 
+def long_context_rows() -> list[dict]:
+    """The longest context each setup projects (``tuneforge recommend --max-length auto``): Llama-3.1-8B QLoRA r=16 on
+    one 80GB GPU (Unsloth's record to beat: 342,733 tokens at r=32) and LoRA r=16 on 8 x H100 (TRL's: >300K)."""
+    from tuneforge.choose.long_context import longest_contexts
+
+    rows = longest_contexts(shape("llama-3.1-8b"), ["qlora"], H100_MB, 1, LLAMA_8B["num_attention_heads"])
+    rows += longest_contexts(shape("llama-3.1-8b"), ["lora"], H100_MB, 8, LLAMA_8B["num_attention_heads"])
+    return rows
+
+
+def long_context_table(rows: list[dict]) -> list[str]:
+    lines = ["| method | GPUs and setup | longest context (tokens) | GPU peak GiB | pinned host GiB per GPU |",
+             "|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['setup']} | {r['max_length']:,} | {r['peak_mb'] / 1024:.1f} | "
+                     f"{r['host_mb_per_gpu'] / 1024:.1f} |")
+    return lines
+
+
 def project(scenario: dict, gpu: bool = True) -> dict[str, float]:
     from tuneforge.choose.recommend import memory_breakdown
 
@@ -119,6 +138,7 @@ def main(argv=None) -> int:
         return rows
 
     projected, measured_next = rows_for(scenarios()), rows_for(gpu_fsdp_scenarios())
+    long_context = long_context_rows()
     models = {name: {"params": shape(name).params, "trainable_qlora_r16": shape(name).trainable["qlora"],
                      "root_params": shape(name).root_params, "block_params": shape(name).block_params}
               for name in ("llama-3.1-8b", "llama-3.1-70b", "llama-1b")}
@@ -141,10 +161,16 @@ def main(argv=None) -> int:
     lines += ["", "## 8 x H100, FSDP2", "", *table(projected, True), "",
               "## Llama-3.2-1B shape, one device: plain vs 1-rank FSDP (what `bench/gpu_fsdp.py` measures)", "",
               "Continued pretraining, packed rows, bf16 weights, one micro-batch per step; `gpu_fsdp.py` writes the "
-              "measured peaks beside these projections.", "", *table(measured_next, False), ""]
+              "measured peaks beside these projections.", "", *table(measured_next, False), "",
+              "## Longest context, Llama-3.1-8B (projected, not measured)", "",
+              "One row per step, gradient checkpointing on, bf16, `tuneforge.choose.long_context` "
+              "(`tuneforge recommend --max-length auto`). Unmeasured: no GPU was available when these rows were "
+              "added; `bench/gpu_checks.sh` (step `long-context`) measures the longest context on one GPU.", "",
+              *long_context_table(long_context), ""]
     Path(args.output + ".md").write_text("\n".join(lines))
     Path(args.output + ".json").write_text(json.dumps({"h100_mb": H100_MB, "headroom": HEADROOM, "models": models,
-                                                       "projected": projected, "gpu_fsdp": measured_next},
+                                                       "projected": projected, "gpu_fsdp": measured_next,
+                                                       "long_context": long_context},
                                                       indent=1) + "\n")
     print("\n".join(lines))
     print(f"wrote {args.output}.md and .json")

@@ -104,6 +104,18 @@ class RunConfig(BaseModel):
     offload_activations: bool = Field(False, description="Keep the tensors saved for backward in (pinned) CPU memory "
                                       "instead of the GPU's: less GPU memory for host-device copies; pairs with "
                                       "gradient_checkpointing (then only each block's input moves).")
+    tiled_mlp: int | Literal["auto"] | None = Field(
+        None, description="Compute each block's MLP over N tiles of the sequence, recomputed tile by tile in backward "
+        "(ALST's TiledMLP): the MLP's activation peak stops growing with the sequence, for one more MLP forward; "
+        "auto: one tile per hidden_size tokens. Same losses and gradients as untiled.")
+    rope_scaling: Literal["linear", "dynamic", "yarn"] | None = Field(
+        None, description="Stretch the model's rotary positions to longer contexts (transformers' rope_type): linear "
+        "(position interpolation), dynamic (NTK-aware, grows past the trained length) or yarn; with rope_factor.")
+    rope_factor: float | None = Field(None, gt=1.0, description="With rope_scaling: how many times the trained "
+                                      "context the model should read (4: a 4K model at 16K).")
+    context_parallel: int = Field(1, ge=1, description="Under torchrun: split every sequence over N ranks (Ulysses "
+                                  "all-to-all over heads; the heads must divide by N); the rest of the world is "
+                                  "data parallel.")
     packing: bool | None = Field(None, description="Pack several examples into each row of max_length tokens, no "
                                  "padding, each example attending only to itself (the same losses as padded rows). "
                                  "Default: on wherever the method and objective allow it; true insists (an error "
@@ -148,6 +160,7 @@ class RunConfig(BaseModel):
         if self.batch_size % self.micro_batch:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch}")
         self._check_streaming()
+        self._check_long_context()
         self.method = METHODS.get(self.method).name
         self.objective = OBJECTIVES.get(self.objective).name
         self.method_config()
@@ -165,6 +178,13 @@ class RunConfig(BaseModel):
         if self.eval_split:
             raise ValueError("streaming: eval_split would have to read the whole file to hold records out; give "
                              "held-out records as eval_data instead")
+
+    def _check_long_context(self) -> None:
+        if (self.rope_scaling is None) != (self.rope_factor is None):
+            raise ValueError("rope_scaling and rope_factor go together: --rope-scaling linear|dynamic|yarn "
+                             "--rope-factor F")
+        if isinstance(self.tiled_mlp, int) and self.tiled_mlp < 1:
+            raise ValueError(f"tiled_mlp takes a number of tiles (>= 1) or auto, got {self.tiled_mlp}")
 
     @property
     def method_class(self) -> type[Method]:

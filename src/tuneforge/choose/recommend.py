@@ -51,7 +51,6 @@ GPU's bf16 peak.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import logging
@@ -637,45 +636,14 @@ def measured_calibrations(shape: ModelShape, model: str, runs_root: str | Path, 
                         lambda r: est.model_step_s(r.method, setup_of(r)))
 
 
-def cmd_recommend(args: argparse.Namespace) -> int:
-    from ..models.loading import DEFAULT_MODEL
+def model_heads(model: str | None) -> int | None:
+    """The attention heads of ``model``'s config (context parallelism splits them), None when unknown."""
+    from transformers import AutoConfig
 
-    gpu_name = args.gpu.lower() if args.gpu else None  # H100 or h100
-    check_request(args.goal, args.batch_size, args.max_length, gpu_name, args.micro_batch_size)
-    gpu_memory = None if args.cpu or args.gpu_memory is None else parse_memory(args.gpu_memory)
-    ram = parse_memory(args.ram, "--ram") if args.ram else system_ram_mb()
-    if gpu_name and gpu_memory is None:
-        log.warning("--gpu %s without --gpu-memory: estimating for the CPU; give the GPU's memory (--gpu-memory "
-                    "80GB) for its estimates", gpu_name)
-    model = args.model or DEFAULT_MODEL
-    shape = model_shape(model)
-    measured = measured_calibrations(shape, model, args.runs, gpu_memory is not None, gpu_name) if args.runs else {}
-    result = recommend(shape, args.goal, gpu_memory, batch_size=args.batch_size, max_length=args.max_length,
-                       micro_batch_size=args.micro_batch_size, gpu_name=gpu_name, ram_mb=ram, calibrations=measured)
-    hardware = "CPU" if gpu_memory is None else f"GPU with {gpu_memory / 1024:g} GB"
-    print(format_report(result, shape, hardware))
-    return 0
+    from ..models.loading import DEFAULT_MODEL, resolve_model_path
 
-
-def add_subcommands(sub) -> None:
-    # No default model here: .models imports torch, and building the parser must not (`tuneforge --help`).
-    p = sub.add_parser("recommend", help="estimate memory and time per method for a model and recommend the "
-                       "combination that fits (the seeds' table by situation), with the exact command")
-    p.add_argument("--model", help="a model name or directory (default: the embedded SmolLM2-135M-Instruct); a "
-                   "folder with only config.json will do")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--gpu-memory", help="the GPU's memory, e.g. 24GB")
-    where.add_argument("--cpu", action="store_true", help="no GPU (the default without --gpu-memory)")
-    p.add_argument("--gpu", help="the GPU's name for the time estimate (h100, a100, l4, 4090, ...)")
-    p.add_argument("--ram", help="on a CPU: the memory to plan for, e.g. 64GB (default: this machine's)")
-    p.add_argument("--goal", default="task", choices=sorted(SITUATIONS),
-                   help="task: SFT; domain: continued pretraining + SFT; alignment: SFT + DPO")
-    p.add_argument("--batch-size", type=int, help="examples per optimiser step (default: train's, 8)")
-    p.add_argument("--micro-batch-size", type=int, help="examples per forward pass (default: the batch size)")
-    p.add_argument("--max-length", type=int, help="tokens per example (default: train's, 512)")
-    p.add_argument("--runs", default="runs", help="where finished runs of this model (compare, sweep, train) are "
-                   "read for measured peaks and step times on this machine (default runs/; '' for none)")
-    p.set_defaults(func=cmd_recommend)
+    config = AutoConfig.from_pretrained(resolve_model_path(model or DEFAULT_MODEL))
+    return getattr(getattr(config, "text_config", config), "num_attention_heads", None)
 
 
 __all__ = ["model_shape", "shape_from_config", "memory_breakdown", "estimate_memory_mb", "estimate_step_seconds",

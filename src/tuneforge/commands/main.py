@@ -13,8 +13,8 @@ import logging
 import sys
 
 from ..errors import TuneforgeError
-from ..choose import compare, recommend
-from . import alignment, convert, data, eval, export, generate, merge, methods, prompting, report, serve, train, verify
+from . import (alignment, compare, convert, data, eval, export, generate, merge, methods, prompting, recommend, report,
+               serve, train, verify)
 
 # In --help order: train, use, inspect, then the tools around them.
 COMMANDS = [train, generate, eval, merge, verify, data, methods, prompting, alignment, serve, export, convert, report,

@@ -149,8 +149,12 @@ def check_before_launch(nproc: int, extra: list[str]) -> None:
     config = config_from_args(config_path, extra[1:] if config_path else extra)
     if config.streaming:  # refused under torchrun whatever the number of processes
         raise ConfigError(STREAMING_IN_ONE_PROCESS)
-    Distributed(config.distributed_strategy, world_size=nproc).local_batch(config.batch_size,
-                                                                          config.micro_batch_size)
+    from ..run.context_parallel import check_before_launch as check_context_parallel
+
+    check_context_parallel(config, nproc)  # heads, world size, model family: one line before any worker starts
+    ranks = Distributed(config.distributed_strategy, world_size=nproc)
+    ranks.context_parallel = config.context_parallel
+    ranks.local_batch(config.batch_size, config.micro_batch_size)
 
 
 def summarise(value: Any) -> str:

@@ -141,6 +141,10 @@ def load_for_inference(model_name: str, adapter: str | Path | None, device: str 
     if adapter:
         check_base_model(adapter, model_name)
     ensure_chat_template(tokenizer)
+    if adapter:  # trained with --rope-scaling: the same positions again (a full model's config.json has them)
+        from ..models.rope_scaling import apply_recorded_rope_scaling
+
+        apply_recorded_rope_scaling(model, adapter)
     handle = load_adapter(model, adapter) if adapter else None
     model.eval()
     return model, tokenizer, handle

@@ -127,6 +127,11 @@ class MethodHandle:
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
+    def float32_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The trainable tensors that train in float32 over a bf16 / fp16 base (PEFT's autocast_adapter_dtype):
+        those whose layers cast their input (adapters). Default: every trainable tensor."""
+        return self.trainable_parameters()
+
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for _, p in self.trainable_parameters())
 

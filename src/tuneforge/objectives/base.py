@@ -113,6 +113,11 @@ class Objective:
     """``collate`` can put several examples in one padding-free row (``data.packing``) with the losses and gradients
     of padded rows; the trainer turns it on through ``pack_capacity``."""
 
+    splits_sequences: ClassVar[bool] = False
+    """The loss is a sum of next-token cross-entropies over token rows, so each rank of a context-parallel group
+    (``--context-parallel``) can sum its own part of every row; objectives that read whole sequences (pairs, rollouts)
+    cannot."""
+
     def __init__(self, tokenizer, options: ObjectiveConfig | dict[str, Any] | None = None):
         self.tokenizer = tokenizer
         self.pack_capacity: int | None = None  # tokens per packed row; None: padded rows
@@ -191,6 +196,7 @@ class NextTokenObjective(Objective):
     """Shared by SFT and pretraining: token batches (packed or padded), loss = summed next-token cross-entropy."""
 
     packable = True
+    splits_sequences = True
 
     def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
         from ..data.packing import collate_tokens

@@ -60,6 +60,9 @@ class Distributed:
             raise ValueError(f"distributed strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
         self.strategy, self.device = strategy, device
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        # Ranks that share each sequence (``--context-parallel``): the data-parallel world is world_size / it, and the
+        # ranks of one group (consecutive ranks) draw the same examples.
+        self.context_parallel = 1
 
     @classmethod
     def from_env(cls, strategy: str, device: str | None = None,
@@ -100,22 +103,31 @@ class Distributed:
         return self.enabled and self.strategy == "fsdp"
 
     # -- data -------------------------------------------------------------------------------------------------
+    @property
+    def data_world(self) -> int:
+        return self.world_size // self.context_parallel
+
+    @property
+    def data_rank(self) -> int:
+        return self.rank // self.context_parallel
+
     def local_batch(self, batch_size: int, micro_batch_size: int | None) -> tuple[int, int]:
         """(micro-batch size, accumulation steps) of this rank for a global ``batch_size``."""
-        if batch_size % self.world_size:
+        if batch_size % self.data_world:
             raise ValueError(f"batch_size {batch_size} (the global batch) is not a multiple of the "
-                             f"{self.world_size} ranks")
-        per_rank = batch_size // self.world_size
+                             f"{self.data_world} ranks")
+        per_rank = batch_size // self.data_world
         micro = min(micro_batch_size or per_rank, per_rank)
         if per_rank % micro:
-            raise ValueError(f"batch_size {batch_size} / {self.world_size} ranks = {per_rank} examples per rank, "
+            raise ValueError(f"batch_size {batch_size} / {self.data_world} ranks = {per_rank} examples per rank, "
                              f"not a multiple of micro_batch_size {micro}")
         return micro, per_rank // micro
 
     def shard(self, items: list[Any]) -> list[Any]:
-        """This rank's contiguous slice of a global batch (whose length is a multiple of the world size)."""
-        per_rank = len(items) // self.world_size
-        return items[self.rank * per_rank:(self.rank + 1) * per_rank]
+        """This rank's contiguous slice of a global batch (whose length is a multiple of the data-parallel world);
+        the ranks of a context-parallel group get the same slice."""
+        per_rank = len(items) // self.data_world
+        return items[self.data_rank * per_rank:(self.data_rank + 1) * per_rank]
 
     def strided(self, n: int) -> list[int]:
         """Indices ``rank, rank + world, ...`` of ``n`` things (evaluation batches, exact-match records)."""

@@ -31,7 +31,7 @@ def upcast_trainable(method: type[Method], handle: MethodHandle) -> None:
     small steps away). Full fine-tuning keeps the model's dtype."""
     if method.trains_base_weights:
         return
-    for _, p in handle.trainable_parameters():
+    for _, p in handle.float32_parameters():
         if p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.float()
 

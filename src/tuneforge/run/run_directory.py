@@ -51,7 +51,8 @@ RESUMABLE_CHANGES = {"output", "resume", "overwrite", "progress", "device", "tru
                      "eval_before", "eval_generate", "eval_max_new_tokens", "eval_limit", "log_every", "save_every",
                      "keep_checkpoints", "report_to", "distributed", "fsdp_cpu_offload",
                      # memory for time: the same arithmetic
-                     "gradient_checkpointing", "checkpoint_every", "offload_activations", "compile"}
+                     "gradient_checkpointing", "checkpoint_every", "offload_activations", "compile",
+                     "tiled_mlp"}
 
 
 class DataPosition(Protocol):

@@ -35,7 +35,11 @@ from ..methods.base import MethodHandle
 from ..models import kernels
 from ..models.loading import default_device, default_dtype, load_model, resolve_model_reference
 from ..models.moe_router import RouterMonitor
+from ..models.rope_scaling import apply_rope_scaling
+from ..models.tiled_mlp import tile_mlps
 from ..objectives import TrainContext
+from .context_parallel import check_world
+from .context_parallel import setup as context_parallel
 from .distributed import Distributed
 from .evaluators import evaluators_for
 from .model_setup import (checkpoint_blocks, compile_blocks, frozen_copy, memory_line, packing_refusal, peak_memory,
@@ -83,6 +87,7 @@ class Trainer:
         self.method = config.method_class
         # Under torchrun: join the process group; this rank's device (cuda:LOCAL_RANK, or the CPU with gloo).
         self.dist = Distributed.from_env(config.distributed_strategy, config.device)
+        check_world(config.context_parallel, self.dist.world_size)  # before the model loads
         self.run_dir = RunDirectory(config, self.dist, self.tracking, self.model_reference)
         if model is None:
             device = str(self.dist.device) if self.dist.enabled else (config.device or str(default_device()))
@@ -93,6 +98,8 @@ class Trainer:
             model, tokenizer = load_model(config.model, device=device, dtype=dtype,
                                           trust_remote_code=config.trust_remote_code, **load_kwargs)
         self.model, self.tokenizer = model, tokenizer
+        if config.rope_scaling:  # before the reference copy and the adapter: both read the stretched positions
+            apply_rope_scaling(model, config.rope_scaling, config.rope_factor)
         self.kernels = kernels.apply_usable(model)  # optional GPU kernels (tuneforge[gpu]) this run uses
         ensure_chat_template(tokenizer, override=config.chat_template)
         self.objective = config.objective_class(tokenizer, config.objective_config())
@@ -106,10 +113,14 @@ class Trainer:
         self.router = RouterMonitor(model)  # MoE: the model's load-balancing loss and per-expert token counts
         self.objective.pack_capacity = config.max_length if self._packs(model) else None
         upcast_trainable(self.method, self.handle)
+        if config.tiled_mlp:
+            tile_mlps(model, config.tiled_mlp)
         if config.gradient_checkpointing:
             checkpoint_blocks(model, config.checkpoint_every)
         if config.compile:
             compile_blocks(model)
+        # --context-parallel: this rank's share of every sequence (None: whole sequences)
+        self.context = context_parallel(config.context_parallel, self.dist, model, self.objective, self.method)
         # The training forward's module: DDP / FSDP2 under torchrun, else the model itself.
         self.train_model = wrap_for_ranks(self.dist, model, self.reference_model, self.config.fsdp_cpu_offload)
         self.ctx = TrainContext(handle=self.handle, reference_model=self.reference_model,
@@ -194,8 +205,12 @@ class Trainer:
         for k in range(self.accumulation):
             items = mine[k * self.micro:(k + 1) * self.micro]
             batch = self.objective.collate(items)
-            units = self.objective.units(batch)  # counted on the CPU copy: no device sync in the step
-            tokens = real_tokens(batch)
+            if self.context is not None:  # this rank's tokens of every row; its own targets and tokens counted
+                batch = self.context.shard(batch)
+                units, tokens = self.context.units(batch), self.context.tokens(batch)
+            else:
+                units = self.objective.units(batch)  # counted on the CPU copy: no device sync in the step
+                tokens = real_tokens(batch)
             batch = to_device(batch, device, non_blocking=True)
             batch[UNITS_KEY], batch[TOKENS_KEY] = units, tokens
             out.append(batch)
@@ -222,7 +237,7 @@ class Trainer:
         total_loss = 0.0
         for i, batch in enumerate(batches):
             with self.saved_activations():
-                loss_sum, metrics = self.objective.loss(self.train_model, batch, self.ctx)
+                loss_sum, metrics = (self.context or self.objective).loss(self.train_model, batch, self.ctx)
             loss = loss_sum * self.dist.world_size / total_units
             extra = self.handle.extra_loss()
             if extra is not None:
