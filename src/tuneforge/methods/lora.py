@@ -495,6 +495,14 @@ def check_expert_options(model: nn.Module, config: LoRAConfig, names: list[str],
             raise ValueError(f"r={config.r} exceeds the smaller dimension of the experts in {name} (at most {limit})")
 
 
+def saves_routers(saved: dict[str, Any], model: nn.Module) -> bool:
+    """Whether a file's ``modules_to_save`` are the model's MoE routers (a trained router; PEFT's name rule). Any
+    other module there is not read by LoRA: loading then fails naming its tensors."""
+    kept = saved.get("modules_to_save") or []
+    routers = find_routers(model)
+    return bool(kept) and all(any(r == k or r.endswith("." + k) for r in routers) for k in kept)
+
+
 def config_from_peft(data: dict[str, Any]) -> dict[str, Any]:
     """LoRAConfig options from a PEFT ``adapter_config.json``."""
     init = data.get("init_lora_weights", True)
@@ -507,8 +515,6 @@ def config_from_peft(data: dict[str, Any]) -> dict[str, Any]:
         r=data["r"], lora_alpha=data["lora_alpha"], lora_dropout=data.get("lora_dropout", 0.0),
         target_modules=data.get("target_modules") or [], bias=data.get("bias", "none"),
         target_parameters=data.get("target_parameters") or None, target_experts=bool(data.get("target_parameters")),
-        # A router PEFT keeps trained (modules_to_save); any other module there fails loading with its key named.
-        train_router=bool(data.get("modules_to_save")),
         use_rslora=data.get("use_rslora", False), use_dora=bool(data.get("use_dora", False)),
         # PiSSA / OLoRA saved as PEFT saves them: the base is decomposed again on loading, then A and B are replaced.
         init_lora_weights=init,
@@ -527,4 +533,4 @@ class LoRA(Method):
 
     @classmethod
     def config_from_saved(cls, saved: dict[str, Any], options: dict[str, Any], model: nn.Module) -> LoRAConfig:
-        return cls.config_class(**config_from_peft(saved))
+        return cls.config_class(**config_from_peft(saved), train_router=saves_routers(saved, model))

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .base import output_embedding_names, register, replace_module
-from .lora import LoRA, LoRAConfig, LoRAHandle, LoRALinear, attach_lora, config_from_peft
+from .lora import LoRA, LoRAConfig, LoRAHandle, LoRALinear, attach_lora, config_from_peft, saves_routers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORAGE_DTYPES = {"uint8": torch.uint8, **DTYPES}
@@ -389,4 +389,4 @@ class QLoRA(LoRA):
     def config_from_saved(cls, saved: dict[str, Any], options: dict[str, Any], model: nn.Module) -> QLoRAConfig:
         # The quantisation options live only in tuneforge's record (PEFT's file describes the LoRA part).
         quantisation = {k: v for k, v in options.items() if k.startswith("bnb_4bit_")}
-        return QLoRAConfig(**config_from_peft(saved), **quantisation)
+        return QLoRAConfig(**config_from_peft(saved), **quantisation, train_router=saves_routers(saved, model))
