@@ -358,3 +358,23 @@ def test_recommend_counts_total_and_active_parameters(arch, tokenizer):
     dense.active_params = None
     assert estimate_step_seconds(shape, "lora") < estimate_step_seconds(dense, "lora")
     assert f"{shape.active_params:,} active per token" in format_report(recommend(shape), shape, "CPU")
+
+
+def test_cli_trains_an_moe_model_with_the_expert_and_router_flags(tokenizer, tmp_path):
+    from tuneforge.commands.main import main
+
+    model_dir = tmp_path / "qwen3-moe"
+    tiny("qwen3_moe", len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = write_jsonl(tmp_path / "data.jsonl", qa_rows(8))
+    common = ["train", "--model", str(model_dir), "--data", str(data), "--max-steps", "1", "--batch-size", "4",
+              "--device", "cpu", "--eval-generate", "false", "--general-eval", "none", "--lora-r", "2"]
+    assert main([*common, "--output", str(tmp_path / "a"), "--lora-target-experts", "false",
+                 "--lora-train-router", "true"]) == 0
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] == ["model.layers.1.mlp.gate"]
+    assert not any("experts" in p for p in saved["target_parameters"])  # only layer 0's dense MLP weights
+    assert main([*common, "--output", str(tmp_path / "b")]) == 0
+    saved = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    assert "model.layers.1.mlp.experts.gate_up_proj" in saved["target_parameters"] and not saved["modules_to_save"]
+    assert main([*common, "--output", str(tmp_path / "c"), "--lora-dropout", "0.1"]) == 2  # PEFT could not load it
