@@ -378,3 +378,21 @@ def test_cli_trains_an_moe_model_with_the_expert_and_router_flags(tokenizer, tmp
     saved = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
     assert "model.layers.1.mlp.experts.gate_up_proj" in saved["target_parameters"] and not saved["modules_to_save"]
     assert main([*common, "--output", str(tmp_path / "c"), "--lora-dropout", "0.1"]) == 2  # PEFT could not load it
+
+
+def test_gradient_checkpointing_counts_each_token_once(tokenizer):
+    from tuneforge.models.moe_router import RouterMonitor
+
+    vocab = len(tokenizer)
+    ids, mask = batch(vocab)
+    seen = []
+    for checkpointing in (False, True):
+        model = tiny("mixtral", vocab).train()
+        tuneforge.attach(model, LoRAConfig(r=2))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        monitor = RouterMonitor(model)
+        model(input_ids=ids, attention_mask=mask).logits.sum().backward()
+        seen.append((monitor.take_metrics()["expert_tokens"], float(monitor.take_loss())))
+    assert seen[0] == seen[1]
+    assert sum(seen[0][0]) == int(mask.sum()) * 2 * 2  # two MoE layers, top-2, real tokens only

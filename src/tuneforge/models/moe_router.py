@@ -10,7 +10,8 @@ count too). Models without such a loss (DeepSeek-V3 balances with a bias instead
 
 It also counts the (token, expert) assignments of each training forward, per expert summed over layers, so a
 collapsed router (a few experts taking every token) is visible in the step metrics and the report.
-Only forwards that build a graph count (``torch.is_grad_enabled()``): DPO's reference pass and evaluation do not.
+Only forwards that build a graph count (``torch.is_grad_enabled()``): DPO's reference pass and evaluation do not,
+nor the blocks gradient checkpointing runs again during backward.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ class RouterMonitor:
         experts = [m for m in model.modules() if _is_called_experts(model, m)]
         if not experts or self.num_experts is None:
             return
+        self.in_forward = False  # gradient checkpointing re-runs blocks during backward: those are not counted
         self.handles.append(model.register_forward_pre_hook(self._begin, with_kwargs=True))
+        self.handles.append(model.register_forward_hook(self._end))
         for cls, index in router_classes(model):
             for module in model.modules():
                 if type(module) is cls:
@@ -63,19 +66,26 @@ class RouterMonitor:
 
     # -- hooks --------------------------------------------------------------------------------------
     def _begin(self, module, args, kwargs):
-        if torch.is_grad_enabled():
+        self.in_forward = torch.is_grad_enabled()
+        if self.in_forward:
             self.forwards.append({"mask": kwargs.get("attention_mask"), "logits": []})
+
+    def _end(self, module, args, output):
+        self.in_forward = False
 
     def _router_hook(self, index: int):
         def hook(module, args, output):
-            if torch.is_grad_enabled() and self.forwards:
+            if self.in_forward and self.forwards:
                 self.forwards[-1]["logits"].append(output[index] if isinstance(output, tuple) else output)
         return hook
 
     def _count(self, module, args, kwargs):
-        if not torch.is_grad_enabled():
+        if not self.in_forward:
             return
-        index = args[1] if len(args) > 1 else next(iter(kwargs.values()))
+        # MoE blocks call experts(hidden_states, top_k_index, top_k_weights) positionally (every family here).
+        index = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+        if index is None:
+            return
         mask = self.forwards[-1]["mask"] if self.forwards else None
         flat = index.reshape(index.shape[0], -1)
         if mask is not None and mask.numel() == flat.shape[0]:
