@@ -49,5 +49,9 @@ step 600 long-context $PY bench/bench_long_context.py --device cuda --shape llam
 # 5. The same at 32K without tiling (the MLP's share of the peak, tokens/s with and without recompute).
 step 300 long-context-untiled $PY bench/bench_long_context.py --device cuda --shape llama-3.1-8b --method qlora \
     --rank 32 --offload --lengths 32768 --output $OUT/gpu_long_context_llama8b_qlora_32k
+# 6. LoRA on MoE experts (issue 27): tuneforge's grouped compute (torch grouped_mm) against PEFT's target_parameters
+#    on a Qwen3-MoE-shaped layer stack (128 experts, top-8), bf16; prints the speed-up and both peaks.
+step 300 moe-lora $PY bench/bench_moe_lora.py --device cuda --dtype bfloat16 --hidden 2048 --heads 16 \
+    --moe-intermediate 768 --experts 128 --top-k 8 --layers 4 --vocab 32000 --r 16 --seq-len 2048 --batch-size 4
 
 exit $status

@@ -93,11 +93,21 @@ class ModelShape:
     # Per method: trainable tensors inside the decoder blocks (LoRA, adapters, full) make backward keep every
     # linear layer's input; trained virtual tokens alone (prompt tuning) keep far fewer activations.
     in_blocks: dict[str, bool] = dataclasses.field(default_factory=dict)
+    # Mixture-of-experts models: the routed experts' fused weights (every expert is resident in memory, but each
+    # token runs only top_k of num_experts of them), and the parameters one token computes with.
+    expert_params: int = 0
+    active_params: int | None = None
+
+    @property
+    def params_per_token(self) -> int:
+        """Parameters a token's forward multiplies through: all of a dense model, the active ones of an MoE."""
+        return self.params if self.active_params is None else self.active_params
 
     @property
     def block_params(self) -> int:
-        """Parameters of one decoder block: its linear weights and (Llama family) its two norms' weights."""
-        return self.decoder_linear_params // self.layers + 2 * self.hidden
+        """Parameters of one decoder block: its linear weights, its routed experts and (Llama family) its two norms'
+        weights."""
+        return (self.decoder_linear_params + self.expert_params) // self.layers + 2 * self.hidden
 
     @property
     def root_params(self) -> int:
@@ -159,8 +169,28 @@ def shape_from_config(config, name: str, methods: tuple[str, ...] = ("full", "lo
                      and len(m) == len(blocks) for p in m.parameters()}
         in_blocks[method_name] = any(id(p) in block_ids for _, p in handle.trainable_parameters())
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    experts, active = expert_counts(model, params)
     return ModelShape(name, params, linear, text.hidden_size, getattr(text, "intermediate_size", 4 *
-                      text.hidden_size), text.num_hidden_layers, text.vocab_size, trainable, in_blocks)
+                      text.hidden_size), text.num_hidden_layers, text.vocab_size, trainable, in_blocks,
+                      expert_params=experts, active_params=active)
+
+
+def expert_counts(model, params: int) -> tuple[int, int | None]:
+    """(routed experts' parameters, parameters active per token) of an MoE model; (0, None) for a dense one. A
+    token runs ``top_k`` of the ``num_experts`` experts of each MoE layer (shared experts and dense layers always)."""
+    from ..models.moe import find_experts
+
+    names = find_experts(model)
+    if not names:
+        return 0, None
+    experts = inactive = 0
+    top_k = model.config.get_text_config().num_experts_per_tok
+    for name in names:
+        module = model.get_submodule(name)
+        size = sum(p.numel() for p in module.parameters())
+        experts += size
+        inactive += size * (module.num_experts - min(top_k, module.num_experts)) // module.num_experts
+    return experts, params - inactive
 
 
 def memory_breakdown(shape: ModelShape, method: str, objective: str = "sft", *, gpu: bool = False,
@@ -202,7 +232,7 @@ def memory_breakdown(shape: ModelShape, method: str, objective: str = "sft", *, 
     # Full fine-tuning trains the weights in their storage dtype; adapters train in float32 (as PEFT's autocast).
     state_bytes = (4 if fp32_master else value_bytes) if full else 4
     if qlora:
-        rest = shape.params - shape.decoder_linear_params  # embeddings, norms, the head: as loaded
+        rest = shape.params - shape.decoder_linear_params  # embeddings, norms, head, fused experts: as loaded
         weights = shape.decoder_linear_params * QLORA_BYTES + rest * value_bytes
     else:
         weights = shape.params * (state_bytes if full else value_bytes)
@@ -269,9 +299,10 @@ def estimate_step_seconds(shape: ModelShape, method: str, *, gpu: str | None = N
     from ..methods.base import METHODS
 
     m = METHODS.get(method)
-    flops_per_token = (6 if m.trains_base_weights else 4) * shape.params * (1.3 if m.quantized_base else 1.0)
+    # An MoE token multiplies through its active parameters only (its top-k experts).
+    flops_per_token = (6 if m.trains_base_weights else 4) * shape.params_per_token * (1.3 if m.quantized_base else 1.0)
     if gradient_checkpointing:  # the forward (2 x parameters per token) runs again in backward
-        flops_per_token += 2 * shape.params * (1.3 if m.quantized_base else 1.0)
+        flops_per_token += 2 * shape.params_per_token * (1.3 if m.quantized_base else 1.0)
     if gpu is not None and gpu not in GPU_BF16_FLOPS:
         raise ValueError(f"no throughput known for GPU {gpu!r}; known GPUs: {', '.join(GPU_BF16_FLOPS)}")
     throughput = CPU_FLOPS if gpu is None else GPU_BF16_FLOPS[gpu] * GPU_UTILISATION
@@ -537,7 +568,8 @@ def format_report(result: dict[str, Any], shape: ModelShape, hardware: str) -> s
     budget = (f"{usable:,.0f} MB usable of {result['device_mb']:,.0f} MB ({HEADROOM:.0%} kept free for the "
               f"{'CUDA context and allocator' if result['gpu'] else 'system and other processes'})" if usable
               else "memory unknown (give --ram): nothing is judged to fit or not")
-    lines = [f"model: {shape.name} ({shape.params:,} parameters), {hardware}: {budget}",
+    active = "" if shape.active_params is None else f", {shape.active_params:,} active per token"
+    lines = [f"model: {shape.name} ({shape.params:,} parameters{active}), {hardware}: {budget}",
              f"asked: {result['asked'].describe()}", "", *_table(result["estimates"], result["times_known"])]
     if result["tried"]:
         lines += ["", "configurations tried, per method until one fits (gradient checkpointing first, then smaller "

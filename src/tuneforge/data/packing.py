@@ -18,6 +18,8 @@ read the packed batch as they read a padded one, with examples in the order give
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .template import IGNORE_INDEX, Tokenized
@@ -135,6 +137,22 @@ def example_index(batch: dict, prefix: str = "") -> tuple[torch.Tensor, int]:
     return rows, ids.shape[0]
 
 
+def mask_reads_position_ids(cls: Any) -> bool:
+    """Whether ``cls.forward`` hands ``position_ids`` to transformers' mask builder (where it finds packed examples).
+    Read from the source: the keyword arguments of ``create_*causal_mask(...)`` / ``mask_function(...)`` or of a
+    ``mask_kwargs = {...}`` dict; a forward that builds no mask this way is given the benefit of the doubt."""
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return True
+    calls = re.findall(r"(?:mask_kwargs\s*=\s*\{|causal_mask\(|mask_function\()([^)}]*)", source)
+    calls = [c for c in calls if "**" not in c]  # create_causal_mask(**mask_kwargs): the dict is what counts
+    return not calls or any("position_ids" in c for c in calls)
+
+
 def model_packing_refusal(model) -> str | None:
     """Why ``model`` cannot read packed rows, or None. Transformers' own causal LMs build their attention masks
     with ``masking_utils.create_causal_mask``, which finds the examples of a row from the restarting position ids;
@@ -151,5 +169,8 @@ def model_packing_refusal(model) -> str | None:
     inner = getattr(model, "base_model", model)  # the decoder stack, where the mask is built
     for cls in (type(inner), type(model)):
         if getattr(sys.modules.get(cls.__module__), "create_causal_mask", None) is masking.create_causal_mask:
+            if not mask_reads_position_ids(cls):
+                return (f"{cls.__name__} builds its attention mask without the position ids (e.g. gpt-oss in "
+                        "transformers 5), so packed examples would see each other")
             return None
     return f"{type(model).__name__} builds its own attention mask, which may not keep packed examples apart"

@@ -19,9 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.moe import expert_parameter_names, find_experts, find_routers
+from .lora_experts import LoRAExperts, in_out
+from .router_copy import RouterCopy
+from .peft_targets import PEFT_MOE_RENAMED, lora_targets, select_parameters
 from .base import (
     Method,
     MethodConfig,
+    PEFT_PREFIX,
     MethodHandle,
     Switchable,
     cast_model,
@@ -63,6 +68,16 @@ class LoRAConfig(MethodConfig):
     use_dora: bool = False
     """DoRA (Liu et al. 2024, arXiv:2402.09353): each adapted weight is split into a trained per-row magnitude and a
     direction that LoRA updates; closer to full fine-tuning at low rank, for ~1 extra vector per layer."""
+    target_experts: bool = True
+    """Mixture-of-experts models: also adapt the routed experts' fused weights (``experts.gate_up_proj`` /
+    ``down_proj``), one rank-r pair per expert (PEFT's ``target_parameters``). The experts hold most of an MoE
+    model's weights and compute; false adapts only attention, dense and shared-expert layers. See docs/moe.md."""
+    target_parameters: list[str] | None = None
+    """PEFT's ``target_parameters``: parameters adapted directly, matched as name suffixes (``mlp.experts.down_proj``).
+    Read from saved files; None: the fused experts that ``target_experts`` selects."""
+    train_router: bool = False
+    """Mixture-of-experts models: train a copy of each router too (saved as PEFT's ``modules_to_save``). Off by default:
+    the pretrained routing is kept, so experts keep their specialisation and the balancing loss stays quiet."""
 
     def __post_init__(self):
         if self.r <= 0:
@@ -297,10 +312,18 @@ class LoRAHandle(MethodHandle):
     def lora_layers(self) -> list[tuple[str, LoRALinear]]:
         return [(n, self.model.get_submodule(n)) for n in self.module_names]
 
+    def expert_layers(self) -> list[tuple[str, LoRAExperts]]:
+        """The adapted fused-experts modules (none on a dense model, or with ``target_experts=False``)."""
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, LoRAExperts)]
+
     def _saved_model_keys(self) -> list[str]:
-        """Model state-dict keys that belong to the adapter (LoRA factors, plus trainable biases)."""
+        """Model state-dict keys that belong to the adapter (LoRA factors, plus trainable biases); the experts'
+        factors are saved in PEFT's layout by ``state_dict``."""
         keys = []
+        own_layout = tuple(f"{n}." for n, _ in self.peft_layers())
         for key in self.model.state_dict(keep_vars=True):
+            if key.startswith(own_layout):
+                continue
             if is_adapter_weight(key):
                 keys.append(key)
             elif self.config.bias == "all" and key.rsplit(".", 1)[-1] == "bias":
@@ -309,8 +332,36 @@ class LoRAHandle(MethodHandle):
                 keys.append(key)
         return keys
 
+    def router_layers(self) -> list[tuple[str, RouterCopy]]:
+        """The routers trained as copies (``train_router``)."""
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, RouterCopy)]
+
+    def peft_layers(self) -> list[tuple[str, LoRAExperts | RouterCopy]]:
+        """Modules whose saved tensors are laid out as PEFT's, not as our module tree (``peft_state``)."""
+        return self.expert_layers() + self.router_layers()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = super().state_dict()
+        for name, layer in self.peft_layers():
+            state.update(layer.peft_state(PEFT_PREFIX + name))
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = {}
+        for name, layer in self.peft_layers():
+            keys = list(layer.peft_state(PEFT_PREFIX + name))
+            missing = [k for k in keys if k not in state]
+            if missing:
+                raise KeyError(f"adapter weights do not fit this model: missing {missing[:5]}")
+            own[name] = {k: state[k] for k in keys}
+        taken = {k for tensors in own.values() for k in tensors}
+        super().load_state_dict({k: v for k, v in state.items() if k not in taken})
+        for name, layer in self.peft_layers():
+            layer.load_peft_state(PEFT_PREFIX + name, own[name])
+
     def adapter_config(self) -> dict[str, Any]:
         c = self.config
+        expert_parameters = [f"{n}.{p}" for n, layer in self.expert_layers() for p in layer.parameter_names]
         return {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -318,11 +369,11 @@ class LoRAHandle(MethodHandle):
             "lora_alpha": c.lora_alpha,
             "lora_dropout": c.lora_dropout,
             "bias": c.bias,
-            "target_modules": peft_target_modules(self.model, self.module_names),
+            **lora_targets(self.model, self.module_names, expert_parameters),
             "fan_in_fan_out": any(m.fan_in_fan_out for _, m in self.lora_layers()),
             "use_rslora": c.use_rslora,
             "use_dora": c.use_dora,
-            "modules_to_save": None,
+            "modules_to_save": [n for n, _ in self.router_layers()] or None,
             "rank_pattern": {},
             "alpha_pattern": {},
             "init_lora_weights": c.init_lora_weights,
@@ -332,22 +383,28 @@ class LoRAHandle(MethodHandle):
         }
 
     def merge(self) -> None:
-        for _, layer in self.lora_layers():
+        for _, layer in self.lora_layers() + self.expert_layers():
             layer.merge()
 
     def unmerge(self) -> None:
-        for _, layer in self.lora_layers():
+        for _, layer in self.lora_layers() + self.expert_layers():
             layer.unmerge()
 
     def merge_and_unload(self, dtype: torch.dtype | str | None = None) -> nn.Module:
         """Fold every update into its base layer and put the plain layers back: a standard HF model again."""
         self.merge()
+        for name, router in self.router_layers():
+            replace_module(self.model, name, router.modules_to_save)  # the trained router is the merged one
         return cast_model(self.remove(), dtype)
 
     def remove(self) -> nn.Module:
         for name, layer in self.lora_layers():
             layer.restore_base()  # PiSSA / OLoRA left a residual in the base; an unmerged removal restores W
             replace_module(self.model, name, layer.base_layer)
+        for name, experts in self.expert_layers():
+            replace_module(self.model, name, experts.base_layer)
+        for name, router in self.router_layers():
+            replace_module(self.model, name, router.original_module)
         return self.model
 
 
@@ -365,16 +422,28 @@ def peft_target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
 
 
 def attach_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """Freeze the model and wrap the target layers; returns the wrapped module names."""
+    """Freeze the model and wrap the target layers (and fused experts); returns the wrapped linear layers' names."""
     freeze(model)
-    names = find_target_modules(model, config.target_modules)
-    check_rank(model, names, config.r)
+    names, experts = lora_selection(model, config)
+    if names:
+        check_rank(model, names, config.r)
+    check_expert_options(model, config, names, experts)
     wrap_modules(
         model, names,
         lambda _, m: LoRALinear(m, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora,
                                 config.init_lora_weights, config.use_dora),
     )
+    for name, parameters in experts.items():
+        replace_module(model, name, LoRAExperts(model.get_submodule(name), parameters, config.r, config.lora_alpha,
+                                                config.use_rslora, config.init_lora_weights))
+    if config.train_router:
+        routers = find_routers(model)
+        if not routers:
+            raise ValueError("train_router: this model has no mixture-of-experts router")
+        wrap_modules(model, routers, lambda _, m: RouterCopy(m))
     for name, p in model.named_parameters():
+        if ".original_module." in name:
+            continue  # a trained router's frozen original
         if is_adapter_weight(name):
             p.requires_grad_(True)
         elif name.endswith("bias") and (
@@ -382,6 +451,56 @@ def attach_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
         ):
             p.requires_grad_(True)
     return names
+
+
+def lora_selection(model: nn.Module, config: LoRAConfig) -> tuple[list[str], dict[str, list[str]]]:
+    """The linear layers to wrap and ``{experts module: [fused parameters]}`` to adapt, by PEFT's rules: a saved
+    file's ``target_parameters`` may name experts' 3-D weights or linear layers' 2-D ``weight`` (see peft_targets)."""
+    names = [] if config.target_modules == [] else find_target_modules(model, config.target_modules)
+    experts: dict[str, list[str]] = {}
+    if config.target_parameters is None:
+        if config.target_experts:
+            experts = {n: expert_parameter_names(model.get_submodule(n)) for n in find_experts(model)}
+        return names, experts
+    selected = select_parameters(model, config.target_parameters)
+    if not selected:
+        raise ValueError(f"target_parameters={config.target_parameters!r} matched no parameter of the model")
+    experts_modules = set(find_experts(model))
+    for key in selected:
+        module_name, _, parameter = key.rpartition(".")
+        if module_name in experts_modules and parameter in expert_parameter_names(model.get_submodule(module_name)):
+            experts.setdefault(module_name, []).append(parameter)
+        elif parameter == "weight" and linear_like(model.get_submodule(module_name)):
+            names.append(module_name)
+        else:
+            raise ValueError(f"target_parameters: {key} is neither a fused expert weight nor a linear layer's weight")
+    return sorted(set(names)), experts
+
+
+def check_expert_options(model: nn.Module, config: LoRAConfig, names: list[str], experts: dict[str, list[str]]):
+    """Refuse what PEFT's ParamWrapper (which loads expert adapters) refuses, before allocating anything."""
+    moe = bool(find_experts(model))
+    renamed = [n for n in names if moe and n.rsplit(".", 1)[-1] in PEFT_MOE_RENAMED]
+    if not experts and not renamed:
+        return
+    what = "fused experts" if experts else f"{renamed[0]} of an MoE model"
+    for bad, value in (("lora_dropout", config.lora_dropout), ("use_dora", config.use_dora)):
+        if value:
+            raise ValueError(f"{bad}={value} with LoRA on {what}: PEFT loads these as target_parameters, which take "
+                             f"neither dropout nor DoRA; set {bad} off or --lora-target-experts false and "
+                             "target_modules without gate_proj/up_proj/down_proj")
+    for name, parameters in experts.items():
+        limit = max(min(in_out(model.get_submodule(name), p)) for p in parameters)
+        if config.r > limit:
+            raise ValueError(f"r={config.r} exceeds the smaller dimension of the experts in {name} (at most {limit})")
+
+
+def saves_routers(saved: dict[str, Any], model: nn.Module) -> bool:
+    """Whether a file's ``modules_to_save`` are the model's MoE routers (a trained router; PEFT's name rule). Any
+    other module there is not read by LoRA: loading then fails naming its tensors."""
+    kept = saved.get("modules_to_save") or []
+    routers = find_routers(model)
+    return bool(kept) and all(any(r == k or r.endswith("." + k) for r in routers) for k in kept)
 
 
 def config_from_peft(data: dict[str, Any]) -> dict[str, Any]:
@@ -394,7 +513,8 @@ def config_from_peft(data: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("per-module rank_pattern / alpha_pattern in a LoRA adapter are not supported")
     return dict(
         r=data["r"], lora_alpha=data["lora_alpha"], lora_dropout=data.get("lora_dropout", 0.0),
-        target_modules=data["target_modules"], bias=data.get("bias", "none"),
+        target_modules=data.get("target_modules") or [], bias=data.get("bias", "none"),
+        target_parameters=data.get("target_parameters") or None, target_experts=bool(data.get("target_parameters")),
         use_rslora=data.get("use_rslora", False), use_dora=bool(data.get("use_dora", False)),
         # PiSSA / OLoRA saved as PEFT saves them: the base is decomposed again on loading, then A and B are replaced.
         init_lora_weights=init,
@@ -413,4 +533,4 @@ class LoRA(Method):
 
     @classmethod
     def config_from_saved(cls, saved: dict[str, Any], options: dict[str, Any], model: nn.Module) -> LoRAConfig:
-        return cls.config_class(**config_from_peft(saved))
+        return cls.config_class(**config_from_peft(saved), train_router=saves_routers(saved, model))

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .base import output_embedding_names, register, replace_module
-from .lora import LoRA, LoRAConfig, LoRAHandle, LoRALinear, attach_lora, config_from_peft
+from .lora import LoRA, LoRAConfig, LoRAHandle, LoRALinear, attach_lora, config_from_peft, saves_routers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORAGE_DTYPES = {"uint8": torch.uint8, **DTYPES}
@@ -276,6 +276,11 @@ def merge_to_16bit(handle: LoRAHandle, dtype: torch.dtype | str | None = None) -
         else:
             layer.merge()
             replace_module(model, name, base)
+    for name, layer in handle.expert_layers():  # fused experts stay float (bitsandbytes quantises linear layers)
+        layer.merge()
+        replace_module(model, name, layer.base_layer)
+    for name, router in handle.router_layers():
+        replace_module(model, name, router.modules_to_save)
     for name in [n for n, m in model.named_modules() if is_4bit(m)]:  # quantised layers LoRA did not target
         layer = model.get_submodule(name)
         replace_module(model, name, dense_linear(layer, dequantize(layer), dtype))
@@ -384,4 +389,4 @@ class QLoRA(LoRA):
     def config_from_saved(cls, saved: dict[str, Any], options: dict[str, Any], model: nn.Module) -> QLoRAConfig:
         # The quantisation options live only in tuneforge's record (PEFT's file describes the LoRA part).
         quantisation = {k: v for k, v in options.items() if k.startswith("bnb_4bit_")}
-        return QLoRAConfig(**config_from_peft(saved), **quantisation)
+        return QLoRAConfig(**config_from_peft(saved), **quantisation, train_router=saves_routers(saved, model))

@@ -32,7 +32,9 @@ from .tracking import flatten
 # Charted first, in this order; every other metric follows alphabetically.
 LEADING = ("loss", "lr", "grad_norm", "tokens_per_s")
 TITLES = {"loss": "loss", "lr": "learning rate", "grad_norm": "gradient norm (before clipping)",
-          "tokens_per_s": "tokens / s (cumulative average)", "peak_memory_mb": "peak memory, MB"}
+          "tokens_per_s": "tokens / s (cumulative average)", "peak_memory_mb": "peak memory, MB",
+          "router_aux_loss": "router load-balancing loss (MoE)",
+          "expert_load_max": "busiest expert's tokens / the mean (MoE; 1 = balanced)"}
 # Bookkeeping, not a signal: the step is the x axis, epoch is a rescaled step, units/tokens are batch sizes.
 NOT_CHARTED = {"step", "epoch", "units", "tokens"}
 SUMMARY_FILE = "summary.json"  # the trainer's final metrics (RunDirectory.write_summary)

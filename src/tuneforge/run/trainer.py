@@ -34,6 +34,7 @@ from ..errors import TrainingDiverged
 from ..methods.base import MethodHandle
 from ..models import kernels
 from ..models.loading import default_device, default_dtype, load_model, resolve_model_reference
+from ..models.moe_router import RouterMonitor
 from ..models.rope_scaling import apply_rope_scaling
 from ..models.tiled_mlp import tile_mlps
 from ..objectives import TrainContext
@@ -118,6 +119,7 @@ class Trainer:
         self.handle = self.method.attach(model, method_config)
         if self.method.trains_base_weights and is_vision_model(model):
             vision_scope.freeze_untrained_parts(model, config.tune_vision, config.tune_projector)
+        self.router = RouterMonitor(model)  # MoE: the model's load-balancing loss and per-expert token counts
         self.objective.pack_capacity = config.max_length if self._packs(model) else None
         upcast_trainable(self.method, self.handle)
         if config.tiled_mlp:
@@ -249,6 +251,9 @@ class Trainer:
             extra = self.handle.extra_loss()
             if extra is not None:
                 loss = loss + extra / len(batches)
+            router_loss = self.router.take_loss()
+            if router_loss is not None:
+                loss = loss + router_loss / len(batches)
             with self.dist.accumulating(self.train_model, sync=i == len(batches) - 1):
                 loss.backward()
             total_loss = total_loss + loss.detach()
@@ -273,6 +278,7 @@ class Trainer:
         out = {k: v / total_units for k, v in zip(keys, reduced[1:])}
         out["units"] = total_units
         out["tokens"] = total_tokens
+        out.update(self.router.take_metrics())
         if grad_norm is not None:
             out["grad_norm"] = grad_norm
         return out
