@@ -52,9 +52,8 @@ def marked_tokens(tokenizer, example, as_text: bool = False) -> list[tuple[str, 
 
 def image_texts(tokenizer) -> set[str]:
     """The text of a vision-language model's image tokens (none for a text model)."""
-    if not isinstance(tokenizer, ChatEncoder):
-        return set()
-    return {tokenizer.decode([tok]) for tok in tokenizer.image_token_ids}
+    ids = tokenizer.image_token_ids if isinstance(tokenizer, ChatEncoder) else set()
+    return {tokenizer.decode([tok]) for tok in ids}
 
 
 def image_runs(tokens: list[tuple[str, bool]], images: set[str]) -> list[tuple[str, bool, int]]:
