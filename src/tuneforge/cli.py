@@ -423,7 +423,8 @@ def _extensions():
                          ("tuneforge.serve.cli", "add_subcommands"),
                          ("tuneforge.convert_cli", "add_subcommands"),
                          ("tuneforge.report", "add_subcommands"),
-                         ("tuneforge.compare", "add_subcommands"), ("tuneforge.recommend", "add_subcommands")):
+                         ("tuneforge.compare", "add_subcommands"), ("tuneforge.recommend", "add_subcommands"),
+                         ("tuneforge.sweep", "add_subcommands")):
         try:
             mod = __import__(module, fromlist=[attr])
         except ModuleNotFoundError as e:
