@@ -141,7 +141,7 @@ def build_model(args):
 
     dtype = torch_dtype(args)
     if args.model == "smollm2-135m-instruct":
-        from tuneforge.models import load_model
+        from tuneforge.models.loading import load_model
 
         return load_model(args.model, device=args.device, dtype=dtype)
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -242,7 +242,7 @@ def setup_tuneforge(args, model, tokenizer):
     objective = get_objective("sft")(tokenizer)
     ctx = TrainContext(handle=handle)
     if args.fused_loss != "auto":
-        from tuneforge.objectives import logprobs
+        from tuneforge.models import logprobs
 
         logprobs.FUSE_FROM_LOGITS = 0 if args.fused_loss == "on" else float("inf")
 

@@ -104,7 +104,7 @@ def main() -> None:
 
     import torch
 
-    from tuneforge.inference import load_for_inference
+    from tuneforge.inference.loading import load_for_inference
 
     torch.set_num_threads(args.threads)
     model, tokenizer, _ = load_for_inference(args.model, None, device=args.device)

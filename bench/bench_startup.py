@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "datasets", "matplotlib")
 # Runs ``tuneforge ARGV`` in this process, then prints the heavy libraries it imported as the last line.
-PROBE = ("import json, sys\nfrom tuneforge.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n"
+PROBE = ("import json, sys\nfrom tuneforge.commands.main import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n"
          "    pass\n"
          f"print(json.dumps(sorted(set({HEAVY!r}) & {{m.split('.')[0] for m in sys.modules}})))")
 COMMANDS = {"python -c pass (the interpreter alone)": None, "tuneforge --help": ["--help"],

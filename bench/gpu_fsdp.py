@@ -1,6 +1,6 @@
 """Measure one-rank FSDP2 against plain single-device training: per-GPU peak memory and tokens/s, full fine-tuning
 and LoRA, on a Llama-3.2-1B-shaped model (random weights built from its config: nothing is downloaded), and set
-each measured peak beside the memory model's projection (``tuneforge.recommend.memory_breakdown``).
+each measured peak beside the memory model's projection (``tuneforge.choose.recommend.memory_breakdown``).
 
 Each of the four runs (full / LoRA x single device / ``torchrun --nproc-per-node 1 --distributed fsdp``) is its own
 process: ``tuneforge train`` with continued pretraining on the built-in general text, packed, so every row is

@@ -33,7 +33,7 @@ def main() -> int:
     parser.add_argument("--output", help="JSON path (default bench/results/memory_calibration_<device>.json)")
     args = parser.parse_args()
 
-    from tuneforge.recommend import estimate_memory_mb, model_shape
+    from tuneforge.choose.recommend import estimate_memory_mb, model_shape
 
     work = Path(tempfile.mkdtemp(prefix="tuneforge-calibration-"))
     settings = ["--model", args.model, "--objective", "pretrain", "--data", "general", "--max-steps", "2",

@@ -1,5 +1,5 @@
 """Project per-GPU training memory on 8 x H100 80GB with FSDP2 from tuneforge's memory model
-(``tuneforge.recommend.memory_breakdown``: parameters, gradients, optimiser, reference, all-gathered units,
+(``tuneforge.choose.recommend.memory_breakdown``: parameters, gradients, optimiser, reference, all-gathered units,
 activations, logits), for full fine-tuning of a Llama-3.1-8B-shaped model and QLoRA r=16 of a Llama-3.1-70B-shaped
 one, and the Llama-3.2-1B-shaped runs ``bench/gpu_fsdp.py`` measures (one-rank FSDP vs single device), so a GPU run
 checks the same arithmetic. Shapes are the published configs, built on the meta device: nothing is downloaded.
@@ -40,7 +40,7 @@ PARTS = ("parameters", "gradients", "optimizer", "reference", "gathered", "activ
 def shape(name: str):
     from transformers import LlamaConfig
 
-    from tuneforge.recommend import shape_from_config
+    from tuneforge.choose.recommend import shape_from_config
 
     return shape_from_config(LlamaConfig(**SHAPES[name]), name, ("full", "lora", "qlora"),
                              {"lora": LORA_OPTIONS, "qlora": LORA_OPTIONS})
@@ -70,7 +70,7 @@ def gpu_fsdp_scenarios(batch_size: int = 2, max_length: int = 2048) -> list[dict
 
 
 def project(scenario: dict, gpu: bool = True) -> dict[str, float]:
-    from tuneforge.recommend import memory_breakdown
+    from tuneforge.choose.recommend import memory_breakdown
 
     settings = {k: v for k, v in scenario.items() if k not in ("model", "method", "objective")}
     return memory_breakdown(shape(scenario["model"]), scenario["method"], scenario["objective"], gpu=gpu, **settings)
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
                      "root_params": shape(name).root_params, "block_params": shape(name).block_params}
               for name in ("llama-3.1-8b", "llama-3.1-70b", "llama-1b")}
     lines = ["# Per-GPU memory projected for FSDP2 on 8 x H100 80GB", "",
-             "From `tuneforge.recommend.memory_breakdown` (written by `bench/memory_projection.py`). GiB per rank at "
+             "From `tuneforge.choose.recommend.memory_breakdown` (written by `bench/memory_projection.py`). GiB per rank at "
              "the training peak; the components sum to the total (`freed_in_backward`: full fine-tuning's gradients "
              "fill while backward frees the activations, so the peak holds the larger of the two). 'Fits' leaves 10% "
              f"of the H100's {H100_MB} MiB for the CUDA context, NCCL buffers and fragmentation.", "",

@@ -48,7 +48,7 @@ def row_command(row: str) -> tuple[str, list[str]]:
 def run_method(name: str, args: argparse.Namespace, out_root: Path) -> dict:
     method, options = row_command(name)
     output = out_root / name
-    cmd = [sys.executable, "-m", "tuneforge.cli", "train", "--method", method, "--max-steps", str(args.steps),
+    cmd = [sys.executable, "-m", "tuneforge.commands.main", "train", "--method", method, "--max-steps", str(args.steps),
            "--output", str(output), "--overwrite", "true", "--progress", "false", "--eval-limit", str(args.eval_limit)]
     if method in DEMO_LR and "--learning-rate" not in args.extra:
         cmd += ["--learning-rate", str(DEMO_LR[method])]

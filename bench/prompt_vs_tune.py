@@ -16,7 +16,7 @@ Rows, all scored on the same held-out records:
 * ``LoRA``  r=8, alpha=16, all linear layers (the demo's settings), same steps, batches and data.
 
 Exact match, the same function for every row: the greedy generation, stripped, equals the reference after runs of
-whitespace become one space (``tuneforge.evaluate.normalise_answer``, what ``tuneforge train`` reports as
+whitespace become one space (``tuneforge.inference.evaluate.normalise_answer``, what ``tuneforge train`` reports as
 ``exact_match_after``): case and punctuation count, so "2021-03-05." is wrong. The ``lenient`` column applies
 ``tuneforge.prompting``'s ``exact`` metric (case-folded, quotes and punctuation at the ends ignored) to the same
 outputs, to show how much of a gap is formatting. Inference cost is the mean prompt length per query in tokens as
@@ -43,13 +43,13 @@ import torch  # noqa: E402
 from tuneforge.config import load_config  # noqa: E402
 from tuneforge.data.formats import read_rows  # noqa: E402
 from tuneforge.data.template import ensure_chat_template, prompt_ids  # noqa: E402
-from tuneforge.evaluate import normalise_answer  # noqa: E402
-from tuneforge.generate import generate  # noqa: E402
+from tuneforge.inference.evaluate import normalise_answer  # noqa: E402
+from tuneforge.inference.generate import generate  # noqa: E402
 from tuneforge.methods import get_method  # noqa: E402
 from tuneforge.prompting import FewShot, PromptTemplate, evaluate_prompts, load_template  # noqa: E402
 from tuneforge.prompting.metrics import exact_match as lenient_exact  # noqa: E402
 from tuneforge.prompting.template import _PLACEHOLDER  # noqa: E402
-from tuneforge.trainer import DEMO_DIR, train  # noqa: E402
+from tuneforge.run.trainer import DEMO_DIR, train  # noqa: E402
 
 DEFAULT_TEMPLATES = ["zero_shot", "role_expert", str(ROOT / "examples" / "prompting" / "dates_zero_shot.yaml")]
 LORA_OPTIONS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"}  # demo.yaml
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    from tuneforge.models import load_model
+    from tuneforge.models.loading import load_model
 
     start = time.perf_counter()
     report = compare(lambda: load_model(args.model, device=args.device), train_path=args.train, eval_path=args.eval,

@@ -39,8 +39,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     args = parser.parse_args()
 
-    from tuneforge.generate import generate
-    from tuneforge.models import load_model
+    from tuneforge.inference.generate import generate
+    from tuneforge.models.loading import load_model
 
     model, tokenizer = load_model("smollm2-135m-instruct", device="cpu", dtype="float32")
     prompts = [kind.format(topic) for topic in TOPICS for kind in KINDS]

@@ -177,7 +177,7 @@ def single_thread():
 def fit(model, handle, batch: dict, steps: int, lr: float = 1e-2) -> list[float]:
     """``steps`` AdamW steps of the method's trainable parameters on one batch; the token-mean losses, so a test
     can check that training reduces the loss."""
-    from tuneforge.objectives.logprobs import token_cross_entropy_sum
+    from tuneforge.models.logprobs import token_cross_entropy_sum
 
     optimizer = torch.optim.AdamW([p for _, p in handle.trainable_parameters()], lr=lr)
     model.train()

@@ -41,7 +41,7 @@ def held_state(trainer) -> dict:
 
 
 def train(tuneforge, overrides: dict) -> None:
-    from tuneforge.trainer import Trainer
+    from tuneforge.run.trainer import Trainer
 
     stop = overrides.pop("_stop_before_step", None)
     measure = overrides.pop("_measure_state", None)

@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM
 import tuneforge
 from tuneforge.errors import ConfigError
 from conftest import qa_rows, write_jsonl
-from tuneforge.cli import main
-from tuneforge.inference import load_for_inference
+from tuneforge.commands.main import main
+from tuneforge.inference.loading import load_for_inference
 from tuneforge.data.formats import load_examples
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -203,7 +203,7 @@ def test_methods_lists_every_method_with_a_count(tiny_model_dir, capsys):
 
 
 def test_flags_parse_and_route():
-    from tuneforge.cli import parse_overrides
+    from tuneforge.commands.main import parse_overrides
 
     flags = parse_overrides(["--lora-target-modules", "q_proj,v_proj", "--resume", "--learning-rate=1e-4",
                              "--max-steps", "7", "--sft-train-on-prompt", "true", "--output", "runs/x"])
@@ -223,7 +223,7 @@ def test_flags_parse_and_route():
 HEAVY = ("torch", "transformers", "datasets", "matplotlib", "lm_eval")
 SRC = Path(__file__).resolve().parents[1] / "src"
 # Runs the command in a fresh interpreter, then prints (last line) the heavy libraries it imported.
-IMPORTS_PROBE = ("import json, sys\nfrom tuneforge.cli import main\ntry:\n    main(sys.argv[1:])\n"
+IMPORTS_PROBE = ("import json, sys\nfrom tuneforge.commands.main import main\ntry:\n    main(sys.argv[1:])\n"
                  "except SystemExit:\n    pass\n"
                  f"print(json.dumps(sorted(set({HEAVY!r}) & {{m.split('.')[0] for m in sys.modules}})))")
 
@@ -246,12 +246,12 @@ def test_help_and_argument_errors_load_no_heavy_library(argv):
 
 
 def test_public_names_load_on_first_use_and_stay_functions():
-    """``tuneforge`` imports its API lazily; importing the submodule ``tuneforge.generate`` must not turn the public
-    ``tuneforge.generate`` into that module."""
-    import tuneforge.evaluate
-    import tuneforge.generate
-    from tuneforge.evaluate import evaluate
-    from tuneforge.generate import generate
+    """``tuneforge`` imports its API lazily: the public ``tuneforge.generate`` is the function that lives in
+    ``tuneforge.inference.generate``, loaded on first use."""
+    import tuneforge.inference.evaluate
+    import tuneforge.inference.generate
+    from tuneforge.inference.evaluate import evaluate
+    from tuneforge.inference.generate import generate
 
     assert tuneforge.generate is generate and tuneforge.evaluate is evaluate
     assert sorted(tuneforge.__all__) == sorted(tuneforge._PUBLIC) and set(tuneforge.__all__) <= set(dir(tuneforge))

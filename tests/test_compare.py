@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from conftest import qa_rows, write_jsonl
-from tuneforge.checkpoint import TRAINING_STATE
-from tuneforge.compare import compare, draw_chart, markdown, train_args
+from tuneforge.run.checkpoint import TRAINING_STATE
+from tuneforge.choose.compare import compare, draw_chart, markdown, train_args
 from tuneforge.config import ConfigError
 from tuneforge.outputs import OutputConflict
-from tuneforge.reuse import SettingsChanged
+from tuneforge.run.reuse import SettingsChanged
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -146,7 +146,7 @@ def test_a_rerun_with_other_settings_or_data_is_refused_naming_what_changed(tmp_
     with pytest.raises(SettingsChanged, match=r"compare: lora, adapter: data changed \(.*sft.jsonl\)"):
         compare(["lora", "adapter"], flags, out, runner)
     assert len(calls) == 2
-    from tuneforge.cli import main  # the command: one line, exit 2, nothing trained
+    from tuneforge.commands.main import main  # the command: one line, exit 2, nothing trained
 
     assert main(["compare", "--methods", "lora,adapter", "--output", str(out), *flags]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("tuneforge: error: compare: lora, adapter: "

@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 import tuneforge
-from tuneforge.cli import main
+from tuneforge.commands.main import main
 from tuneforge.config import ConfigError, RunConfig, load_config
 from tuneforge.methods.base import METHODS
 from tuneforge.objectives.base import OBJECTIVES
@@ -119,7 +119,7 @@ def test_behaviour_is_declared_by_the_method_and_objective():
 
 
 def test_train_help_lists_every_option_under_its_flag():
-    from tuneforge.cli import _config_help
+    from tuneforge.commands.main import _config_help
 
     text = _config_help()
     for flag in ("--learning-rate", "--lora-r", "--lora-alpha", "--qlora-bnb-4bit-quant-type", "--prefix-projection",

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from tuneforge.cli import main
-from tuneforge.convert import convert_to_safetensors
-from tuneforge.models import InvalidModelError, load_model
+from tuneforge.commands.main import main
+from tuneforge.artifacts.convert import convert_to_safetensors
+from tuneforge.models.loading import InvalidModelError, load_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -345,7 +345,7 @@ def fake_hub_datasets(monkeypatch, error):
 def test_a_missing_path_with_one_slash_is_not_a_wait_on_the_network(tmp_path, monkeypatch):
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    from tuneforge.hub import PROBE_TIMEOUT_S
+    from tuneforge.models.hub import PROBE_TIMEOUT_S
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # conftest sets it; this test asks a fake hub

@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 import tuneforge
-import tuneforge.cli
-from tuneforge import checkpoint as ckpt
-from tuneforge.distributed import Distributed
-from tuneforge.recommend import memory_breakdown, model_shape
+import tuneforge.commands.main
+from tuneforge.run import checkpoint as ckpt
+from tuneforge.run.distributed import Distributed
+from tuneforge.choose.recommend import memory_breakdown, model_shape
 
 from conftest import qa_rows, write_jsonl
 
@@ -193,8 +193,8 @@ def test_bad_input_under_nproc_per_node_is_one_line_before_any_worker_starts(tmp
     def no_workers(*args):
         raise AssertionError("torchrun was started for a run the parent process could have refused")
 
-    monkeypatch.setattr("tuneforge.distributed.launch_torchrun", no_workers)
-    code = tuneforge.cli.main(["train", "--model", str(tmp_path / "never-loaded"), "--data", str(sft_file),
+    monkeypatch.setattr("tuneforge.run.distributed.launch_torchrun", no_workers)
+    code = tuneforge.commands.main.main(["train", "--model", str(tmp_path / "never-loaded"), "--data", str(sft_file),
                                "--output", str(tmp_path / "run"), *flags])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("tuneforge: error: ") and message in err
@@ -203,9 +203,9 @@ def test_bad_input_under_nproc_per_node_is_one_line_before_any_worker_starts(tmp
 
 def test_a_valid_run_under_nproc_per_node_is_launched_with_its_arguments(tmp_path, sft_file, monkeypatch):
     launched = []
-    monkeypatch.setattr("tuneforge.distributed.launch_torchrun", lambda n, args: launched.append((n, args)) or 0)
+    monkeypatch.setattr("tuneforge.run.distributed.launch_torchrun", lambda n, args: launched.append((n, args)) or 0)
     args = ["--data", str(sft_file), "--batch-size", "4", "--output", str(tmp_path / "run")]
-    assert tuneforge.cli.main(["train", "--nproc-per-node", "2", *args]) == 0
+    assert tuneforge.commands.main.main(["train", "--nproc-per-node", "2", *args]) == 0
     assert launched == [(2, ["train", *args])] and not (tmp_path / "run").exists()
 
 
@@ -287,7 +287,7 @@ def test_a_two_rank_fsdp_checkpoint_resumes_on_one_process(kill_test_resumed, tm
 
 
 def test_an_fsdp_runs_adapter_loads_on_one_process(runs):
-    from tuneforge.inference import load_for_inference
+    from tuneforge.inference.loading import load_for_inference
 
     root, configs = runs
     model, _, handle = load_for_inference(configs["lora_sft_fsdp"]["model"], root / "lora_sft_fsdp", device="cpu")

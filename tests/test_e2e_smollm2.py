@@ -13,7 +13,7 @@ import torch
 import tuneforge
 from conftest import write_jsonl
 from tuneforge.data.formats import load_examples
-from tuneforge.models import ModelNotFoundError, load_tokenizer, resolve_model_path
+from tuneforge.models.loading import ModelNotFoundError, load_tokenizer, resolve_model_path
 
 DEMO = Path(tuneforge.__file__).parent / "assets" / "demo" / "train.jsonl"
 FALLBACK_ROWS = [{"instruction": "Write this date as YYYY-MM-DD.", "input": f"{d} March {y}",

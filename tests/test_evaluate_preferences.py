@@ -10,10 +10,10 @@ import torch
 
 import tuneforge
 from conftest import make_tiny_model, write_jsonl
-from tuneforge.cli import main
+from tuneforge.commands.main import main
 from tuneforge.data.formats import load_examples
 from tuneforge.data.template import ensure_chat_template
-from tuneforge.evaluate_preferences import pair_logps, preference_metrics
+from tuneforge.run.evaluate_preferences import pair_logps, preference_metrics
 from tuneforge.objectives.dpo import dpo_loss
 from tuneforge.objectives.reward import load_reward_model
 

@@ -10,7 +10,7 @@ import torch
 
 import tuneforge as tf
 from conftest import make_tiny_model
-from tuneforge.export import export, export_gguf
+from tuneforge.artifacts.export import export, export_gguf
 
 gguf = pytest.importorskip("gguf")
 
@@ -100,7 +100,7 @@ def test_vllm_layout_keeps_a_lora_adapter_beside_the_base(tmp_path, tokenizer):
 
 
 def test_cli_export_prints_the_vllm_command(tmp_path, tokenizer, capsys):
-    from tuneforge.cli import main
+    from tuneforge.commands.main import main
 
     run, _ = lora_run(tmp_path, "llama", tokenizer)
     assert main(["export", str(run), "--format", "vllm", "--output", str(tmp_path / "v")]) == 0

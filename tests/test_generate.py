@@ -11,7 +11,7 @@ import torch
 import tuneforge
 from conftest import make_tiny_model
 from tuneforge.data.template import ensure_chat_template
-from tuneforge.generate import generate, generate_ids
+from tuneforge.inference.generate import generate, generate_ids
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -133,7 +133,7 @@ def test_generate_strings_apply_the_chat_template(chat_tokenizer):
 
 
 def test_long_prompts_come_in_smaller_batches():
-    from tuneforge.generate import length_batches
+    from tuneforge.inference.generate import length_batches
 
     order = [3, 0, 2, 1]  # sorted by length: 10, 10, 50, 90 tokens (prompt + new tokens)
     assert length_batches(order, [10, 10, 50, 90], max_rows=64, max_tokens=None) == [[3, 0, 2, 1]]

@@ -1,4 +1,5 @@
-"""``tuneforge.inference``: base + adapter loaded the way the adapter's method asks (a QLoRA adapter's base in 4 bits),
+"""``tuneforge.inference.loading``: base + adapter loaded the way the adapter's method asks (a QLoRA adapter's base in
+4 bits),
 the same logits as the model that was saved, the base-model resolution order, and the loader's clients (merge,
 prompt evaluation). Tiny models built from configs; nothing downloads."""
 
@@ -13,12 +14,12 @@ from transformers import AutoModelForCausalLM
 
 import tuneforge
 from conftest import save_tiny_model_dir
-from tuneforge import inference
-from tuneforge.cli import main
-from tuneforge.inference import default_model, load_for_inference
-from tuneforge.merge import merge_adapter
+from tuneforge.inference import loading as inference
+from tuneforge.commands.main import main
+from tuneforge.inference.loading import default_model, load_for_inference
+from tuneforge.artifacts.merge import merge_adapter
 from tuneforge.methods.qlora import QLoRAConfig, is_4bit_model, quantization_summary
-from tuneforge.models import DEFAULT_MODEL
+from tuneforge.models.loading import DEFAULT_MODEL
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -144,7 +145,7 @@ def test_merging_a_method_that_cannot_merge_is_a_clear_cli_error(tmp_path, tiny_
 
 
 def test_prompt_commands_load_through_the_inference_loader(tmp_path, tiny_model_dir, monkeypatch):
-    from tuneforge.prompting import cli as prompting_cli
+    from tuneforge.commands import prompting as prompting_cli
 
     save_qlora_adapter(tiny_model_dir, tmp_path / "qlora")
     calls = spy_load_model(monkeypatch)

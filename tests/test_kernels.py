@@ -1,4 +1,4 @@
-"""Optional GPU kernels (kernels.py): used only on CUDA and only when installed, named in the run summary; a run
+"""Optional GPU kernels (models/kernels.py): used only on CUDA and only when installed, named in the run summary; a run
 without them (every CPU run) says so."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import importlib.util
 
 import torch
 
-from tuneforge import kernels
+from tuneforge.models import kernels
 
 
 def pretend_installed(monkeypatch, *modules: str) -> None:

@@ -1,25 +1,24 @@
-"""The package's layering (DESIGN.md, "Layout"), checked on the source rather than by convention.
+"""The package's floor plan (docs/architecture.md), checked on the source rather than by convention.
 
-Layers read top-down: cli -> (trainer | inference | serve | compare) -> objectives -> methods -> data / models.
+The package is a stack of layers; a module imports only from its own layer or a layer below it:
 
-Rules checked here:
+    commands/  (every subcommand; the only code that parses arguments and prints), __main__
+    serve/, studio/
+    choose/ (recommend, compare), prompting/
+    run/ (trainer, checkpoints, distribution, tracking, pipelines, reports), config
+    artifacts/ (merge, export, convert, verify)
+    objectives/
+    inference/ (loading base + adapter, generation, metrics, benchmarks)
+    methods/
+    models/ (loading, hub, kernels, log-probabilities), data/
+    errors, options, registry, flags, outputs, progress
 
-* Every module under ``src/tuneforge`` imports on its own in a fresh interpreter, with no other tuneforge module
-  imported before it (Python still runs the parent packages' ``__init__`` first; that is the only thing that may).
-* CLI modules are ``tuneforge.cli`` (the ``tuneforge`` command) and the subcommand definitions that live beside
-  their feature, ``tuneforge.prompting.cli`` and ``tuneforge.objectives.cli_alignment`` (``tuneforge.cli`` finds
-  them by name at run time, it does not import them statically). A CLI module may import any library module. No
-  library module may import a CLI module, and no module at all imports ``tuneforge.cli`` (the subcommand
-  definitions do not reach back into the command). Everything else is a library module.
-* Library modules only (CLI modules are exempt, they sit on top):
-  - ``methods/`` never imports ``objectives/``, ``trainer``, ``inference`` or ``checkpoint`` (adapter files are
-    ``methods/adapter_files.py``; checkpoint.py is training state, which belongs to the trainer);
-  - ``objectives/`` never imports ``trainer`` or ``methods/`` (methods and objectives never import each other;
-    ``trainer`` composes them). Reward scoring loads its backbone with ``tuneforge.inference`` (a function-level
-    import in ``objectives/reward.py``), the one loader that knows about methods;
-  - ``data/`` and ``models.py`` import neither ``methods/`` nor ``objectives/`` (nor ``trainer`` / ``inference``);
-  - ``inference`` never imports ``objectives/`` or ``trainer`` (reward scoring loads its backbone through
-    ``inference``, so the reverse would be a cycle).
+``tuneforge/__init__.py`` is the public facade: it re-exports names lazily from any layer and nothing imports it
+for anything but that. Beside the stack, two rules keep the extension points independent: ``objectives/`` never
+imports ``methods/`` (the trainer composes them), and no module outside ``commands/`` imports a command module.
+
+Every module also imports on its own in a fresh interpreter, with no other tuneforge module imported before it
+(Python still runs the parent packages' ``__init__`` first; that is the only thing that may).
 
 Imports are read with ``ast`` from every file, wherever they are: module level, inside functions (a lazy import is
 still a dependency) and under ``if TYPE_CHECKING``. Relative imports are resolved against the file's package.
@@ -39,20 +38,36 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "tuneforge"
 
-CLI_MODULES = {"tuneforge.cli", "tuneforge.__main__", "tuneforge.prompting.cli", "tuneforge.objectives.cli_alignment"}
-
-LIBRARY_LAYER_RULES = [
-    # (modules the rule applies to, prefixes they must not import)
-    ("tuneforge.methods", ["tuneforge.objectives", "tuneforge.trainer", "tuneforge.inference", "tuneforge.checkpoint"]),
-    ("tuneforge.objectives", ["tuneforge.trainer", "tuneforge.methods"]),
-    ("tuneforge.data", ["tuneforge.methods", "tuneforge.objectives", "tuneforge.trainer", "tuneforge.inference"]),
-    ("tuneforge.models", ["tuneforge.methods", "tuneforge.objectives", "tuneforge.trainer", "tuneforge.inference"]),
-    ("tuneforge.inference", ["tuneforge.objectives", "tuneforge.trainer"]),
+# Bottom to top. The longest matching prefix places a module.
+LAYERS = [
+    ["tuneforge.errors", "tuneforge.options", "tuneforge.registry", "tuneforge.flags", "tuneforge.outputs",
+     "tuneforge.progress"],
+    ["tuneforge.models", "tuneforge.data"],
+    ["tuneforge.methods"],
+    ["tuneforge.inference"],
+    ["tuneforge.objectives"],
+    ["tuneforge.artifacts"],
+    ["tuneforge.run", "tuneforge.config"],
+    ["tuneforge.choose", "tuneforge.prompting"],
+    ["tuneforge.serve", "tuneforge.studio"],
+    ["tuneforge.commands", "tuneforge.__main__"],
+]
+FACADE = "tuneforge"
+SIDEWAYS_RULES = [
+    # (modules the rule applies to, prefixes they must not import, why)
+    ("tuneforge.objectives", ["tuneforge.methods"], "methods and objectives never import each other"),
 ]
 
 
 def within(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
+
+
+def layer_of(name: str) -> int | None:
+    """The layer a module sits in (index into LAYERS), or None for the facade and non-tuneforge modules."""
+    matches = [(len(prefix), index) for index, prefixes in enumerate(LAYERS) for prefix in prefixes
+               if within(name, prefix)]
+    return max(matches)[1] if matches else None
 
 
 def source_files() -> list[Path]:
@@ -109,7 +124,7 @@ def test_the_import_reader_resolves_relative_and_function_level_imports(tmp_path
 
 def test_every_module_imports_on_its_own_in_a_fresh_interpreter():
     names = [module_name(p) for p in source_files()]
-    assert "tuneforge.inference" in names and "tuneforge.methods.adapter_files" in names
+    assert "tuneforge.inference.loading" in names and "tuneforge.methods.adapter_files" in names
     # One interpreter (third-party imports such as torch stay cached, so this is quick); before each module every
     # tuneforge module is dropped, so each import starts from nothing of ours.
     code = (
@@ -131,24 +146,38 @@ def test_every_module_imports_on_its_own_in_a_fresh_interpreter():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_nothing_imports_the_cli_and_no_library_module_imports_a_subcommand_module():
+def test_every_module_has_a_layer():
+    unplaced = [module_name(p) for p in source_files() if module_name(p) != FACADE and layer_of(module_name(p)) is None]
+    assert unplaced == [], "add new packages to LAYERS (and to docs/architecture.md)"
+
+
+def test_no_module_imports_a_layer_above_its_own():
     def forbidden(name: str, target: str) -> str | None:
-        if within(target, "tuneforge.cli") and name not in ("tuneforge.cli", "tuneforge.__main__"):
-            return "nothing imports the tuneforge command (but `python -m tuneforge`, which is it)"
-        if name not in CLI_MODULES and any(within(target, cli) for cli in CLI_MODULES):
-            return "a library module imports a CLI module"
+        if name == FACADE or target == FACADE:
+            return None
+        own, theirs = layer_of(name), layer_of(target)
+        if theirs is not None and own is not None and theirs > own:
+            return f"layer {own} ({LAYERS[own][0]}) imports layer {theirs} ({LAYERS[theirs][0]})"
         return None
 
     assert violations(forbidden) == []
 
 
-@pytest.mark.parametrize("layer,banned", LIBRARY_LAYER_RULES, ids=[layer for layer, _ in LIBRARY_LAYER_RULES])
-def test_layer_rule(layer, banned):
+def test_only_commands_import_commands():
     def forbidden(name: str, target: str) -> str | None:
-        if name in CLI_MODULES or not within(name, layer):
+        outside = not within(name, "tuneforge.commands") and name != "tuneforge.__main__"
+        return "a library module imports a command module" if outside and within(target, "tuneforge.commands") else None
+
+    assert violations(forbidden) == []
+
+
+@pytest.mark.parametrize("layer,banned,why", SIDEWAYS_RULES, ids=[layer for layer, _, _ in SIDEWAYS_RULES])
+def test_sideways_rule(layer, banned, why):
+    def forbidden(name: str, target: str) -> str | None:
+        if not within(name, layer):
             return None
         hit = next((b for b in banned if within(target, b)), None)
-        return f"{layer} must not import {hit}" if hit else None
+        return f"{layer} must not import {hit}: {why}" if hit else None
 
     assert violations(forbidden) == []
 

@@ -1,4 +1,5 @@
-"""lm-evaluation-harness benchmarks (tuneforge/benchmarks.py): ``eval --tasks`` and ``--general-eval tasks:...``.
+"""lm-evaluation-harness benchmarks (tuneforge/inference/benchmarks.py): ``eval --tasks`` and ``--general-eval
+tasks:...``.
 
 Offline: the tasks are lm-eval YAML tasks written into tmp_path over local JSONL files (``dataset_path: json``), run
 on tiny random models with a LoRA adapter. Every number is checked against the same quantity computed here with
@@ -16,11 +17,11 @@ import pytest
 import torch
 
 import tuneforge
-from tuneforge.benchmarks import Benchmarks
-from tuneforge.cli import main
-from tuneforge.compare import markdown, read_row
+from tuneforge.inference.benchmarks import Benchmarks
+from tuneforge.commands.main import main
+from tuneforge.choose.compare import markdown, read_row
 from tuneforge.errors import ConfigError
-from tuneforge.generate import generate_ids
+from tuneforge.inference.generate import generate_ids
 
 from conftest import make_tiny_model, qa_rows, write_jsonl
 

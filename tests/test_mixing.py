@@ -10,7 +10,7 @@ import pytest
 
 import tuneforge
 from conftest import make_tiny_model, qa_rows, write_jsonl
-from tuneforge.cli import parse_overrides
+from tuneforge.commands.main import parse_overrides
 from tuneforge.config import ConfigError, load_config
 from tuneforge.data.formats import load_examples
 from tuneforge.data.mixing import GENERAL_DIR, DataSource, load_mixed, mix_counts, parse_source

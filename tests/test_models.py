@@ -1,4 +1,5 @@
-"""``tuneforge.models`` on bad input: every broken model folder, pickle-only weights, a missing path that looks like a
+"""``tuneforge.models.loading`` on bad input: every broken model folder, pickle-only weights, a missing path that looks
+like a
 hub id, a hub id the hub does not have — each a one-line error naming the path (exit 2 from the CLI), never a
 traceback or a wait on the network. And what a run records about its base: an absolute path and a fingerprint that
 tells another model from the same one, with a warning when an adapter is loaded on a different base."""
@@ -15,11 +16,11 @@ import torch
 
 import tuneforge
 from conftest import make_tiny_model, save_tiny_model_dir
-from tuneforge import hub
-from tuneforge.cli import main
-from tuneforge.inference import BASE_FINGERPRINT_KEY, check_base_model, load_for_inference
+from tuneforge.models import hub
+from tuneforge.commands.main import main
+from tuneforge.inference.loading import BASE_FINGERPRINT_KEY, check_base_model, load_for_inference
 from tuneforge.methods.adapter_files import TUNEFORGE_ADAPTER_META
-from tuneforge.models import (InvalidModelError, ModelNotFoundError, load_model, model_fingerprint,
+from tuneforge.models.loading import (InvalidModelError, ModelNotFoundError, load_model, model_fingerprint,
                               resolve_model_reference)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -190,7 +191,7 @@ def test_a_hub_id_is_asked_once_with_a_short_timeout(tmp_path, monkeypatch, erro
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    from tuneforge import models
+    from tuneforge.models import loading as models
 
     models.check_hub_model.cache_clear()
     asked = fake_hub(monkeypatch, repository_not_found() if error == "not found" else error,
@@ -206,7 +207,7 @@ def test_a_hub_id_is_asked_once_with_a_short_timeout(tmp_path, monkeypatch, erro
 
 
 def test_a_hub_model_with_only_pickle_weights_is_refused(monkeypatch):
-    from tuneforge import models
+    from tuneforge.models import loading as models
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     models.check_hub_model.cache_clear()
@@ -267,7 +268,7 @@ def test_loading_an_adapter_on_a_different_base_warns(good_dir, tmp_path, tokeni
     other = tmp_path / "other"
     make_tiny_model("llama", len(tokenizer), seed=1).save_pretrained(other)
     tokenizer.save_pretrained(other)
-    with caplog.at_level(logging.WARNING, logger="tuneforge.inference"):
+    with caplog.at_level(logging.WARNING, logger="tuneforge.inference.loading"):
         load_for_inference(str(good_dir), adapter, device="cpu")
         assert not caplog.records
         load_for_inference(str(other), adapter, device="cpu")
@@ -279,8 +280,8 @@ def test_loading_an_adapter_on_a_different_base_warns(good_dir, tmp_path, tokeni
 
 def test_auto_dtype_uses_bf16_for_a_frozen_base_only_on_a_cpu_with_bf16_instructions(monkeypatch, tmp_path,
                                                                                        tiny_model_dir, sft_file):
-    from tuneforge.models import cpu_computes_bf16, default_dtype
-    from tuneforge.trainer import Trainer
+    from tuneforge.models.loading import cpu_computes_bf16, default_dtype
+    from tuneforge.run.trainer import Trainer
 
     monkeypatch.setenv("TUNEFORGE_CPU_BF16", "1")
     assert cpu_computes_bf16()

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import tuneforge
 from conftest import save_tiny_model_dir, write_jsonl
 from tuneforge.errors import ConfigError
-from tuneforge.multi_adapter import load_lanes, train_side_by_side
+from tuneforge.run.multi_adapter import load_lanes, train_side_by_side
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

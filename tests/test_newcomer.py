@@ -10,9 +10,9 @@ import pytest
 
 import tuneforge
 from conftest import make_tiny_model, save_tiny_model_dir, write_jsonl
-from tuneforge.cli import build_parser, main
+from tuneforge.commands.main import build_parser, main
 from tuneforge.data.formats import FORMATS, DataError, load_prompts
-from tuneforge.inference import recorded_base_model, training_dtype
+from tuneforge.inference.loading import recorded_base_model, training_dtype
 from tuneforge.methods.base import METHODS
 from tuneforge.objectives.base import OBJECTIVES
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_exact_match_says_when_it_starts_and_ends_off_a_terminal(tmp_path, tokenizer, caplog):
-    from tuneforge.evaluate import exact_match
+    from tuneforge.inference.evaluate import exact_match
 
     rows = [{"instruction": f"Say {i}.", "output": str(i)} for i in range(3)]
     examples = tuneforge.data.formats.load_examples(write_jsonl(tmp_path / "d.jsonl", rows))
@@ -94,7 +94,7 @@ def test_eval_computes_in_the_precision_the_run_trained_in(tmp_path, tokenizer, 
 
 
 def test_an_adapter_records_a_base_path_peft_can_open_and_keeps_the_name(tmp_path, tokenizer, monkeypatch):
-    import tuneforge.models as models
+    import tuneforge.models.loading as models
 
     local = save_tiny_model_dir(tmp_path / "embedded-dir", "llama", tokenizer)
     monkeypatch.setitem(models.EMBEDDED, "tiny-embedded", ("nowhere", "x.gguf"))

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 import tuneforge
 import tuneforge as tf
 from conftest import make_tiny_model, save_tiny_model_dir, write_jsonl
-from tuneforge import checkpoint as ckpt
-from tuneforge.cli import main
+from tuneforge.run import checkpoint as ckpt
+from tuneforge.commands.main import main
 from tuneforge.outputs import OutputConflict, check_output, staged_dir, staged_file
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -212,19 +212,19 @@ def test_a_resumed_run_reports_the_before_numbers_of_the_run_it_continues(tmp_pa
                       learning_rate=1e-2, method_options={"r": 2})
         return tuneforge.load_config(None, {**values, **overrides})
 
-    original = tuneforge.trainer.Trainer.optimizer_step
+    original = tuneforge.run.trainer.Trainer.optimizer_step
 
     def killed(self, batches, i):
         if i == 2:
             raise KeyboardInterrupt
         return original(self, batches, i)
 
-    tuneforge.trainer.Trainer.optimizer_step = killed
+    tuneforge.run.trainer.Trainer.optimizer_step = killed
     try:
         with pytest.raises(KeyboardInterrupt):
             tuneforge.train(config(), make_tiny_model("llama", len(tokenizer)), copy.deepcopy(tokenizer))
     finally:
-        tuneforge.trainer.Trainer.optimizer_step = original
+        tuneforge.run.trainer.Trainer.optimizer_step = original
     kept = ckpt.read_run_record(tmp_path / "run")["baseline"]
     assert {"eval_before_loss", "exact_match_before", "general_ppl_before"} <= kept.keys()
     result = tuneforge.train(config(resume=True), make_tiny_model("llama", len(tokenizer)), copy.deepcopy(tokenizer))

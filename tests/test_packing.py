@@ -17,9 +17,9 @@ from tuneforge.data.packing import balanced_rows, first_fit_decreasing, model_pa
 from tuneforge.data.template import IGNORE_INDEX, Tokenized, ensure_chat_template
 from tuneforge.methods import get_method
 from tuneforge.objectives import get_objective
-from tuneforge.objectives.logprobs import sequence_logps
+from tuneforge.models.logprobs import sequence_logps
 from tuneforge.objectives.reward import RewardHead, reward_scores
-from tuneforge.trainer import Trainer, training_examples
+from tuneforge.run.trainer import Trainer, training_examples
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

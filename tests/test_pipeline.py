@@ -13,8 +13,8 @@ import yaml
 from conftest import qa_rows, write_jsonl
 from tuneforge.config import ConfigError
 from tuneforge.outputs import OutputConflict
-from tuneforge.pipeline import is_pipeline, run_pipeline
-from tuneforge.reuse import SettingsChanged
+from tuneforge.run.pipeline import is_pipeline, run_pipeline
+from tuneforge.run.reuse import SettingsChanged
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -78,7 +78,7 @@ def test_a_bad_later_stage_fails_before_the_first_trains(tmp_path):
 
 
 def test_two_stage_pipeline_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
-    from tuneforge.cli import main
+    from tuneforge.commands.main import main
 
     text = write_jsonl(tmp_path / "text.jsonl", [{"text": "The quick brown fox jumps over the lazy dog."}] * 8)
     sft = write_jsonl(tmp_path / "sft.jsonl", qa_rows(8))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tuneforge.cli import main
+from tuneforge.commands.main import main
 
 ROOT = Path(__file__).parents[1]
 LOSS = re.compile(r"held-out eval, before -> after: loss ([\d.]+) -> ([\d.]+)")
@@ -31,7 +31,7 @@ def test_the_demo_yaml_and_the_readme_quote_one_number():
 
 @pytest.mark.slow
 def test_the_readme_demo_block_is_what_the_demo_prints(tmp_path, capsys):
-    from tuneforge.models import ModelNotFoundError, embedded_gguf_path
+    from tuneforge.models.loading import ModelNotFoundError, embedded_gguf_path
 
     try:  # not an import: the package's __init__ needs `llm`, which is not installed (--no-deps)
         embedded_gguf_path("smollm2-135m-instruct")

@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 import tuneforge
-from tuneforge.cli import main
-from tuneforge.pipeline import read_pipeline
-from tuneforge.recommend import (ModelShape, estimate_memory_mb, memory_breakdown, model_shape, parse_memory,
+from tuneforge.commands.main import main
+from tuneforge.run.pipeline import read_pipeline
+from tuneforge.choose.recommend import (ModelShape, estimate_memory_mb, memory_breakdown, model_shape, parse_memory,
                                  recommend)
 
 CALIBRATION = Path(__file__).parents[1] / "bench" / "results"
@@ -103,7 +103,7 @@ def test_a_gpu_name_is_case_blind_and_without_gpu_memory_says_the_estimate_is_th
                                                                                       caplog):
     assert main(["recommend", "--model", str(tiny_model_dir), "--gpu-memory", "24GB", "--gpu", "H100"]) == 0
     assert "GPU with 24 GB" in capsys.readouterr().out
-    with caplog.at_level("WARNING", logger="tuneforge.recommend"):
+    with caplog.at_level("WARNING", logger="tuneforge.choose.recommend"):
         assert main(["recommend", "--model", str(tiny_model_dir), "--gpu", "h100"]) == 0
     assert "--gpu h100 without --gpu-memory: estimating for the CPU" in caplog.text
 
@@ -162,7 +162,7 @@ def test_bad_strategy_or_world_size_is_named():
 def test_published_llama_shapes_are_built_from_the_config_alone():
     from transformers import LlamaConfig
 
-    from tuneforge.recommend import shape_from_config
+    from tuneforge.choose.recommend import shape_from_config
 
     config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)

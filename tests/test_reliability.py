@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 
 import tuneforge
 from conftest import make_tiny_model, qa_rows, write_jsonl
-from tuneforge import checkpoint as ckpt
-from tuneforge.cli import main
+from tuneforge.run import checkpoint as ckpt
+from tuneforge.commands.main import main
 from tuneforge.errors import ResumeMismatch, RunInUse, TrainingDiverged
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -38,19 +38,19 @@ def train(cfg, tokenizer):
 
 def killed_before_step(step: int, cfg, tokenizer) -> None:
     """Train ``cfg`` and interrupt it as 0-based ``step`` begins (what a kill leaves: checkpoints, no result)."""
-    original = tuneforge.trainer.Trainer.optimizer_step
+    original = tuneforge.run.trainer.Trainer.optimizer_step
 
     def killed(self, batches, i):
         if i == step:
             raise KeyboardInterrupt
         return original(self, batches, i)
 
-    tuneforge.trainer.Trainer.optimizer_step = killed
+    tuneforge.run.trainer.Trainer.optimizer_step = killed
     try:
         with pytest.raises(KeyboardInterrupt):
             train(cfg, tokenizer)
     finally:
-        tuneforge.trainer.Trainer.optimizer_step = original
+        tuneforge.run.trainer.Trainer.optimizer_step = original
 
 
 def adapter(run_dir) -> dict[str, torch.Tensor]:
@@ -224,7 +224,7 @@ def test_leftovers_are_cleaned_and_a_corrupt_newest_checkpoint_falls_back(tmp_pa
 
 # Where a kill can land: between optimiser steps, and in every write the trainer makes (checkpoint tensors and state,
 # the renames that publish them, the final adapter files and run.json).
-WRITES = [("tuneforge.checkpoint", "save_file"), ("tuneforge.checkpoint", "torch.save"),
+WRITES = [("tuneforge.run.checkpoint", "save_file"), ("tuneforge.run.checkpoint", "torch.save"),
           ("tuneforge.methods.adapter_files", "save_file"), ("os", "replace"), ("pathlib.Path", "rename")]
 
 
@@ -236,7 +236,7 @@ def run_and_maybe_die(cfg, tokenizer, kill_at: int) -> None:
 
     import safetensors.torch
 
-    from tuneforge.trainer import Trainer
+    from tuneforge.run.trainer import Trainer
 
     count = {"n": 0}
 
@@ -256,7 +256,7 @@ def run_and_maybe_die(cfg, tokenizer, kill_at: int) -> None:
             return result
         return wrapper
 
-    ckpt_module = importlib.import_module("tuneforge.checkpoint")
+    ckpt_module = importlib.import_module("tuneforge.run.checkpoint")
     files_module = importlib.import_module("tuneforge.methods.adapter_files")
     ckpt_module.save_file = counting(safetensors.torch.save_file, 1)
     files_module.save_file = counting(safetensors.torch.save_file, 1)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuneforge import report
-from tuneforge.cli import main
+from tuneforge.run import report
+from tuneforge.commands.main import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -10,7 +10,7 @@ import pytest
 import tuneforge
 from conftest import qa_rows, write_jsonl
 from test_reliability import adapter, assert_same_weights, cli, config, killed_before_step, train
-from tuneforge.cli import main
+from tuneforge.commands.main import main
 from tuneforge.data import streaming
 from tuneforge.data.formats import DataError, load_examples
 from tuneforge.data.mixing import parse_sources
@@ -202,7 +202,7 @@ def test_streaming_under_torchrun_is_refused(tmp_path, sft_file, monkeypatch):
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
         monkeypatch.setenv(key, value)
     with pytest.raises(tuneforge.errors.TuneforgeError, match="--streaming runs in one process"):
-        tuneforge.trainer.training_data(streamed(tmp_path, sft_file))
+        tuneforge.run.trainer.training_data(streamed(tmp_path, sft_file))
 
 
 def test_a_two_source_streaming_run_prints_and_logs_what_each_source_gave(tmp_path, tiny_model_dir, capsys):

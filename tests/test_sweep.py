@@ -15,7 +15,7 @@ import pytest
 
 from conftest import save_tiny_model_dir, write_jsonl
 from tuneforge.errors import ConfigError
-from tuneforge.sweep import build_spec, parse_dimension, parse_objective, parse_search_flags
+from tuneforge.choose.sweep import build_spec, parse_dimension, parse_objective, parse_search_flags
 
 WORDS = "zero one two three four five six seven eight nine".split()
 

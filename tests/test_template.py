@@ -57,7 +57,7 @@ def chatml(tokenizer):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from tuneforge.models import load_tokenizer
+    from tuneforge.models.loading import load_tokenizer
 
     try:
         tok = load_tokenizer("smollm2-135m-instruct")

@@ -14,10 +14,10 @@ import pytest
 
 import tuneforge
 from conftest import make_tiny_model
-from tuneforge import tracking
-from tuneforge.cli import main
+from tuneforge.run import tracking
+from tuneforge.commands.main import main
 from tuneforge.config import ConfigError
-from tuneforge.tracking import SUMMARY_KEYS, Tracking, TrackerNotInstalled, tracker_names
+from tuneforge.run.tracking import SUMMARY_KEYS, Tracking, TrackerNotInstalled, tracker_names
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -84,7 +84,7 @@ def test_missing_library_fails_before_the_model_loads(tmp_path, sft_file, monkey
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the tracker check")
 
-    monkeypatch.setattr("tuneforge.trainer.load_model", no_model)
+    monkeypatch.setattr("tuneforge.run.trainer.load_model", no_model)
     with pytest.raises(TrackerNotInstalled, match=r'wandb is not installed; pip install "tuneforge\[track\]"'):
         tuneforge.train(config(tmp_path, sft_file, report_to="tensorboard,wandb"))
     rc = main(["train", "--data", str(sft_file), "--output", str(tmp_path / "cli"), "--report-to", "wandb"])
@@ -229,7 +229,7 @@ def test_every_tracker_records_what_metrics_jsonl_holds(tmp_path, tokenizer, sft
 
 
 def test_a_failed_run_is_closed_as_failed(tmp_path, tokenizer, sft_file, offline, monkeypatch):
-    from tuneforge.trainer import Trainer
+    from tuneforge.run.trainer import Trainer
 
     real_step, calls = Trainer.optimizer_step, []
 

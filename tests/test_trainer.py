@@ -13,12 +13,12 @@ from safetensors.torch import load_file
 
 import tuneforge
 from conftest import make_tiny_model, write_jsonl
-from tuneforge import checkpoint as ckpt
+from tuneforge.run import checkpoint as ckpt
 from tuneforge.data.formats import load_examples
 from tuneforge.data.template import tokenize_chat
 from tuneforge.methods.lora import LoRAHandle
 from tuneforge.objectives.sft import SFT
-from tuneforge.trainer import EpochSampler, Trainer, TrainingDiverged, training_examples
+from tuneforge.run.trainer import EpochSampler, Trainer, TrainingDiverged, training_examples
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -348,7 +348,7 @@ def test_batch_size_must_be_a_multiple_of_micro_batch(tmp_path, sft_file):
 def trained_weights(tmp_path, tokenizer, name: str, **changes) -> dict[str, torch.Tensor]:
     """The trainable tensors after 2 LoRA SFT steps of a tiny Llama (no dropout), with ``changes`` to the config."""
     from conftest import qa_rows
-    from tuneforge.trainer import Trainer, training_examples
+    from tuneforge.run.trainer import Trainer, training_examples
 
     data = write_jsonl(tmp_path / "data.jsonl", qa_rows(8))
     config = tuneforge.load_config(None, dict(model="tiny", data=str(data), max_steps=2, batch_size=4,
@@ -365,7 +365,7 @@ def trained_weights(tmp_path, tokenizer, name: str, **changes) -> dict[str, torc
 def test_checkpointing_every_other_block_and_offloading_activations_keep_the_weights(tmp_path, tokenizer):
     """Memory for time, never different arithmetic: checkpointing half the blocks and keeping saved activations
     in CPU memory train to the weights of a plain run."""
-    from tuneforge.trainer import checkpoint_blocks
+    from tuneforge.run.trainer import checkpoint_blocks
 
     assert checkpoint_blocks(make_tiny_model("llama", len(tokenizer)), every=2) == [True, False]
     plain = trained_weights(tmp_path, tokenizer, "plain")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tuneforge.trainer import memory_line, peak_memory
+from tuneforge.run.trainer import memory_line, peak_memory
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 BLOCK_MB = 400

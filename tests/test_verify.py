@@ -12,10 +12,10 @@ import torch
 
 import tuneforge as tf
 from conftest import CORPUS, make_tiny_model
-from tuneforge.export import OLLAMA_CHATML, export, modelfile, ollama_chatml
-from tuneforge.gguf_pretokenizer import KNOWN_PRETOKENIZERS, pretokenizer_hash, pretokenizer_name
-from tuneforge.merge import merge_adapter
-from tuneforge.verify import PROBE_STRINGS, THRESHOLDS, threshold_for, verify
+from tuneforge.artifacts.export import OLLAMA_CHATML, export, modelfile, ollama_chatml
+from tuneforge.artifacts.gguf_pretokenizer import KNOWN_PRETOKENIZERS, pretokenizer_hash, pretokenizer_name
+from tuneforge.artifacts.merge import merge_adapter
+from tuneforge.artifacts.verify import PROBE_STRINGS, THRESHOLDS, threshold_for, verify
 
 gguf = pytest.importorskip("gguf")
 
@@ -72,7 +72,7 @@ def test_an_exact_merge_passes(runs, tmp_path):
 def test_a_corrupted_artefact_fails_naming_the_first_diverging_prompt(runs, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
-    from tuneforge.cli import main
+    from tuneforge.commands.main import main
 
     merge_adapter(runs["llama"], tmp_path / "merged", verify=False)
     weights = load_file(tmp_path / "merged" / "model.safetensors")
@@ -130,7 +130,7 @@ def test_pretokenizer_name_by_hash_with_a_fallback(tokenizer, caplog):
     digest = pretokenizer_hash(tokenizer)
     assert digest not in KNOWN_PRETOKENIZERS  # the test tokenizer is no published model's
     assert pretokenizer_name(tokenizer, fallback="smollm") == "smollm"
-    with caplog.at_level(logging.WARNING, logger="tuneforge.gguf_pretokenizer"):
+    with caplog.at_level(logging.WARNING, logger="tuneforge.artifacts.gguf_pretokenizer"):
         assert pretokenizer_name(tokenizer) == "default"
     assert digest[:16] in caplog.text
     for name in ("smollm", "llama-bpe", "qwen2", "gpt-2"):
@@ -140,7 +140,7 @@ def test_pretokenizer_name_by_hash_with_a_fallback(tokenizer, caplog):
 @pytest.mark.slow
 def test_the_embedded_tokenizer_is_smollm():
     """The embedded SmolLM2 hashes to llama.cpp's "smollm" (its own GGUF says so too)."""
-    from tuneforge.models import embedded_gguf_path, load_tokenizer
+    from tuneforge.models.loading import embedded_gguf_path, load_tokenizer
 
     assert pretokenizer_name(load_tokenizer("smollm2-135m-instruct")) == "smollm"
     source = gguf.GGUFReader(str(embedded_gguf_path("smollm2-135m-instruct")))
@@ -213,7 +213,7 @@ def test_q8_0_tensors_are_llama_cpps_own(runs, tmp_path, arch):
 def test_a_quantisation_is_judged_against_llama_cpps_own():
     """Out of the published threshold's reach: passes within REFERENCE_KL_FACTOR / _AGREEMENT_MARGIN of llama.cpp's
     own quantisation of the model, fails beyond; a tokenizer failure stands either way."""
-    from tuneforge.verify import REFERENCE_KL_FACTOR, Artefact, summarise
+    from tuneforge.artifacts.verify import REFERENCE_KL_FACTOR, Artefact, summarise
 
     rows = [{"prompt": "p", "tokens": 100, "agreement": 0.955, "mean_kl": 0.0045, "max_kl": 0.1,
              "max_logit_diff": 2.0, "first_divergence": 3, "reference_token": "a", "artefact_token": "b"}]
@@ -236,7 +236,7 @@ def test_a_quantisation_is_judged_against_llama_cpps_own():
 def embedded_ggufs(tmp_path_factory):
     """An untrained LoRA over the embedded SmolLM2-135M-Instruct, exported as f16 and q8_0 GGUF (not verified)."""
     root = tmp_path_factory.mktemp("embedded")
-    from tuneforge.models import load_model
+    from tuneforge.models.loading import load_model
 
     model, _ = load_model("smollm2-135m-instruct", device="cpu", dtype=torch.float32)
     run = tf.attach(model, tf.LoRAConfig(r=4)).save(root / "run", base_model_name_or_path="smollm2-135m-instruct")

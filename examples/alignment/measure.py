@@ -23,7 +23,7 @@ from rewards import date_reward  # noqa: E402
 def rm_accuracy(args) -> dict:
     from tuneforge.data.formats import load_examples
     from tuneforge.data.template import ensure_chat_template
-    from tuneforge.models import load_model
+    from tuneforge.models.loading import load_model
     from tuneforge.objectives.reward import RewardHead, RewardModel, hidden_size_of, load_reward_model
 
     if args.rm:

@@ -8,8 +8,6 @@
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -18,16 +16,16 @@ __version__ = "0.1.0"
 # torch: ``tuneforge --help`` would take seconds. A name's module is imported the first time the name is used.
 _PUBLIC = {
     "RunConfig": "config", "load_config": "config",
-    "evaluate": "evaluate", "exact_match": "evaluate", "perplexity": "evaluate",
-    "generate": "generate",
-    "load_for_inference": "inference",
+    "evaluate": "inference.evaluate", "exact_match": "inference.evaluate", "perplexity": "inference.evaluate",
+    "generate": "inference.generate",
+    "load_for_inference": "inference.loading",
     "attach": "methods", "available_methods": "methods", "get_method": "methods", "load_adapter": "methods",
     "AdaLoRAConfig": "methods.adalora", "AdapterConfig": "methods.adapter", "FullConfig": "methods.full",
     "LoRAConfig": "methods.lora", "PTuningConfig": "methods.p_tuning", "PTuningV2Config": "methods.p_tuning_v2",
     "PrefixTuningConfig": "methods.prefix_tuning", "PromptTuningConfig": "methods.prompt_tuning",
     "QLoRAConfig": "methods.qlora",
-    "load_model": "models",
-    "train": "trainer",
+    "load_model": "models.loading",
+    "train": "run.trainer",
 }
 
 # Written out (not list(_PUBLIC)) so that linters see the imports below as the public API.
@@ -49,23 +47,11 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_PUBLIC])
 
 
-class _Package(types.ModuleType):
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Importing the submodule tuneforge.generate binds it here as `generate`, over the function of that name
-        # (evaluate likewise). The public name stays the function, as it was when this file imported it eagerly.
-        if isinstance(value, types.ModuleType) and _PUBLIC.get(name) == name:
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-
 if TYPE_CHECKING:  # what type checkers and IDEs see: the eager imports this module defers
     from .config import RunConfig, load_config
-    from .evaluate import evaluate, exact_match, perplexity
-    from .generate import generate
-    from .inference import load_for_inference
+    from .inference.evaluate import evaluate, exact_match, perplexity
+    from .inference.generate import generate
+    from .inference.loading import load_for_inference
     from .methods import attach, available_methods, get_method, load_adapter
     from .methods.adalora import AdaLoRAConfig
     from .methods.adapter import AdapterConfig
@@ -76,5 +62,5 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the eager imports this mod
     from .methods.prefix_tuning import PrefixTuningConfig
     from .methods.prompt_tuning import PromptTuningConfig
     from .methods.qlora import QLoRAConfig
-    from .models import load_model
-    from .trainer import train
+    from .models.loading import load_model
+    from .run.trainer import train

@@ -2,7 +2,7 @@
 
 import sys
 
-from .cli import main
+from .commands.main import main
 
 if __name__ == "__main__":  # importing the module (tools, the layering test) must not run the command
     sys.exit(main())

@@ -21,10 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError
 from .methods.base import METHODS, Method, MethodConfig
-from .models import DEFAULT_MODEL
+from .models.loading import DEFAULT_MODEL
 from .objectives.base import OBJECTIVES, Objective, ObjectiveConfig
 from .options import option_names
-from .tracking import tracker_names
+from .run.tracking import tracker_names
 
 
 class RunConfig(BaseModel):

@@ -1,4 +1,5 @@
-"""``--key value`` command-line flags as config values: how `tuneforge train` reads its flags (``cli.py``) and how the
+"""``--key value`` command-line flags as config values: how `tuneforge train` reads its flags (``commands/main.py``)
+and how the
 commands that pass flags on to it read them (``compare`` splits them per method and builds each method's config
 before anything trains). A library module, so that compare need not import the CLI (tests/test_layers.py).
 """

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from tuneforge.generate import generate_ids
+from tuneforge.inference.generate import generate_ids
 from tuneforge.methods import attach
 from tuneforge.methods.kv_cache import (
     NEW_NAME,

@@ -13,7 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from conftest import fit, train_and_reload
 from tuneforge.data.batching import left_pad
-from tuneforge.generate import generate_ids
+from tuneforge.inference.generate import generate_ids
 from tuneforge.methods import attach, get_method, load_adapter, method_for_adapter
 from tuneforge.methods.adapter_files import TUNEFORGE_ADAPTER_META
 from tuneforge.methods.kv_cache import cache_kwarg, output_cache

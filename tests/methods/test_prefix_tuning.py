@@ -15,7 +15,7 @@ from tuneforge.config import route_key
 from tuneforge.methods import attach, get_method, load_adapter, method_for_adapter
 from tuneforge.methods.kv_cache import cache_kwarg, output_cache
 from tuneforge.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
-from tuneforge.objectives.logprobs import token_cross_entropy_sum
+from tuneforge.models.logprobs import token_cross_entropy_sum
 
 peft = pytest.importorskip("peft")
 
@@ -232,7 +232,7 @@ def test_gradient_checkpointing_is_refused_in_training():
 
 
 def cached_greedy(model, ids, mask, new_tokens: int):
-    """tuneforge.generate's loop: left-padded prefill, then one token per step with the returned cache."""
+    """tuneforge.inference.generate's loop: left-padded prefill, then one token per step with the returned cache."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     tokens = []

@@ -14,12 +14,12 @@ from packaging.version import Version
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 from conftest import train_and_reload
-from tuneforge.generate import generate_ids
+from tuneforge.inference.generate import generate_ids
 from tuneforge.methods import attach, get_method, load_adapter, method_for_adapter
 from tuneforge.methods.adapter_files import TUNEFORGE_ADAPTER_META
 from tuneforge.methods.kv_cache import cache_kwarg, output_cache
 from tuneforge.methods.prompt_tuning import PromptTuning, PromptTuningConfig, text_init_ids
-from tuneforge.objectives.logprobs import token_cross_entropy_sum
+from tuneforge.models.logprobs import token_cross_entropy_sum
 
 peft = pytest.importorskip("peft")
 
@@ -274,7 +274,8 @@ def greedy_without_cache(model, prompt: list[int], steps: int) -> tuple[list[int
 
 
 def greedy_with_cache(model, prompts: list[list[int]], steps: int) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """tuneforge.generate's calls: left-padded prefill with position ids, then one token per step from the cache."""
+    """tuneforge.inference.generate's calls: left-padded prefill with position ids, then one token per step from the
+    cache."""
     from tuneforge.data.batching import left_pad
 
     ids, mask = left_pad(prompts, 0)

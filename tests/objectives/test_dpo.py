@@ -20,7 +20,7 @@ from tuneforge.methods import attach
 from tuneforge.methods.lora import LoRAConfig
 from tuneforge.objectives import TrainContext, get_objective
 from tuneforge.objectives.dpo import DPO, chosen_nll, dpo_loss
-from tuneforge.trainer import Trainer, training_examples
+from tuneforge.run.trainer import Trainer, training_examples
 
 # -- TRL oracle: DPOTrainer._compute_loss run on given per-token log-probs ---------------------------------
 
@@ -187,7 +187,7 @@ def test_step0_loss_is_log2_with_lora(chat_tokenizer, arch, precompute):
 
 def test_rpo_adds_the_chosen_nll_per_pair(chat_tokenizer):
     """At step 0 (policy = reference) the loss per pair is log 2 + rpo_alpha x the chosen token-mean NLL."""
-    from tuneforge.objectives.logprobs import sequence_logps
+    from tuneforge.models.logprobs import sequence_logps
 
     model = make_tiny_model("llama", len(chat_tokenizer))
     handle = attach(model, LoRAConfig(r=4))

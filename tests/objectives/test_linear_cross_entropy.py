@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from conftest import make_tiny_model, qa_rows
 from tuneforge.data.formats import normalise
 from tuneforge.data.template import ensure_chat_template
-from tuneforge.objectives import TrainContext, get_objective, logprobs
-from tuneforge.objectives.linear_cross_entropy import (
+from tuneforge.models import logprobs
+from tuneforge.objectives import TrainContext, get_objective
+from tuneforge.models.linear_cross_entropy import (
     LinearCrossEntropySum,
     LinearTokenLogps,
     linear_cross_entropy_sum,

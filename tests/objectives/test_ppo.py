@@ -14,7 +14,7 @@ from conftest import make_tiny_model, write_jsonl
 from tuneforge.config import RunConfig
 from tuneforge.data.formats import normalise
 from tuneforge.data.template import ensure_chat_template
-from tuneforge.generate import generate_ids
+from tuneforge.inference.generate import generate_ids
 from tuneforge.methods import attach
 from tuneforge.methods.lora import LoRAConfig
 from tuneforge.objectives import TrainContext, get_objective
@@ -22,7 +22,7 @@ from tuneforge.objectives import rollouts as rollouts_module
 from tuneforge.objectives.ppo import (PPO, adaptive_kl_coef, call_reward_function, gae, load_reward_function,
                                       masked_whiten, ppo_loss)
 from tuneforge.objectives.reward import RewardHead, load_reward_model, save_reward_head
-from tuneforge.trainer import Trainer, training_examples
+from tuneforge.run.trainer import Trainer, training_examples
 
 # -- the math -----------------------------------------------------------------------------------------------
 

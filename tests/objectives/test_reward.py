@@ -16,10 +16,10 @@ from tuneforge.data.formats import DataError, normalise
 from tuneforge.data.template import ensure_chat_template
 from tuneforge.methods import attach
 from tuneforge.objectives import TrainContext, get_objective
-from tuneforge.objectives import cli_alignment
+from tuneforge.commands import alignment as cli_alignment
 from tuneforge.objectives.reward import (REWARD_HEAD_NAME, Reward, RewardHead, load_reward_model, reward_loss,
                                          reward_scores)
-from tuneforge.trainer import Trainer, training_examples
+from tuneforge.run.trainer import Trainer, training_examples
 
 
 def log_sigmoid(x: float) -> float:

@@ -18,7 +18,7 @@ from tuneforge.data.template import ensure_chat_template
 from tuneforge.methods import attach
 from tuneforge.methods.lora import LoRAConfig
 from tuneforge.objectives import TrainContext, get_objective
-from tuneforge.objectives.logprobs import sequence_logps
+from tuneforge.models.logprobs import sequence_logps
 from tuneforge.objectives.simpo import SimPO, simpo_loss
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from tuneforge.prompting import (TemplateError, contains_match, evaluate_prompts, exact_match, load_metric,
                                  load_template, normalize_answer)
-from tuneforge.prompting import cli as prompting_cli
+from tuneforge.commands import prompting as prompting_cli
 from tuneforge.prompting.metrics import score
 
 RECORDS = [

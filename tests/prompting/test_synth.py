@@ -28,7 +28,7 @@ import pytest
 
 from tuneforge.prompting import (SynthConfig, TeacherClient, TeacherConfigError, TeacherRequestError,
                                  read_documents, read_topics, synthesize)
-from tuneforge.prompting import cli as prompting_cli
+from tuneforge.commands import prompting as prompting_cli
 from tuneforge.prompting.teacher import TeacherUnreachableError
 
 API_KEY = "sk-test-SECRET-7f3a"
@@ -279,7 +279,7 @@ def test_resume_after_a_job_limit_and_a_torn_last_line_writes_each_job_once(tmp_
 def test_a_killed_run_resumes_and_each_job_lands_exactly_once(tmp_path):
     output = tmp_path / "synth.jsonl"
     topics = topics_file(tmp_path, 12)
-    code = ("import argparse, sys\nfrom tuneforge.prompting.cli import add_subcommands\n"
+    code = ("import argparse, sys\nfrom tuneforge.commands.prompting import add_subcommands\n"
             "p = argparse.ArgumentParser(); add_subcommands(p.add_subparsers())\n"
             "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))\n")
     with TeacherServer() as server:

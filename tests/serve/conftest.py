@@ -27,7 +27,7 @@ pytest.importorskip("openai")
 def make_adapters(root: Path, model_dir: Path) -> dict[str, Path]:
     """Adapters with visible effects (random B / random prompt), saved as training saves them."""
     import tuneforge as tf
-    from tuneforge.inference import load_for_inference
+    from tuneforge.inference.loading import load_for_inference
 
     specs = {
         "lora-a": tf.LoRAConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False),
@@ -88,7 +88,7 @@ def adapter_dirs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, adapter_dirs):
     """The shared server: base `base`, adapters lora-a, lora-b, prompt; API key `test-key`."""
-    from tuneforge.inference import load_for_inference
+    from tuneforge.inference.loading import load_for_inference
     from tuneforge.serve.app import create_app
 
     model, tokenizer, _ = load_for_inference(str(tiny_model_dir), None)
@@ -115,8 +115,8 @@ def live_server():
 def endless_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """The tiny Llama with a 32k context whose stop tokens never win greedy decoding (their output rows are zero,
     every other logit is random): a request runs to its max_tokens, so a long generation is long for sure."""
-    from tuneforge.generate import stop_token_ids
-    from tuneforge.inference import load_for_inference
+    from tuneforge.inference.generate import stop_token_ids
+    from tuneforge.inference.loading import load_for_inference
 
     model, tokenizer, _ = load_for_inference(str(tiny_model_dir), None)
     with torch.no_grad():
@@ -140,7 +140,7 @@ class ServeProcess:
 
     def __init__(self, model_dir: Path, *args: str, env: dict[str, str] | None = None):
         self.port = free_port()
-        self.cmd = [sys.executable, "-m", "tuneforge.cli", "serve", "--model", str(model_dir), "--port",
+        self.cmd = [sys.executable, "-m", "tuneforge.commands.main", "serve", "--model", str(model_dir), "--port",
                     str(self.port), *args]
         # One intra-op thread, as in the test process: tiny models gain nothing from two, and OpenMP threads that
         # spin for a core the machine's other work holds make a token take seconds.
@@ -199,7 +199,7 @@ def other_base_adapter(tmp_path_factory, tiny_model_dir) -> Path:
     """A LoRA adapter that fits the tiny Llama's shapes but was trained on another tiny Llama (other weights): its
     record holds that model's fingerprint."""
     import tuneforge as tf
-    from tuneforge.inference import load_for_inference
+    from tuneforge.inference.loading import load_for_inference
 
     root = tmp_path_factory.mktemp("other-base")
     model, tokenizer, _ = load_for_inference(str(tiny_model_dir), None)

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tuneforge.cli import main
+from tuneforge.commands.main import main
 
 
 def test_serve_subcommand_answers_and_requires_the_key(tiny_model_dir, adapter_dirs, serve_process):
@@ -71,9 +71,10 @@ def test_bad_adapter_config_is_one_line_error(capsys, started, tiny_model_dir, a
 
 
 def test_missing_adapter_fails_before_the_model_loads(capsys, started, monkeypatch, tmp_path):
-    import tuneforge.inference
+    import tuneforge.inference.loading
 
-    monkeypatch.setattr(tuneforge.inference, "load_for_inference", lambda *a, **k: pytest.fail("loaded the model"))
+    loader = tuneforge.inference.loading
+    monkeypatch.setattr(loader, "load_for_inference", lambda *a, **k: pytest.fail("loaded the model"))
     line = one_line_error(capsys, ["serve", "--model", "nowhere", "--adapter", f"a={tmp_path / 'nope'}"])
     assert "does not exist" in line
 

@@ -128,7 +128,7 @@ def test_admin_adds_and_removes_adapters_at_runtime(server, client, adapter_dirs
 
 @pytest.fixture
 def small_queue_server(tiny_model_dir, adapter_dirs, live_server):
-    from tuneforge.inference import load_for_inference
+    from tuneforge.inference.loading import load_for_inference
     from tuneforge.serve.app import create_app
 
     model, tokenizer, _ = load_for_inference(str(tiny_model_dir), None)
@@ -218,7 +218,7 @@ def test_admin_refuses_an_adapter_trained_on_another_base(server, other_base_ada
 
 
 def test_adapter_trained_on_another_base_is_refused_at_start(tiny_model_dir, other_base_adapter):
-    from tuneforge.inference import load_for_inference
+    from tuneforge.inference.loading import load_for_inference
     from tuneforge.serve.app import create_app
 
     model, tokenizer, _ = load_for_inference(str(tiny_model_dir), None)

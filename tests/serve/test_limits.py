@@ -22,7 +22,7 @@ def completion(url: str, timeout: float = 30, **body) -> httpx.Response:
 @pytest.fixture(scope="module")
 def endless_server(endless_model_dir, live_server):
     """A server over the model that never stops by itself: no key, small limits, one row per batch."""
-    from tuneforge.inference import load_for_inference
+    from tuneforge.inference.loading import load_for_inference
     from tuneforge.serve.app import create_app
 
     model, tokenizer, _ = load_for_inference(str(endless_model_dir), None)
@@ -146,7 +146,7 @@ def test_docs_and_openapi_are_off(endless_server, server):
 
 @pytest.fixture(scope="module")
 def keyless_admin_server(tiny_model_dir, live_server):
-    from tuneforge.inference import load_for_inference
+    from tuneforge.inference.loading import load_for_inference
     from tuneforge.serve.app import create_app
 
     model, tokenizer, _ = load_for_inference(str(tiny_model_dir), None)

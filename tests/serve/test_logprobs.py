@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from tuneforge.data.template import prompt_ids
-from tuneforge.generate import generate_ids
-from tuneforge.inference import load_for_inference
+from tuneforge.inference.generate import generate_ids
+from tuneforge.inference.loading import load_for_inference
 
 KEY = {"Authorization": "Bearer test-key"}
 
@@ -300,13 +300,14 @@ metric_list:
 def test_lm_eval_gives_the_same_numbers_through_the_server_and_in_process(server, tiny_model_dir, adapter_dirs,
                                                                           mc_task, monkeypatch):
     """One adapter, two ways (issue 22): lm-eval's `local-completions` against `tuneforge serve`, and
-    `tuneforge eval --tasks`'s in-process run (benchmarks.py) on the same base + adapter: the same log-likelihoods
+    `tuneforge eval --tasks`'s in-process run (inference/benchmarks.py) on the same base + adapter: the same
+    log-likelihoods
     for a multiple-choice task and the same greedy answers for a generation task."""
     lm_eval = pytest.importorskip("lm_eval")
     pytest.importorskip("tenacity")
     from lm_eval.tasks import TaskManager
 
-    from tuneforge.benchmarks import Benchmarks
+    from tuneforge.inference.benchmarks import Benchmarks
 
     data = mc_task / "gen.jsonl"
     data.write_text("".join(json.dumps({"question": q, "answer": c[a]}) + "\n" for q, c, a in QUESTIONS))

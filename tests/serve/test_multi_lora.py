@@ -10,7 +10,7 @@ import torch
 
 import tuneforge as tf
 from tuneforge.methods import load_adapter
-from tuneforge.serve.multi_lora import MultiLoRA, read_lora_factors
+from tuneforge.inference.multi_lora import MultiLoRA, read_lora_factors
 
 
 def test_mixed_rows_equal_each_adapter_alone(tiny_model, tmp_path, arch):

@@ -1,4 +1,5 @@
-"""The server against the official `openai` client: greedy answers equal `tuneforge.generate` with each adapter,
+"""The server against the official `openai` client: greedy answers equal `tuneforge.inference.generate` with each
+adapter,
 streams join to the full answer, and concurrent requests over several adapters each get their own adapter's answer."""
 
 from __future__ import annotations
@@ -8,8 +9,8 @@ import concurrent.futures
 import pytest
 
 import tuneforge
-from tuneforge.generate import generate_ids
-from tuneforge.inference import load_for_inference
+from tuneforge.inference.generate import generate_ids
+from tuneforge.inference.loading import load_for_inference
 
 PROMPTS = ["Say 3 in words.", "What is two plus three?", "Hello! How can I help you today?"]
 NEW = 8
@@ -17,7 +18,8 @@ NEW = 8
 
 @pytest.fixture(scope="module")
 def expected(tiny_model_dir, adapter_dirs) -> dict[tuple[str, str], str]:
-    """(model name, prompt) -> the chat answer `tuneforge.generate` gives with that adapter (or the bare base)."""
+    """(model name, prompt) -> the chat answer `tuneforge.inference.generate` gives with that adapter (or the bare
+    base)."""
     answers = {}
     for name, adapter in [("base", None), *adapter_dirs.items()]:
         model, tokenizer, _ = load_for_inference(str(tiny_model_dir), adapter)
@@ -118,7 +120,7 @@ def test_fifty_concurrent_requests_over_three_adapters_and_base(client, expected
 
 def test_per_adapter_methods_added_at_runtime_answer_like_generate(client, server, tiny_model_dir, tmp_path):
     """Prefix tuning, a bottleneck adapter and a LoRA with trained biases cannot share a forward with other adapters;
-    added through the admin route, each still answers exactly as `tuneforge.generate` with it."""
+    added through the admin route, each still answers exactly as `tuneforge.inference.generate` with it."""
     import httpx
     import torch
 

@@ -4,7 +4,7 @@ diverging."""
 
 from __future__ import annotations
 
-from tuneforge.verify import verify
+from tuneforge.artifacts.verify import verify
 
 
 def test_verify_against_a_served_adapter(tiny_model_dir, adapter_dirs, serve_process, tmp_path):

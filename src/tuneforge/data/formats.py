@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from ..hub import looks_like_hub_id, probe_hub
+from ..models.hub import looks_like_hub_id, probe_hub
 from .bundled import bundled_file
 
 FORMATS = ("alpaca", "messages", "sharegpt", "text", "preference", "prompt", "unpaired")

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 GENERAL_DIR = Path(__file__).parents[1] / "assets" / "general"
 GENERAL_SOURCE = "general"  # a data source name: the built-in general-text replay set
 GENERAL_EVAL = "builtin"  # a --general-eval value: the built-in set's held-out split
-GENERAL_EVAL_TASKS = "tasks:"  # a --general-eval prefix: lm-evaluation-harness tasks (tuneforge/benchmarks.py)
+GENERAL_EVAL_TASKS = "tasks:"  # --general-eval prefix: lm-eval tasks (inference/benchmarks.py)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ START, END = "\x1b[42m\x1b[30m", "\x1b[0m"
 def preview(path: str, model_name: str | None = None, index: int = 0, data_format: str = "auto",
             objective: str | None = None, chat_template: str | None = None, color: bool = False) -> str:
     """Render record ``index`` of ``path``; supervised text is wrapped in [[...]] (or highlighted in colour)."""
-    from ..models import DEFAULT_MODEL, load_tokenizer
+    from ..models.loading import DEFAULT_MODEL, load_tokenizer
 
     tokenizer = load_tokenizer(model_name or DEFAULT_MODEL)
     ensure_chat_template(tokenizer, override=chat_template)

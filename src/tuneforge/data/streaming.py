@@ -51,7 +51,7 @@ def open_source(source: DataSource, index: int):
     path = source.file
     p = Path(path)
     if not p.exists() and _looks_like_hub_id(path):
-        from ..hub import probe_hub
+        from ..models.hub import probe_hub
 
         name, _, split = path.partition(":")
         probe_hub(name, "dataset", "data")

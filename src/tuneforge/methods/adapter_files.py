@@ -6,7 +6,7 @@ keys it does not know from ``adapter_config.json``, so e.g. QLoRA's quantisation
 safetensors only; nothing is unpickled.
 
 This module imports nothing else from tuneforge at import time, so ``methods/base.py`` can import its names and
-every method can read its files without depending on the training-state code in ``tuneforge.checkpoint``.
+every method can read its files without depending on the training-state code in ``tuneforge.run.checkpoint``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..models import model_fingerprint, peft_base_path
+from ..models.loading import model_fingerprint, peft_base_path
 
 if TYPE_CHECKING:
     from .base import Method, MethodHandle

@@ -7,7 +7,7 @@ The LoRA factors are ordinary tensors in that compute dtype and are the only thi
 
 A 4-bit base comes from one of two places:
   * ``qlora_quantization_config(config)`` -> ``transformers.BitsAndBytesConfig`` for loading a checkpoint
-    straight into 4 bits (``tuneforge.models.load_model(..., quantization_config=...)``);
+    straight into 4 bits (``tuneforge.models.loading.load_model(..., quantization_config=...)``);
   * ``quantize_model_(model, config)``, which swaps the linear layers of an already-loaded float model for
     ``bitsandbytes.nn.Linear4bit`` in place (tiny test models, GGUF-converted models). ``QLoRA.attach`` does
     this itself when the model is not 4-bit yet.
@@ -91,7 +91,7 @@ def qlora_quantization_config(config: QLoRAConfig, dtype: torch.dtype | None = N
             "bitsandbytes' block size 64; load the model in float and let QLoRA quantise it (quantize_model_)"
         )
     if dtype is None:
-        from ..models import default_device, default_dtype
+        from ..models.loading import default_device, default_dtype
 
         dtype = default_dtype(default_device())
     return BitsAndBytesConfig(

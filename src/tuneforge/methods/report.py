@@ -26,7 +26,7 @@ def parameter_counts(model, overrides: dict[str, dict[str, Any]] | None = None) 
 
 
 def methods_table(model_name: str | None, flags: dict[str, Any]) -> str:
-    from ..models import DEFAULT_MODEL, load_model
+    from ..models.loading import DEFAULT_MODEL, load_model
 
     overrides: dict[str, dict[str, Any]] = {}
     for key, value in flags.items():

@@ -9,7 +9,7 @@ __all__ = ["Objective", "TrainContext", "available_objectives", "get_objective"]
 
 def __getattr__(name: str) -> Any:
     # base.py imports torch; `tuneforge --help` imports this package for the alignment subcommands' parsers
-    # (cli_alignment), so the contract is loaded the first time one of its names is used.
+    # (commands/alignment.py), so the contract is loaded the first time one of its names is used.
     if name not in __all__:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from . import base

@@ -186,7 +186,7 @@ class NextTokenObjective(Objective):
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: TrainContext
              ) -> tuple[torch.Tensor, dict[str, float]]:
-        from .logprobs import token_cross_entropy_sum
+        from ..models.logprobs import token_cross_entropy_sum
 
         loss_sum, _ = token_cross_entropy_sum(model, batch)
         return loss_sum, {"loss": loss_sum.detach()}

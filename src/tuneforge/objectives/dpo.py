@@ -27,7 +27,7 @@ from ..data.batching import to_device
 from ..data.formats import Example
 from ..data.preference import PairItem
 from .base import ObjectiveConfig, PairObjective, TrainContext, disable_dropout, register
-from .logprobs import chosen_nll, response_lengths, sequence_logps
+from ..models.logprobs import chosen_nll, response_lengths, sequence_logps
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from ..data.formats import Example, examples_of_kind
 from ..data.preference import PromptItem, prompts_within, tokenize_prompt
 from ..data.template import IGNORE_INDEX, Tokenized
 from .base import Objective, ObjectiveConfig, TrainContext, disable_dropout, register
-from .logprobs import supervised_positions, target_token_logps
+from ..models.logprobs import supervised_positions, target_token_logps
 from .rollouts import (
     RewardFunction,
     call_reward_function,

@@ -26,7 +26,7 @@ from ..data.packing import collate_tokens, example_count
 from ..data.preference import tokenize_response
 from ..data.template import IGNORE_INDEX, Tokenized, prompt_ids
 from .base import Objective, ObjectiveConfig, TrainContext, disable_dropout, register
-from .logprobs import sequence_logps
+from ..models.logprobs import sequence_logps
 
 log = logging.getLogger(__name__)
 

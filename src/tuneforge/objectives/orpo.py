@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import ObjectiveConfig, PairObjective, TrainContext, disable_dropout, register
-from .logprobs import chosen_nll, response_lengths, sequence_logps
+from ..models.logprobs import chosen_nll, response_lengths, sequence_logps
 
 
 @dataclasses.dataclass

@@ -32,7 +32,7 @@ from ..data.formats import Example, examples_of_kind
 from ..data.preference import PromptItem, prompts_within, tokenize_prompt
 from ..data.template import IGNORE_INDEX, Tokenized
 from .base import Objective, ObjectiveConfig, TrainContext, disable_dropout, register
-from .logprobs import action_outputs, target_token_logps, token_logps
+from ..models.logprobs import action_outputs, target_token_logps, token_logps
 from .rollouts import (  # noqa: F401  (load_reward_function / call_reward_function: importable from here too)
     RewardFunction,
     call_reward_function,

@@ -28,7 +28,7 @@ from ..data.formats import Message
 from ..data.packing import example_index, is_packed, model_inputs
 from ..data.preference import tokenize_response
 from .base import ObjectiveConfig, PairObjective, TrainContext, disable_dropout, register
-from .logprobs import accepts_logits_mask
+from ..models.logprobs import accepts_logits_mask
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def load_reward_model(model_name: str | None, adapter_dir: str | Path, *, device
     # The backbone loads as for inference (the adapter's method picks how its base loads: QLoRA in 4 bits);
     # imported here so that the objective module itself depends on neither methods nor the loader.
     from ..data.template import ensure_chat_template
-    from ..inference import is_full_model_dir, load_for_inference, recorded_base_model
+    from ..inference.loading import is_full_model_dir, load_for_inference, recorded_base_model
 
     adapter_dir = Path(adapter_dir)
     head, chat_template = load_reward_head(adapter_dir)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..generate import generate_ids, stop_token_ids
+from ..inference.generate import generate_ids, stop_token_ids
 from .base import TrainContext
 
 RewardFunction = Callable[..., list[float]]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import ObjectiveConfig, PairObjective, TrainContext, disable_dropout, register
-from .logprobs import response_lengths, sequence_logps
+from ..models.logprobs import response_lengths, sequence_logps
 
 
 @dataclasses.dataclass

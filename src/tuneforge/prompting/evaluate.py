@@ -53,7 +53,7 @@ def evaluate_prompts(
 ) -> list[PromptEvalResult]:
     """Run each template over ``records`` and score the outputs against ``record[answer_field]``.
 
-    ``generate_fn`` replaces the model (tests, remote backends); otherwise ``tuneforge.generate.generate``
+    ``generate_fn`` replaces the model (tests, remote backends); otherwise ``tuneforge.inference.generate.generate``
     runs ``model`` greedily. Few-shot templates that name no data file draw from ``pool`` (default: ``records``,
     leaving the query out). Every prompt is rendered before anything is generated, so a template that needs a
     field some record lacks fails at once, naming the template file and the field.
@@ -107,7 +107,7 @@ def _length(text: str, tokenizer: Any) -> int:
 def _model_generate_fn(model: Any, tokenizer: Any, batch_size: int) -> GenerateFn:
     if model is None:
         raise ValueError("evaluate_prompts needs a model (and tokenizer) or a generate_fn")
-    from tuneforge.generate import generate
+    from tuneforge.inference.generate import generate
 
     def run(prompts: list[list[Message]], max_new_tokens: int) -> list[str]:
         return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=False,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, Sequence
 
-from ..checkpoint import write_text_atomic
+from ..run.checkpoint import write_text_atomic
 from .filters import (DuplicateIndex, ReplyFormatError, check_answer_format, check_lengths, parse_judge_score,
                       parse_qa_reply)
 from .jsonl import JsonlLog

@@ -269,7 +269,7 @@ def _retry_after(value: str | None) -> float | None:
 
 
 class LocalTeacher:
-    """A local model as teacher, through ``tuneforge.generate`` (batched, not threaded)."""
+    """A local model as teacher, through ``tuneforge.inference.generate`` (batched, not threaded)."""
 
     def __init__(self, model: Any, tokenizer: Any, *, name: str = "local", batch_size: int = 8, seed: int = 0,
                  generate_fn: Callable[..., list[str]] | None = None):
@@ -294,7 +294,7 @@ class LocalTeacher:
                       max_tokens: int = 512) -> list[str | TeacherRequestError]:
         generate = self._generate_fn
         if generate is None:
-            from tuneforge.generate import generate
+            from tuneforge.inference.generate import generate
         self._calls += 1
         self.requests_sent += len(prompts)
         # A fresh seed per call: the same seed for every window would repeat the same sampling noise.

@@ -44,7 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import nn
 
 from ..data.template import ensure_chat_template, prompt_ids
-from ..models import model_fingerprint
+from ..models.loading import model_fingerprint
 from .defaults import BODY_TIMEOUT_S, DEFAULT_MAX_TOKENS, MAX_BODY_BYTES
 from .engine import Row, TokenLogprob
 from .registry import SHARED, AdapterRegistry

@@ -1,6 +1,7 @@
 """One batch of generation rows, token by token, with per-row sampling, stop strings, streaming and cancellation.
 
-The calls are those of ``tuneforge.generate`` (one forward over the left-padded prompts with position ids from the
+The calls are those of ``tuneforge.inference.generate`` (one forward over the left-padded prompts with position ids
+from the
 mask, then one token per step with the KV cache), so a greedy row gives what ``generate`` gives for that prompt.
 What a server needs on top: each row has its own length limit, temperature / top-k / top-p / seed and stop strings,
 text goes out as it is decoded, and a row whose client has gone is dropped from further work.
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from ..data.batching import left_pad
-from ..generate import sample_next
+from ..inference.generate import sample_next
 from ..methods.kv_cache import cache_kwarg, output_cache
 
 

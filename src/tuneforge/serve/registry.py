@@ -30,7 +30,7 @@ import pydantic
 import torch
 from torch import nn
 
-from ..inference import base_mismatch, is_full_model_dir
+from ..inference.loading import base_mismatch, is_full_model_dir
 from ..methods import method_for_adapter
 from ..methods.adapter_files import (
     ADAPTER_CONFIG_NAME,
@@ -40,7 +40,7 @@ from ..methods.adapter_files import (
 )
 from ..methods.base import Method, MethodConfig, MethodHandle
 from ..options import option_names
-from .multi_lora import MultiLoRA, batchable_lora, read_lora_factors
+from ..inference.multi_lora import MultiLoRA, batchable_lora, read_lora_factors
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import logging
 import threading
 from typing import Any
 
-from ..generate import stop_token_ids
+from ..inference.generate import stop_token_ids
 from .engine import Row, run_batch
 from .registry import SHARED, AdapterRegistry
 

@@ -1,0 +1,1 @@
+"""Every subcommand of the ``tuneforge`` command, one module each: the only code that parses arguments and prints."""

@@ -1,0 +1,1 @@
+"""Using a trained model: loading base + adapter, generation, held-out metrics, lm-eval benchmarks."""

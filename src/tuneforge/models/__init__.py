@@ -1,0 +1,1 @@
+"""Base models: resolving a name to weights, loading, hub rules, optional GPU kernels."""

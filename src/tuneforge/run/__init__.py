@@ -1,0 +1,1 @@
+"""One training run and its folder: the trainer, checkpoints, distribution, tracking, pipelines, reports."""
