@@ -63,11 +63,20 @@ def test_search_specs():
     (["lora_r"], {}, "expected KEY=VALUES"),
     (["learning_rate=1e-5..1e-3"], {"sampler": "grid"}, "grid needs lists of values"),
     (["lora_r=4,8"], {"objective": "exact_match + forgetting"}, "needs --direction"),
+    (["max_length=32,64"], {"side_by_side": 2}, "--side-by-side: adapter max_length=64: max_length differs from adapter max_length=32's"),
+    (["lora_r=4,8"], {"side_by_side": 2, "pruner": "none"}, None),
+    (["lora_r=4,8"], {"side_by_side": 2, "pruner": "none", "method": "dora"}, "DoRA"),
 ])
 def test_bad_specs_fail_before_anything_trains(search, options, message):
+    """Each bad spec fails with the reason; the one good spec (LoRA ranks side by side) builds."""
     base = dict(output=None, trials=None, sampler=None, pruner=None, objective=None, direction=None, seed=None)
+    options = dict(options)
+    overrides = {"max_steps": 2, **({"method": options.pop("method")} if "method" in options else {})}
+    if message is None:
+        assert build_spec(None, overrides, parse_search_flags(search), **{**base, **options}).side_by_side == 2
+        return
     with pytest.raises(ConfigError, match=message):
-        build_spec(None, {"max_steps": 2}, parse_search_flags(search), **{**base, **options})
+        build_spec(None, overrides, parse_search_flags(search), **{**base, **options})
 
 
 def test_bad_search_is_one_line_and_exit_2(tmp_path):
@@ -126,3 +135,18 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(setup):
     assert states.count("complete") == 3 and trials[1].get("interrupted") and trials[1]["state"] == "fail"
     assert trials[2]["params"] == trials[1]["params"]  # the interrupted trial's values, run again first
     assert "interrupted, queued again" in run.stdout
+
+
+@pytest.mark.slow
+def test_side_by_side_batches_train_as_lanes_of_one_process(setup):
+    tmp_path, common = setup
+    out = tmp_path / "sw"
+    run = sweep(["--search", "lora_r=2,4", "--sampler", "grid", "--side-by-side", "2", "--max-steps", "2",
+                 "--output", str(out), *common])
+    assert run.returncode == 0, run.stderr
+    assert [t["state"] for t in trials_of(out)] == ["complete", "complete"]
+    assert (out / "batch-0000.yaml").is_file() and not (out / "trial-0001.yaml").exists()  # one process for both
+    for n, r in ((0, 2), (1, 4)):
+        summary = json.loads((out / f"trial-{n:04d}" / "summary.json").read_text())
+        assert summary["side_by_side"] == {"adapters": 2, "index": n}
+        assert json.loads((out / f"trial-{n:04d}" / "adapter_config.json").read_text())["r"] == r

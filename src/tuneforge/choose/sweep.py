@@ -194,16 +194,19 @@ class SweepSpec:
     seed: int = 0
     config_path: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    side_by_side: int = 1
 
     def record(self) -> dict[str, Any]:
         return {"search": {d.key: d.describe() for d in self.search}, "objective": self.objective.text,
                 "direction": self.objective.direction, "sampler": self.sampler, "pruner": self.pruner,
-                "seed": self.seed, "config": self.config_path, "overrides": self.overrides}
+                "seed": self.seed, "config": self.config_path, "overrides": self.overrides,
+                "side_by_side": self.side_by_side}
 
 
 def build_spec(config_path: str | None, overrides: dict[str, Any], search_flags: dict[str, Any], *,
                output: str | None, trials: int | None, sampler: str | None, pruner: str | None,
-               objective: str | None, direction: str | None, seed: int | None) -> SweepSpec:
+               objective: str | None, direction: str | None, seed: int | None,
+               side_by_side: int | None = None) -> SweepSpec:
     """The sweep from the config file's ``sweep:`` section and the flags (flags win), every trial's config checked:
     a bad key or value fails here, in one line, before anything trains."""
     section: dict[str, Any] = {}
@@ -212,7 +215,8 @@ def build_spec(config_path: str | None, overrides: dict[str, Any], search_flags:
         section = data.get(SWEEP_KEY) or {}
         if not isinstance(section, dict):
             raise ConfigError(f"{config_path}: {SWEEP_KEY}: expected a mapping (search, trials, objective, ...)")
-        unknown = set(section) - {"search", "trials", "sampler", "pruner", "objective", "direction", "seed", "output"}
+        unknown = set(section) - {"search", "trials", "sampler", "pruner", "objective", "direction", "seed", "output",
+                                  "side_by_side"}
         if unknown:
             raise ConfigError(f"{config_path}: {SWEEP_KEY}: unknown key(s) {', '.join(sorted(unknown))}")
     where = f"{config_path}: {SWEEP_KEY}.search" if config_path and section.get("search") else "--search"
@@ -238,7 +242,9 @@ def build_spec(config_path: str | None, overrides: dict[str, Any], search_flags:
                      parse_objective(objective or section.get("objective", "eval_loss"),
                                      direction or section.get("direction")),
                      trials, sampler, pruner, seed if seed is not None else int(section.get("seed", 0)),
-                     config_path, overrides)
+                     config_path, overrides, side_by_side or int(section.get("side_by_side", 1)))
+    if spec.side_by_side < 1:
+        raise ConfigError(f"--side-by-side {spec.side_by_side}: trials per process, at least 1")
     check_trial_configs(spec)
     return spec
 
@@ -292,6 +298,24 @@ def check_trial_configs(spec: SweepSpec) -> None:
                 trial_config(spec, {**first, d.key: value}, spec.output / "check")
             except ConfigError as e:
                 raise ConfigError(f"--search {d.key}={value}: {e}") from None
+    if spec.side_by_side > 1:
+        check_side_by_side(spec, first)
+
+
+def check_side_by_side(spec: SweepSpec, first: dict[str, Any]) -> None:
+    """``--side-by-side``: every candidate value can share a process with every other (the keys searched are
+    those side-by-side adapters may differ in, the method is plain LoRA, ...), or the reason why not."""
+    from ..run.multi_adapter import lanes_from_configs
+
+    configs, names = [trial_config(spec, first, spec.output / "check-0")], [", ".join(f"{k}={v}" for k, v in first.items())]
+    for d in spec.search:
+        for value in d.candidates():
+            configs.append(trial_config(spec, {**first, d.key: value}, spec.output / f"check-{len(configs)}"))
+            names.append(f"{d.key}={value}")
+    try:
+        lanes_from_configs(configs, names)
+    except ConfigError as e:
+        raise ConfigError(f"--side-by-side: {str(e).removeprefix('side-by-side: ')}") from None
 
 
 def open_study(spec: SweepSpec):
@@ -375,7 +399,11 @@ def run_sweep(spec: SweepSpec) -> dict[str, Any]:
             log.info("resuming: %d interrupted trial(s) queued again; %d finished trial(s) kept", interrupted,
                      len(finished_trials(study)))
         while len(finished_trials(study)) < spec.trials:
-            run_trial(spec, study)
+            batch = min(spec.side_by_side, spec.trials - len(finished_trials(study)))
+            if batch > 1:
+                run_side_by_side(spec, study, batch)
+            else:
+                run_trial(spec, study)
     return summary(spec, study)
 
 
@@ -413,28 +441,35 @@ class TrialFailed(RuntimeError):
 def train_watched(config, trial, direction: str) -> dict[str, Any]:
     """``tuneforge train`` on the trial's config in a child process; each new eval loss in its metrics.jsonl goes
     to the pruner, which may stop it. Returns the run's summary.json."""
-    import optuna
-
     from ..config import save_config
 
     output = Path(config.output)
     config_file = output.with_name(output.name + ".yaml")
     save_config(config, config_file)
-    log_path = output / "metrics.jsonl"
-    stderr_path = output.with_name(output.name + ".log")
+    watch_child(config_file, output.with_name(output.name + ".log"), [(trial, output)], direction, prune=True)
+    return json.loads((output / "summary.json").read_text())
+
+
+def watch_child(config_file: Path, stderr_path: Path, trials: list[tuple[Any, Path]], direction: str,
+                prune: bool) -> None:
+    """Run ``tuneforge train CONFIG_FILE``, reporting each trial's eval losses as its ``metrics.jsonl`` grows;
+    with ``prune``, stop the child when the (one) trial should be pruned. TrialFailed on a failed run."""
+    import optuna
+
     sign = 1.0 if direction == "minimize" else -1.0  # the pruner reads eval loss the study's way round
+    reported: list[dict[int, float]] = [{} for _ in trials]
     with open(stderr_path, "w") as stderr:
         child = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(config_file)],
                                  stdout=subprocess.DEVNULL, stderr=stderr)
         try:
-            reported: dict[int, float] = {}
             while True:
                 done = child.poll() is not None
-                report_evals(log_path, reported, trial, sign)
-                if reported and trial.should_prune():
-                    step = max(reported)
-                    raise optuna.TrialPruned(f"eval loss {reported[step]:.4g} at step {step} trails the trials "
-                                             "before it")
+                for (trial, output), seen in zip(trials, reported):
+                    report_evals(output / "metrics.jsonl", seen, trial, sign)
+                    if prune and seen and trial.should_prune():
+                        step = max(seen)
+                        raise optuna.TrialPruned(f"eval loss {seen[step]:.4g} at step {step} trails the trials "
+                                                 "before it")
                 if done:
                     break
                 time.sleep(POLL_SECONDS)
@@ -445,7 +480,37 @@ def train_watched(config, trial, direction: str) -> dict[str, Any]:
     if child.returncode != 0:
         lines = [line for line in stderr_path.read_text().splitlines() if line.strip()]
         raise TrialFailed(lines[-1] if lines else f"tuneforge train exited with {child.returncode}")
-    return json.loads((output / "summary.json").read_text())
+
+
+def run_side_by_side(spec: SweepSpec, study, count: int) -> None:
+    """``count`` trials trained as one side-by-side run (``run/multi_adapter.py``): one process, one base, each
+    trial a lane with its own run folder. Their eval losses reach the pruner, but lanes of one process are not
+    stopped one by one: each batch trains to its end."""
+    from optuna.trial import TrialState
+
+    trials = [study.ask() for _ in range(count)]
+    params = [{d.key: d.suggest(trial) for d in spec.search} for trial in trials]
+    outputs = [trial_dir(spec, trial.number) for trial in trials]
+    lanes = []
+    for trial, values, output in zip(trials, params, outputs):
+        trial.set_user_attr("output", str(output))
+        log.info("trial %d: %s", trial.number, ", ".join(f"{k}={v}" for k, v in values.items()))
+        lanes.append({"name": output.name, **trial_config(spec, values, output).model_dump(mode="json")})
+    config_file = spec.output / f"batch-{trials[0].number:04d}.yaml"
+    config_file.write_text(yaml.safe_dump({"adapters": lanes}, sort_keys=False))
+    try:
+        watch_child(config_file, config_file.with_suffix(".log"), list(zip(trials, outputs)),
+                    spec.objective.direction, prune=False)
+    except TrialFailed as e:
+        log.warning("trials %s failed: %s", ", ".join(str(t.number) for t in trials), e)
+        for trial in trials:
+            trial.set_user_attr("error", str(e))
+            study.tell(trial, state=TrialState.FAIL)
+        return
+    for trial, output in zip(trials, outputs):
+        value = spec.objective.value(json.loads((output / "summary.json").read_text()))
+        study.tell(trial, value)
+        log.info("trial %d: %s = %.6g", trial.number, spec.objective.text, value)
 
 
 def report_evals(log_path: Path, reported: dict[int, float], trial, sign: float) -> None:

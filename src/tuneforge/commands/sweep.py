@@ -11,7 +11,8 @@ def cmd_sweep(args, extra: list[str] = ()) -> int:
     config_path = extra.pop(0) if extra and not extra[0].startswith("-") else None
     spec = build_spec(config_path, parse_overrides(extra), parse_search_flags(args.search or []),
                       output=args.output, trials=args.trials, sampler=args.sampler, pruner=args.pruner,
-                      objective=args.objective, direction=args.direction, seed=args.seed)
+                      objective=args.objective, direction=args.direction, seed=args.seed,
+                      side_by_side=args.side_by_side)
     result = run_sweep(spec)
     for row in result["trials"]:
         value = "" if row["value"] is None else f" {spec.objective.text}={row['value']:.6g}"
@@ -44,6 +45,9 @@ def add_subcommands(sub) -> None:
     p.add_argument("--direction", choices=["minimize", "maximize"], help="default: from the metric's name")
     p.add_argument("--seed", type=int, help="the sampler's seed (default 0)")
     p.add_argument("--output", help="the sweep folder (default runs/sweep)")
+    p.add_argument("--side-by-side", type=int, metavar="K",
+                   help="train K trials at a time as side-by-side LoRA adapters in one process (keys LoRA lanes may "
+                   "differ in only; trials of a batch are not pruned one by one)")
     p.set_defaults(func=cmd_sweep, passthrough=True)
 
 
