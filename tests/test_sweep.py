@@ -63,15 +63,16 @@ def test_search_specs():
     (["lora_r"], {}, "expected KEY=VALUES"),
     (["learning_rate=1e-5..1e-3"], {"sampler": "grid"}, "grid needs lists of values"),
     (["lora_r=4,8"], {"objective": "exact_match + forgetting"}, "needs --direction"),
-    (["max_length=32,64"], {"side_by_side": 2}, "--side-by-side: adapter max_length=64: max_length differs from adapter max_length=32's"),
+    (["max_length=32,64"], {"side_by_side": 2}, "max_length=64: max_length differs from adapter max_length=32's"),
     (["lora_r=4,8"], {"side_by_side": 2, "pruner": "none"}, None),
-    (["lora_r=4,8"], {"side_by_side": 2, "pruner": "none", "method": "dora"}, "DoRA"),
+    (["lora_r=4,8"], {"side_by_side": 2, "pruner": "none", "lora_use_dora": True}, "DoRA"),
 ])
 def test_bad_specs_fail_before_anything_trains(search, options, message):
     """Each bad spec fails with the reason; the one good spec (LoRA ranks side by side) builds."""
     base = dict(output=None, trials=None, sampler=None, pruner=None, objective=None, direction=None, seed=None)
     options = dict(options)
-    overrides = {"max_steps": 2, **({"method": options.pop("method")} if "method" in options else {})}
+    overrides = {"max_steps": 2, **({"lora_use_dora": options.pop("lora_use_dora")} if "lora_use_dora" in options
+                                    else {})}
     if message is None:
         assert build_spec(None, overrides, parse_search_flags(search), **{**base, **options}).side_by_side == 2
         return

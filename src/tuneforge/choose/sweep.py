@@ -307,7 +307,8 @@ def check_side_by_side(spec: SweepSpec, first: dict[str, Any]) -> None:
     those side-by-side adapters may differ in, the method is plain LoRA, ...), or the reason why not."""
     from ..run.multi_adapter import lanes_from_configs
 
-    configs, names = [trial_config(spec, first, spec.output / "check-0")], [", ".join(f"{k}={v}" for k, v in first.items())]
+    configs = [trial_config(spec, first, spec.output / "check-0")]
+    names = [", ".join(f"{k}={v}" for k, v in first.items())]
     for d in spec.search:
         for value in d.candidates():
             configs.append(trial_config(spec, {**first, d.key: value}, spec.output / f"check-{len(configs)}"))
