@@ -37,12 +37,14 @@ import yaml
 from torch import nn
 
 from ..config import RunConfig, load_config
+from ..data.batching import to_device
 from ..data.template import IGNORE_INDEX
 from ..errors import ConfigError, TrainingDiverged
 from ..methods.base import replace_module
 from ..methods.lora import LoRA, LoRALinear
 from ..models.logprobs import supervised_positions, target_token_logps
 from ..objectives.base import NextTokenObjective
+from .tracking import Tracking
 from .trainer import (
     TOKENS_KEY,
     UNITS_KEY,
@@ -195,7 +197,7 @@ class SideBySideLoRA(nn.Module):
         self.lanes = lanes
         self.rank = max(lane.r for lane in lanes if lane is not None)
         scaling = [lane.scaling if lane is not None else 0.0 for lane in lanes]
-        self.register_buffer("scaling", torch.tensor(scaling), persistent=False)
+        self.register_buffer("scaling", torch.tensor(scaling, device=base_layer.weight.device), persistent=False)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``A: [lanes, rank, in]`` and ``B: [lanes, out, rank]``, smaller ranks padded with zeros (which add
@@ -247,7 +249,7 @@ class SideBySide:
 def lane_trainer(config: RunConfig, model: nn.Module | None, tokenizer) -> tuple[Trainer, dict[str, LoRALinear]]:
     """A lane's trainer, built as its single run builds it (seed, then LoRA initialisation), and its LoRA layers,
     lifted out of the model again so that the next lane attaches to the bare base."""
-    trainer = Trainer(config, model, tokenizer)
+    trainer = Trainer(config, model, tokenizer, Tracking(config.report_to))
     layers = dict(trainer.handle.lora_layers())
     trainer.handle.remove()
     return trainer, layers
@@ -351,9 +353,24 @@ class SideBySideTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return out
 
-    def evaluate(self, i: int) -> dict[str, float]:
-        with self.bank.solo(i):
-            return self.trainers[i].evaluate_loss()
+    @torch.no_grad()
+    def evaluate(self) -> list[dict[str, float]]:
+        """Every lane's eval loss, as ``Trainer.evaluate_loss`` computes it alone: the same eval micro-batches,
+        one copy per lane stacked into one forward, each lane's token losses over its own units."""
+        first = self.first
+        if not first.eval_items:
+            return [{} for _ in self.trainers]
+        was_training = self.model.training
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        sums, units, n = torch.zeros(len(self.trainers), device=device), 0, len(self.trainers)
+        for start in range(0, len(first.eval_items), first.micro):
+            batch = to_device(first.objective.collate(first.eval_items[start:start + first.micro]), device)
+            merged, rows = stack_lanes([batch] * n, self.tokenizer.pad_token_id)
+            sums += lane_loss_sums(self.model, merged, n, rows)
+            units += first.objective.units(batch)
+        self.model.train(was_training)
+        return [{"eval_loss": value / max(units, 1)} for value in sums.tolist()]
 
     def train(self, train_examples, eval_examples) -> list[TrainResult]:
         for i, trainer in enumerate(self.trainers):
@@ -365,8 +382,7 @@ class SideBySideTrainer:
         self.build_optimizer()
         samplers = [trainer.sampler() for trainer in self.trainers]
         if self.first.config.eval_before:
-            for i, trainer in enumerate(self.trainers):
-                before = self.evaluate(i)
+            for trainer, before in zip(self.trainers, self.evaluate()):
                 if before:
                     trainer._log({"step": 0, **before})
                     trainer.keep_baseline({k.replace("eval_", "eval_before_", 1): v for k, v in before.items()})
@@ -378,12 +394,14 @@ class SideBySideTrainer:
             batches = [trainer.micro_batches(sampler) for trainer, sampler in zip(self.trainers, samplers)]
             metrics = self.step(batches, step)
             done, lrs = step + 1, self.scheduler.get_last_lr()
+            evals = self.evaluate() if c.eval_every and done % c.eval_every == 0 and done < self.first.total_steps \
+                else None
             for i, (trainer, sampler) in enumerate(zip(self.trainers, samplers)):
                 tokens[i] += metrics[i]["tokens"]
                 last[i] = {**metrics[i], "step": done, "lr": lrs[self.group_of_lane[i]], **sampler.progress(),
                            "tokens_per_s": round(tokens[i] / (time.perf_counter() - t0), 1)}
-                if c.eval_every and done % c.eval_every == 0 and done < self.first.total_steps:
-                    last[i].update(self.evaluate(i))
+                if evals is not None:
+                    last[i].update(evals[i])
                 if done % c.log_every == 0 or done == self.first.total_steps:
                     trainer._log(last[i])
             if bar is not None:
@@ -391,8 +409,7 @@ class SideBySideTrainer:
         if bar is not None:
             bar.close()
         results = []
-        for i, trainer in enumerate(self.trainers):
-            final = self.evaluate(i)
+        for i, (trainer, final) in enumerate(zip(self.trainers, self.evaluate())):
             if final:
                 trainer._log({"step": trainer.total_steps, **final})
             with self.bank.solo(i):
