@@ -151,3 +151,11 @@ def test_side_by_side_batches_train_as_lanes_of_one_process(setup):
         summary = json.loads((out / f"trial-{n:04d}" / "summary.json").read_text())
         assert summary["side_by_side"] == {"adapters": 2, "index": n}
         assert json.loads((out / f"trial-{n:04d}" / "adapter_config.json").read_text())["r"] == r
+
+
+def test_sweep_help_loads_no_heavy_library():
+    from test_cli import heavy_imports
+
+    imported, printed = heavy_imports("sweep", "--help")
+    assert imported == [], printed
+    assert "--search KEY=VALUES" in printed and "--side-by-side" in printed

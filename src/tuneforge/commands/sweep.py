@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+
 from ..choose.sweep import build_spec, parse_search_flags, run_sweep
 from ..flags import parse_overrides
 
@@ -13,6 +16,8 @@ def cmd_sweep(args, extra: list[str] = ()) -> int:
                       output=args.output, trials=args.trials, sampler=args.sampler, pruner=args.pruner,
                       objective=args.objective, direction=args.direction, seed=args.seed,
                       side_by_side=args.side_by_side)
+    # A plain `kill` of the sweep stops its running trial too (the trial's process is stopped as the sweep unwinds).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     result = run_sweep(spec)
     for row in result["trials"]:
         value = "" if row["value"] is None else f" {spec.objective.text}={row['value']:.6g}"
