@@ -43,7 +43,7 @@ def configurations() -> list[dict]:
 
 def shared(args: argparse.Namespace) -> dict:
     values = {"model": args.model, "method": "lora", "objective": "sft", "max_steps": args.steps, "batch_size": 8,
-              "max_length": 64, "warmup_steps": 2, "progress": False, "overwrite": True}
+              "max_length": args.max_length, "warmup_steps": 2, "progress": False, "overwrite": True}
     if args.device:
         values["device"] = args.device
     if not args.with_evals:
@@ -67,6 +67,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--max-length", type=int, default=64, help="64 fits every demo example in SmolLM2's tokens")
     p.add_argument("--device")
     p.add_argument("--with-evals", action="store_true", help="keep the run defaults' evaluations on both sides")
     p.add_argument("--workdir", help="where the runs go (default: a temporary folder)")
