@@ -375,7 +375,10 @@ class SideBySideTrainer:
     def train(self, train_examples, eval_examples) -> list[TrainResult]:
         for i, trainer in enumerate(self.trainers):
             with self.bank.solo(i):
-                trainer.prepare_data(train_examples, eval_examples)
+                if i == 0:
+                    trainer.prepare_data(train_examples, eval_examples)
+                else:  # the same objective, data and max_length: the first lane's tokenization serves every lane
+                    trainer.use_data(self.first.train_items, self.first.eval_items)
                 log.info("adapter %s: parameters: %s", self.lanes[i].name, trainer.parameter_report())
             trainer._prepare_output()
             trainer.tracking.start(trainer.output, trainer.config.model_dump(mode="json"))
