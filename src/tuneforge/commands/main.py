@@ -14,11 +14,11 @@ import sys
 
 from ..errors import TuneforgeError
 from . import (alignment, compare, convert, data, eval, export, generate, merge, methods, prompting, recommend, report,
-               serve, studio, train, verify)
+               serve, studio, sweep, train, verify)
 
 # In --help order: train, use, inspect, then the tools around them.
 COMMANDS = [train, generate, eval, merge, verify, data, methods, prompting, alignment, serve, export, convert, report,
-            compare, recommend, studio]
+            compare, recommend, sweep, studio]
 
 
 def build_parser() -> argparse.ArgumentParser:

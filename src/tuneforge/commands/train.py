@@ -76,6 +76,10 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
         print("\n".join(f"stage {name}: {path}" for name, path in state["done"].items()))
         print(f"final model: {state['model']}")
         return 0
+    from ..run.multi_adapter import is_side_by_side
+
+    if config_path and is_side_by_side(config_path):  # `adapters:`: several LoRA adapters on one base, one process
+        return cmd_train_side_by_side(config_path, extra)
     config = config_from_args(config_path, extra)
     log.info("model=%s method=%s objective=%s output=%s", config.model, config.method, config.objective,
              config.output)
@@ -111,6 +115,16 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     from ..run.report import write_report
 
     print(f"report: {write_report([result.output])}")  # charts of metrics.jsonl and an HTML page (tuneforge report)
+    return 0
+
+
+def cmd_train_side_by_side(config_path: str, extra: list[str]) -> int:
+    """``tuneforge train CONFIG.yaml`` whose file lists ``adapters:`` (docs/sweep.md): one line per adapter."""
+    from ..run import multi_adapter
+
+    lanes = multi_adapter.load_lanes(config_path, parse_overrides(extra))
+    results = multi_adapter.train_side_by_side(lanes)
+    print("\n".join(multi_adapter.describe(results, lanes)))
     return 0
 
 

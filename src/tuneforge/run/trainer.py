@@ -174,9 +174,15 @@ class Trainer:
     def prepare_data(self, train: list[Example] | RecordStream, eval_: list[Example]) -> None:
         c = self.config
         # A stream is tokenized a chunk at a time as training reads it (``sampler``); max_steps sizes the run.
-        self.train_stream = train if isinstance(train, RecordStream) else None
-        self.train_items = [] if self.train_stream else self.objective.prepare(train, c.max_length, "train")
-        self.eval_items = self.objective.prepare(eval_, c.max_length, "eval") if eval_ else []
+        stream = train if isinstance(train, RecordStream) else None
+        train_items = [] if stream else self.objective.prepare(train, c.max_length, "train")
+        self.use_data(train_items, self.objective.prepare(eval_, c.max_length, "eval") if eval_ else [], stream)
+
+    def use_data(self, train_items: list[Any], eval_items: list[Any], stream: RecordStream | None = None) -> None:
+        """Train on items already prepared by this run's objective (or by an identical one: side-by-side adapters
+        share one tokenization); sizes the run."""
+        c = self.config
+        self.train_stream, self.train_items, self.eval_items = stream, train_items, eval_items
         # PPO turns each batch of prompts into several optimiser steps (ppo epochs x mini-batches).
         batches = max(1, int(math.ceil(c.epochs * len(self.train_items) / c.batch_size)))
         self.total_steps = c.max_steps or batches * self.objective.optimizer_steps_per_batch()
