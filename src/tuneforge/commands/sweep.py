@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import signal
 import sys
+from typing import Sequence
 
 from ..choose.sweep import build_spec, parse_search_flags, run_sweep
 from ..flags import parse_overrides
 
 
-def cmd_sweep(args, extra: list[str] = ()) -> int:
+def cmd_sweep(args, extra: Sequence[str] = ()) -> int:
     extra = list(extra)
     config_path = extra.pop(0) if extra and not extra[0].startswith("-") else None
     spec = build_spec(config_path, parse_overrides(extra), parse_search_flags(args.search or []),

@@ -44,23 +44,13 @@ from ..methods.base import replace_module
 from ..methods.lora import LoRA, LoRALinear
 from ..models.logprobs import supervised_positions, target_token_logps
 from ..objectives.base import NextTokenObjective
+from .evaluators import Evaluator, evaluators_for
+from .model_setup import memory_line, peak_memory
+from .optim import build_optimizer, lr_lambda
+from .run_directory import TrainingState, check_run_output
 from .tracking import Tracking
-from .trainer import (
-    TOKENS_KEY,
-    UNITS_KEY,
-    TrainResult,
-    Trainer,
-    build_optimizer,
-    check_run_output,
-    general_examples,
-    general_metric,
-    generation_metric,
-    lr_lambda,
-    memory_line,
-    peak_memory,
-    training_data,
-    write_summary,
-)
+from .trainer import TOKENS_KEY, UNITS_KEY, TrainResult, Trainer
+from .training_data import training_data
 
 log = logging.getLogger(__name__)
 
@@ -380,15 +370,15 @@ class SideBySideTrainer:
                 else:  # the same objective, data and max_length: the first lane's tokenization serves every lane
                     trainer.use_data(self.first.train_items, self.first.eval_items)
                 log.info("adapter %s: parameters: %s", self.lanes[i].name, trainer.parameter_report())
-            trainer._prepare_output()
+            trainer.run_dir.prepare(trainer.precision())
             trainer.tracking.start(trainer.output, trainer.config.model_dump(mode="json"))
         self.build_optimizer()
         samplers = [trainer.sampler() for trainer in self.trainers]
         if self.first.config.eval_before:
             for trainer, before in zip(self.trainers, self.evaluate()):
                 if before:
-                    trainer._log({"step": 0, **before})
-                    trainer.keep_baseline({k.replace("eval_", "eval_before_", 1): v for k, v in before.items()})
+                    trainer.run_dir.log({"step": 0, **before})
+                    trainer.run_dir.keep_baseline({k.replace("eval_", "eval_before_", 1): v for k, v in before.items()})
         self.model.train()
         last: list[dict[str, Any]] = [{} for _ in self.trainers]
         c, t0, tokens = self.first.config, time.perf_counter(), [0] * len(self.trainers)
@@ -406,7 +396,7 @@ class SideBySideTrainer:
                 if evals is not None:
                     last[i].update(evals[i])
                 if done % c.log_every == 0 or done == self.first.total_steps:
-                    trainer._log(last[i])
+                    trainer.run_dir.log(last[i])
             if bar is not None:
                 bar.update(1)
         if bar is not None:
@@ -414,11 +404,13 @@ class SideBySideTrainer:
         results = []
         for i, (trainer, final) in enumerate(zip(self.trainers, self.evaluate())):
             if final:
-                trainer._log({"step": trainer.total_steps, **final})
+                trainer.run_dir.log({"step": trainer.total_steps, **final})
             with self.bank.solo(i):
-                trainer.save_final()
+                state = TrainingState(trainer.model, trainer.handle, trainer.objective, trainer.trainable,
+                                      self.optimizer, self.scheduler)
+                trainer.run_dir.save_final(state, trainer.write_result)
                 metrics = {**last[i], **final, **trainer.parameter_report(), **trainer.speed_report()}
-            metrics.update(trainer.baseline)
+            metrics.update(trainer.run_dir.baseline)
             results.append(TrainResult(trainer.output, trainer.total_steps, float(last[i].get("loss", "nan")),
                                        metrics, trainer.handle, self.model, self.tokenizer))
         return results
@@ -444,56 +436,38 @@ def train_side_by_side(lanes: list[Lane], model: nn.Module | None = None, tokeni
     for lane in lanes:
         check_run_output(lane.config)
     data = training_data(config)
-    general = general_examples(config)
+    evaluators = evaluators_for(config, data)
     runner = SideBySideTrainer(lanes, model, tokenizer)
     with contextlib.ExitStack() as stack:
         for trainer in runner.trainers:
-            stack.enter_context(trainer.output_lock())
+            stack.enter_context(trainer.run_dir.lock())
             stack.enter_context(trainer.tracking)
-        baseline = base_numbers(runner, general, data.eval)
+        baseline = base_numbers(runner, evaluators)
         for trainer in runner.trainers:
-            trainer.keep_baseline(baseline)
+            trainer.run_dir.keep_baseline(baseline)
         results = runner.train(data.train, data.eval)
         for i, (trainer, result) in enumerate(zip(runner.trainers, results)):
             with runner.bank.solo(i):
-                after_numbers(trainer, result, general, data.eval)
+                for evaluator in evaluators:
+                    evaluator.after(trainer, result.metrics)
             if len(data.sources) > 1:
                 result.metrics["data_sources"] = data.sources
             peak = peak_memory(next(runner.model.parameters()).device)
             result.metrics.update(peak, train_wall_s=round(time.perf_counter() - started, 1),
                                   side_by_side={"adapters": len(lanes), "index": i})
             trainer.tracking.summary(result.metrics, trainer.total_steps)
-            write_summary(result)
+            trainer.run_dir.write_summary(result.metrics)
         log.info(memory_line(peak))
     return results
 
 
-def base_numbers(runner: SideBySideTrainer, general, eval_examples) -> dict[str, Any]:
-    """The untouched base's general-text loss and exact match: one base, measured once for every lane."""
-    numbers: dict[str, Any] = {}
+def base_numbers(runner: SideBySideTrainer, evaluators: list[Evaluator]) -> dict[str, Any]:
+    """The untouched base's numbers (exact match, general-text loss): one base, measured once for every lane."""
+    first = runner.first
     with runner.bank.solo(0):
-        before = general_metric(runner.first, general, base=True)
-        if before is not None:
-            numbers.update(general_loss_before=before["loss"], general_ppl_before=before["perplexity"])
-        em = generation_metric(runner.first, eval_examples, base=True)
-        if em is not None:
-            log.info("held-out exact match of the base model: %.1f%%", 100 * em["exact_match"])
-            numbers.update(exact_match_before=em["exact_match"], exact_match_before_seconds=em["seconds"])
-    return numbers
-
-
-def after_numbers(trainer: Trainer, result: TrainResult, general, eval_examples) -> None:
-    """A lane's exact match and general-text perplexity after training, named as a single run names them."""
-    m = result.metrics
-    em = generation_metric(trainer, eval_examples, base=False)
-    if em is not None:
-        m.update(exact_match_after=em["exact_match"], exact_match_after_seconds=em["seconds"])
-        trainer._log({"step": trainer.total_steps, **{k: v for k, v in m.items() if k.startswith("exact_match")}})
-    after = general_metric(trainer, general, base=False)
-    if after is not None:
-        m.update(general_loss_after=after["loss"], general_ppl_after=after["perplexity"])
-        if "general_loss_before" in m:
-            m["forgetting"] = after["loss"] - m["general_loss_before"]
+        for evaluator in evaluators:
+            evaluator.before(first)
+    return dict(first.run_dir.baseline)
 
 
 def describe(results: list[TrainResult], lanes: list[Lane]) -> list[str]:
