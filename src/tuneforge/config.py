@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .flags import read_yaml_mapping
 from .methods.base import METHODS, Method, MethodConfig
 from .models.loading import DEFAULT_MODEL
 from .objectives.base import OBJECTIVES, Objective, ObjectiveConfig
@@ -248,15 +249,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     source = "command line"
     if path is not None:
         source = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys")
+        data = read_yaml_mapping(path)
         for key, value in data.items():
             try:
                 route_key(key, value, values)

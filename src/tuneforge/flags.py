@@ -6,6 +6,7 @@ before anything trains). A library module, so that compare need not import the C
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -82,3 +83,17 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
 
 
 __all__ = ["flag_groups", "flag_key", "flag_value", "parse_overrides", "parse_value"]
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a mapping; a missing file, bad YAML or a non-mapping is one line naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys")
+    return data

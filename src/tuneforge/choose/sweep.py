@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from ..flags import parse_value
+from ..flags import parse_value, read_yaml_mapping
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def build_spec(config_path: str | None, overrides: dict[str, Any], search_flags:
     a bad key or value fails here, in one line, before anything trains."""
     section: dict[str, Any] = {}
     if config_path is not None:
-        data = _read_yaml(config_path)
+        data = read_yaml_mapping(config_path)
         section = data.get(SWEEP_KEY) or {}
         if not isinstance(section, dict):
             raise ConfigError(f"{config_path}: {SWEEP_KEY}: expected a mapping (search, trials, objective, ...)")
@@ -249,25 +249,12 @@ def build_spec(config_path: str | None, overrides: dict[str, Any], search_flags:
     return spec
 
 
-def _read_yaml(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config keys")
-    return data
-
-
 def trial_config(spec: SweepSpec, params: dict[str, Any], output: Path):
     """A trial's RunConfig: the base config, the flags, the trial's values, its own run folder."""
     from ..config import load_config
 
     values = {**spec.overrides, **params, "output": str(output), "overwrite": True, "progress": False}
-    base = dict(_read_yaml(spec.config_path)) if spec.config_path else {}
+    base = dict(read_yaml_mapping(spec.config_path)) if spec.config_path else {}
     base.pop(SWEEP_KEY, None)
     try:
         config = load_config(None, {**base, **values})
